@@ -1,0 +1,1 @@
+"""The live VJ web app served by `rtdiffusion demo`."""

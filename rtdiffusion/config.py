@@ -1,0 +1,347 @@
+"""Engine configuration: frozen dataclasses and enums, validated in one place.
+
+Two layers:
+- :class:`EngineConfig` is fixed for the life of an engine (model, resolution, device, dtype, backend).
+- :class:`StreamSettings` may change while frames run (prompt, seed, guidance, steps, filter, cache).
+  Updates are validated when they arrive, on the caller's thread, and applied at the next frame boundary.
+
+Nothing in the frame loop compares strings: modes are enums, and mode choices become objects and
+precomputed tensors when settings change (see ``guidance.py`` and ``schedule.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from .errors import ConfigError
+
+
+class CfgMode(enum.Enum):
+    """Residual classifier-free guidance (StreamDiffusion's RCFG).
+
+    NONE: no guidance, the UNet sees only the conditional prompt (fastest).
+    SELF: uncond noise is estimated from the previous step's residual; no extra UNet rows.
+    INITIALIZE: one extra uncond row per new frame seeds the residual; F extra rows.
+    FULL: ordinary CFG, the stream batch doubled (slowest, twice the UNet work).
+    """
+
+    NONE = "none"
+    SELF = "self"
+    INITIALIZE = "initialize"
+    FULL = "full"
+
+
+class Backend(enum.Enum):
+    """How the networks and the frame step run (see ``engines``)."""
+
+    AUTO = "auto"
+    EAGER = "eager"
+    GRAPH = "graph"
+    COMPILED = "compiled"
+    TRT = "trt"
+
+
+class VaeKind(enum.Enum):
+    TINY = "tiny"  # TAESD (AutoencoderTiny): about 2 ms a pass on an H200, the default
+    KL = "kl"  # the model's own AutoencoderKL: higher fidelity, about 20x the FLOPs
+
+
+class SchedulerKind(enum.Enum):
+    LCM = "lcm"  # LCM boundary condition (SD 1.5 + LCM-LoRA / LCM models)
+    TURBO = "turbo"  # x0 prediction with trailing timesteps (sd-turbo, sdxl-turbo)
+
+
+class PromptBlend(enum.Enum):
+    LINEAR = "linear"
+    SLERP = "slerp"
+
+
+def parse_enum(kind: type[enum.Enum], value: Any, what: str) -> Any:
+    """Turn a string (or the enum itself) into ``kind``; unknown values name the allowed ones."""
+    if isinstance(value, kind):
+        return value
+    if isinstance(value, str):
+        for member in kind:
+            if member.value == value.lower():
+                return member
+    allowed = ", ".join(repr(m.value) for m in kind)
+    raise ConfigError(f"{what} must be one of {allowed}; got {value!r}")
+
+
+_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
+
+
+def parse_dtype(value: Any, device: torch.device) -> torch.dtype:
+    if value is None or value == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(value, torch.dtype):
+        dtype = value
+    elif isinstance(value, str) and value.lower() in _DTYPES:
+        dtype = _DTYPES[value.lower()]
+    else:
+        raise ConfigError(f"dtype must be one of 'auto', 'float16', 'bfloat16', 'float32'; got {value!r}")
+    if dtype == torch.float16 and device.type == "cpu":
+        raise ConfigError("dtype 'float16' needs a CUDA device; use 'float32' or 'bfloat16' on the CPU")
+    return dtype
+
+
+def parse_device(value: Any) -> torch.device:
+    if value is None or value == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {value!r}") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {value!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {value!r} asked for, but torch sees no CUDA device "
+                          f"(torch {torch.__version__}); use device='cpu'")
+    return device
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What an engine is built for. Changing any of it means a new engine.
+
+    width, height: output size in pixels; multiples of 8 (64 for the real UNets). Cost grows with area.
+    frame_buffer_size: frames per UNet call (F). Raises throughput, adds F-1 frames of latency.
+    dtype: float16 on GPUs (fast), float32 on the CPU (exact; the parity tests use it).
+    backend: AUTO picks the fastest usable one and says why in the log and in status().
+    vae: TINY (TAESD, default) or KL.
+    """
+
+    model: str
+    width: int
+    height: int
+    device: torch.device
+    dtype: torch.dtype
+    backend: Backend = Backend.AUTO
+    vae: VaeKind = VaeKind.TINY
+    frame_buffer_size: int = 1
+    num_inference_steps: int = 50
+    scheduler: SchedulerKind | None = None  # None: the model's own
+    max_vram_gb: float | None = None
+    engine_dir: str | None = None  # on-disk engine cache; None: the default under the user's cache
+
+    def __post_init__(self) -> None:
+        for name in ("width", "height"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 8 or v > 4096 or v % 8:
+                raise ConfigError(f"{name} must be a multiple of 8 between 8 and 4096 pixels; got {v!r}")
+        if not isinstance(self.frame_buffer_size, int) or not 1 <= self.frame_buffer_size <= 16:
+            raise ConfigError(f"frame_buffer_size must be an integer from 1 to 16; got {self.frame_buffer_size!r}")
+        if not isinstance(self.num_inference_steps, int) or not 1 <= self.num_inference_steps <= 1000:
+            raise ConfigError(f"num_inference_steps must be an integer from 1 to 1000; got {self.num_inference_steps!r}")
+        if self.max_vram_gb is not None and not (_finite(self.max_vram_gb) and self.max_vram_gb > 0):
+            raise ConfigError(f"max_vram_gb must be a positive number of GiB; got {self.max_vram_gb!r}")
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """A prompt, or a weighted blend of prompts. ``parts`` are (text, weight) with weights summing to > 0."""
+
+    parts: tuple[tuple[str, float], ...]
+    method: PromptBlend = PromptBlend.LINEAR
+    negative: str = ""
+
+    @staticmethod
+    def parse(prompt: Any, method: Any = PromptBlend.LINEAR, negative: Any = "") -> "PromptSpec":
+        method = parse_enum(PromptBlend, method, "prompt blend method")
+        if not isinstance(negative, str):
+            raise ConfigError(f"negative prompt must be a string; got {type(negative).__name__}")
+        if isinstance(prompt, str):
+            return PromptSpec(((prompt, 1.0),), method, negative)
+        if isinstance(prompt, (list, tuple)) and prompt:
+            parts = []
+            for item in prompt:
+                if (not isinstance(item, (list, tuple)) or len(item) != 2 or not isinstance(item[0], str)
+                        or not _is_number(item[1]) or not _finite(item[1]) or item[1] < 0):
+                    raise ConfigError("a prompt list must hold (text, weight) pairs with finite weights >= 0; "
+                                      f"got {item!r}")
+                parts.append((item[0], float(item[1])))
+            if sum(w for _, w in parts) <= 0:
+                raise ConfigError("a prompt list needs at least one weight > 0")
+            return PromptSpec(tuple(parts), method, negative)
+        raise ConfigError("prompt must be a string or a non-empty list of (text, weight) pairs; "
+                          f"got {type(prompt).__name__}")
+
+
+@dataclass(frozen=True)
+class SeedSpec:
+    """A seed, or a weighted blend of seeds (noise = normalised weighted sum of each seed's noise)."""
+
+    parts: tuple[tuple[int, float], ...]
+
+    @staticmethod
+    def parse(seed: Any) -> "SeedSpec":
+        if _is_int(seed):
+            return SeedSpec(((_check_seed(seed), 1.0),))
+        if isinstance(seed, (list, tuple)) and seed:
+            parts = []
+            for item in seed:
+                if (not isinstance(item, (list, tuple)) or len(item) != 2 or not _is_int(item[0])
+                        or not _is_number(item[1]) or not _finite(item[1]) or item[1] < 0):
+                    raise ConfigError(f"a seed list must hold (seed, weight) pairs with finite weights >= 0; got {item!r}")
+                parts.append((_check_seed(item[0]), float(item[1])))
+            if sum(w for _, w in parts) <= 0:
+                raise ConfigError("a seed list needs at least one weight > 0")
+            return SeedSpec(tuple(parts))
+        raise ConfigError(f"seed must be an integer from 0 to 2**63-1 or a list of (seed, weight) pairs; got {seed!r}")
+
+
+@dataclass(frozen=True)
+class FilterSettings:
+    """Similar-frame filter: skip frames nearly equal to the last processed one.
+
+    threshold: cosine similarity above which frames may be skipped (0..1; 0.98 is a usual value).
+    max_skip: at most this many frames in a row are skipped, so a slow drift still comes through.
+    """
+
+    enabled: bool = False
+    threshold: float = 0.98
+    max_skip: int = 10
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"similar_filter must be true or false; got {self.enabled!r}")
+        if not (_is_number(self.threshold) and _finite(self.threshold) and 0.0 <= self.threshold <= 1.0):
+            raise ConfigError(f"similar_threshold must be a number from 0 to 1; got {self.threshold!r}")
+        if not _is_int(self.max_skip) or not 0 <= self.max_skip <= 1000:
+            raise ConfigError(f"similar_max_skip must be an integer from 0 to 1000; got {self.max_skip!r}")
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """Temporal KV cache (cached self-attention over earlier frames).
+
+    enabled: on/off. maxframes: how many earlier frames each self-attention layer may look at (<= the
+    allocated maximum). interval: write the bank every N frames. reset_token: bump to empty the banks.
+    """
+
+    enabled: bool = False
+    maxframes: int = 1
+    interval: int = 1
+    reset_token: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"cache_enabled must be true or false; got {self.enabled!r}")
+        if not _is_int(self.maxframes) or not 1 <= self.maxframes <= 16:
+            raise ConfigError(f"cache_maxframes must be an integer from 1 to 16; got {self.maxframes!r}")
+        if not _is_int(self.interval) or not 1 <= self.interval <= 1000:
+            raise ConfigError(f"cache_interval must be an integer from 1 to 1000; got {self.interval!r}")
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """What may change between frames. Derived sizes come from :meth:`batch_rows`.
+
+    t_index_list: indices into the scheduler's ``num_inference_steps`` timesteps, one per denoising step
+      (S = len). Lower index = more noise = stronger restyle. More steps: better images, S x the UNet work.
+    cfg / guidance_scale / delta: residual CFG (see :class:`CfgMode`); guidance <= 1 disables it.
+    """
+
+    t_index_list: tuple[int, ...] = (32,)
+    cfg: CfgMode = CfgMode.NONE
+    guidance_scale: float = 1.2
+    delta: float = 1.0
+    prompt: PromptSpec = field(default_factory=lambda: PromptSpec((("", 1.0),)))
+    seed: SeedSpec = field(default_factory=lambda: SeedSpec(((2, 1.0),)))
+    filter: FilterSettings = field(default_factory=FilterSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+
+    def validate(self, num_inference_steps: int) -> "StreamSettings":
+        t = self.t_index_list
+        if not isinstance(t, tuple) or not t:
+            raise ConfigError("t_index_list must be a non-empty list of integers; got an empty list")
+        if len(t) > 16:
+            raise ConfigError(f"t_index_list may hold at most 16 steps; got {len(t)}")
+        for i in t:
+            if not _is_int(i) or not 0 <= i < num_inference_steps:
+                raise ConfigError(f"t_index_list entries must be integers from 0 to {num_inference_steps - 1} "
+                                  f"(num_inference_steps={num_inference_steps}); got {list(t)!r}")
+        if list(t) != sorted(t) or len(set(t)) != len(t):
+            raise ConfigError(f"t_index_list must be strictly increasing (noisiest step first); got {list(t)!r}")
+        if not (_is_number(self.guidance_scale) and _finite(self.guidance_scale) and 0 <= self.guidance_scale <= 30):
+            raise ConfigError(f"guidance_scale must be a number from 0 to 30; got {self.guidance_scale!r}")
+        if not (_is_number(self.delta) and _finite(self.delta) and 0 <= self.delta <= 10):
+            raise ConfigError(f"delta must be a number from 0 to 10; got {self.delta!r}")
+        if not isinstance(self.cfg, CfgMode):
+            raise ConfigError(f"cfg must be a CfgMode; got {self.cfg!r}")
+        return self
+
+    @property
+    def effective_cfg(self) -> CfgMode:
+        """Guidance <= 1 means no guidance at all, whatever the mode (as in StreamDiffusion)."""
+        return self.cfg if self.guidance_scale > 1.0 else CfgMode.NONE
+
+    def batch_rows(self, frames: int) -> tuple[int, int]:
+        """(stream rows S*F, extra uncond rows) of the UNet batch for ``frames`` frames per call."""
+        sf = len(self.t_index_list) * frames
+        extra = {CfgMode.NONE: 0, CfgMode.SELF: 0, CfgMode.INITIALIZE: frames, CfgMode.FULL: sf}
+        return sf, extra[self.effective_cfg]
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _finite(v: Any) -> bool:
+    return _is_number(v) and math.isfinite(v)
+
+
+def _check_seed(seed: int) -> int:
+    if not 0 <= seed < 2**63:
+        raise ConfigError(f"seed must be an integer from 0 to 2**63-1; got {seed!r}")
+    return int(seed)
+
+
+# Names accepted by StreamEngine.update(); each maps a keyword to a function of (settings, value).
+def _set_filter(s: StreamSettings, **kw: Any) -> StreamSettings:
+    return dataclasses.replace(s, filter=dataclasses.replace(s.filter, **kw))
+
+
+def _set_cache(s: StreamSettings, **kw: Any) -> StreamSettings:
+    return dataclasses.replace(s, cache=dataclasses.replace(s.cache, **kw))
+
+
+def _t_index(v: Any) -> tuple[int, ...]:
+    if isinstance(v, (list, tuple)):
+        return tuple(v)
+    raise ConfigError(f"t_index_list must be a list of integers; got {v!r}")
+
+
+UPDATE_KEYS = {
+    "t_index_list": lambda s, v: dataclasses.replace(s, t_index_list=_t_index(v)),
+    "cfg": lambda s, v: dataclasses.replace(s, cfg=parse_enum(CfgMode, v, "cfg")),
+    "guidance_scale": lambda s, v: dataclasses.replace(s, guidance_scale=v),
+    "delta": lambda s, v: dataclasses.replace(s, delta=v),
+    "similar_filter": lambda s, v: _set_filter(s, enabled=v),
+    "similar_threshold": lambda s, v: _set_filter(s, threshold=v),
+    "similar_max_skip": lambda s, v: _set_filter(s, max_skip=v),
+    "cache_enabled": lambda s, v: _set_cache(s, enabled=v),
+    "cache_maxframes": lambda s, v: _set_cache(s, maxframes=v),
+    "cache_interval": lambda s, v: _set_cache(s, interval=v),
+}
+
+
+def apply_updates(settings: StreamSettings, num_inference_steps: int, **kw: Any) -> StreamSettings:
+    """Return new settings with ``kw`` applied, or raise ConfigError and change nothing."""
+    for key, value in kw.items():
+        if key not in UPDATE_KEYS:
+            raise ConfigError(f"unknown setting {key!r}; expected one of {', '.join(sorted(UPDATE_KEYS))}")
+        settings = UPDATE_KEYS[key](settings, value)
+    return settings.validate(num_inference_steps)

@@ -1,0 +1,1 @@
+"""TouchDesigner / OSC bridge: shared-memory frame rings, OSC control and status, async readback."""
