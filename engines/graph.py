@@ -1,0 +1,149 @@
+"""Whole-frame CUDA graphs and the LRU cache that holds them.
+
+:class:`CapturedStep` captures a no-argument callable once (after warm-up on a side stream) and replays it.
+Inputs and outputs are whatever tensors the callable reads and writes: they must stay at fixed addresses,
+which is why the frame engine only ever writes its buffers in place.
+
+:class:`GraphCache` keeps captured steps by a key of what changes the captured work (layout: slots, frames,
+CFG rows, resolution, dtype, device; the I/O buffer addresses), least recently used first out. It is
+thread-safe: the frame loop and a control thread may use it at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from typing import Any, Callable, Hashable, Iterable, Iterator
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class CaptureError(RuntimeError):
+    """A step could not be captured as a CUDA graph (the caller falls back, loudly)."""
+
+
+class CapturedStep:
+    """``fn`` captured as one CUDA graph on ``device``; ``replay()`` enqueues it on the current stream.
+
+    ``state`` lists tensors that ``fn`` carries from call to call (a latent ring, say): warm-up runs change
+    them, so they are saved before warm-up and restored before capture (capture itself runs nothing).
+    Each captured step has its own memory pool, released with :meth:`release`.
+    """
+
+    def __init__(self, fn: Callable[[], Any], device: torch.device, *, state: Iterable[torch.Tensor] = (),
+                 warmup: int = 2, name: str = "step"):
+        self.name = name
+        state = list(state)
+        saved = [t.clone() for t in state]
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        try:
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    fn()
+            torch.cuda.current_stream(device).wait_stream(side)
+            for t, s in zip(state, saved):
+                t.copy_(s)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, stream=side):
+                self.output = fn()
+        except Exception as exc:  # capture errors come from deep inside torch and CUDA
+            raise CaptureError(f"could not capture {name} as a CUDA graph: {type(exc).__name__}: {exc}") from exc
+        torch.cuda.current_stream(device).wait_stream(side)
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+    def release(self) -> None:
+        self.graph.reset()
+
+
+class GraphCache:
+    """An LRU map from keys to captured work (any value with an optional ``release()``).
+
+    capacity: how many entries stay; putting one more evicts (and releases) the least recently used.
+    """
+
+    def __init__(self, capacity: int = 4):
+        if not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"graph cache capacity must be an integer >= 1; got {capacity!r}")
+        self._capacity = capacity
+        self._entries: OrderedDict[Hashable, Any] = OrderedDict()
+        self._lock = threading.RLock()
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @capacity.setter
+    def capacity(self, value: int) -> None:
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"graph cache capacity must be an integer >= 1; got {value!r}")
+        with self._lock:
+            self._capacity = value
+            self._evict()
+
+    def get(self, key: Hashable) -> Any | None:
+        """The entry for ``key`` (now the most recently used), or None."""
+        with self._lock:
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+            return value
+
+    def put(self, key: Hashable, value: Any) -> None:
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None and old is not value:
+                _release(old)
+            self._entries[key] = value
+            self._evict()
+
+    def remove(self, key: Hashable) -> bool:
+        """Drop one entry; True if it was there."""
+        with self._lock:
+            value = self._entries.pop(key, None)
+        if value is None:
+            return False
+        _release(value)
+        return True
+
+    def purge(self, n: int | None = None) -> int:
+        """Drop the ``n`` least recently used entries (all when None); returns how many were dropped."""
+        with self._lock:
+            count = len(self._entries) if n is None else max(0, min(n, len(self._entries)))
+            dropped = [self._entries.popitem(last=False)[1] for _ in range(count)]
+        for v in dropped:
+            _release(v)
+        return count
+
+    def keys(self) -> list[Hashable]:
+        """Keys, least recently used first."""
+        with self._lock:
+            return list(self._entries)
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def __iter__(self) -> Iterator[Hashable]:
+        return iter(self.keys())
+
+    def _evict(self) -> None:
+        while len(self._entries) > self._capacity:
+            key, value = self._entries.popitem(last=False)
+            log.info("graph cache full (capacity %d): evicting %s", self._capacity, key)
+            _release(value)
+
+
+def _release(value: Any) -> None:
+    release = getattr(value, "release", None)
+    if callable(release):
+        release()

@@ -1,0 +1,408 @@
+"""StreamEngine: the public API around the frame step.
+
+Threads and frame boundaries:
+
+    control threads                      frame thread (whoever calls engine(frame) / engine.step())
+    ---------------                      ------------------------------------------------------------
+    update_prompt / update_seed /        _boundary(): take the pending settings (if any) and apply them
+    update(...)                            (encode prompts, write constants / noise / embeddings in place,
+      validate now (raise, change            pick or capture the layout's graph)
+      nothing on error)                  upload frame -> probe -> [skip?] -> main step -> readback
+      store as pending (lock; latest
+      value per key wins)
+
+Settings therefore change only between frames, never in the middle of one. The frame thread holds
+``_frame_lock`` for a whole frame, so two threads calling the engine at once are serialised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from engines.graph import CaptureError, GraphCache
+
+from . import prepare
+from .backends import build_executor
+from .buffers import FrameBuffers, FrameIO, StreamLayout
+from .config import (Backend, CacheSettings, EngineConfig, FilterSettings, PromptSpec, SchedulerKind, SeedSpec,
+                     StreamSettings, VaeKind, apply_updates, parse_device, parse_dtype, parse_enum)
+from .errors import ConfigError, FrameError
+from .executors import EagerExecutor, LayoutState
+from .guidance import GUIDANCE
+from .models.loading import Components, load_components
+from .prompts import PromptEncoder
+from .schedule import SlotConstants, slot_constants
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FrameResult:
+    """One step's result. ``output`` is a device tensor the next step overwrites (copy it, or pass
+    ``consumer_done`` to the next step); ``ready`` is recorded on ``engine.stream`` once it is written."""
+
+    output: torch.Tensor  # [H, W, 3] uint8 ([F, H, W, 3] with a frame buffer), on the engine's device
+    ready: torch.cuda.Event | None
+    index: int
+    skipped: bool
+
+
+class StreamEngine:
+    """Restyles a stream of frames with a diffusion model (StreamDiffusion's stream batch)."""
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, model: str, *, width: int | None = None, height: int | None = None,
+                        t_index_list=(32,), cfg: Any = "none", guidance_scale: float = 1.2, delta: float = 1.0,
+                        device: Any = "auto", dtype: Any = "auto", seed: Any = 2, backend: Any = "auto",
+                        vae: Any = "tiny", frame_buffer_size: int = 1, num_inference_steps: int = 50,
+                        scheduler: Any = None, prompt: Any = "", negative_prompt: str = "",
+                        prompt_method: Any = "linear", similar_filter: bool = False,
+                        similar_threshold: float = 0.98, similar_max_skip: int = 10,
+                        max_vram_gb: float | None = None, engine_dir: str | None = None,
+                        lora: tuple = (), vae_id: str | None = None, local_files_only: bool | None = None,
+                        model_seed: int = 0, graph_cache_size: int = 4) -> "StreamEngine":
+        """Load ``model`` (hub id, local diffusers folder, or ``random:sd-turbo|sd15|tiny``) and prepare.
+
+        Every argument is checked before the model loads, so a typo fails in milliseconds.
+        """
+        dev = parse_device(device)
+        dt = parse_dtype(dtype, dev)
+        be = parse_enum(Backend, backend, "backend")
+        vk = parse_enum(VaeKind, vae, "vae")
+        sk = None if scheduler is None else parse_enum(SchedulerKind, scheduler, "scheduler")
+        # validate sizes early with a provisional config (the model may supply the default size)
+        EngineConfig(model, width or 512, height or 512, dev, dt, be, vk, frame_buffer_size,
+                     num_inference_steps, sk, max_vram_gb, engine_dir)
+        settings = apply_updates(StreamSettings(
+            prompt=PromptSpec.parse(prompt, prompt_method, negative_prompt), seed=SeedSpec.parse(seed),
+            filter=FilterSettings(similar_filter, similar_threshold, similar_max_skip)),
+            num_inference_steps, t_index_list=t_index_list, cfg=cfg, guidance_scale=guidance_scale, delta=delta)
+        comps = load_components(model, dev, dt, vk, seed=model_seed, vae_id=vae_id, lora=tuple(lora),
+                                local_files_only=local_files_only)
+        size = comps.default_size
+        config = EngineConfig(model, width or size, height or size, dev, dt, be, vk, frame_buffer_size,
+                              num_inference_steps, sk, max_vram_gb, engine_dir)
+        return cls(config, comps, settings, graph_cache_size=graph_cache_size)
+
+    def __init__(self, config: EngineConfig, components: Components, settings: StreamSettings | None = None,
+                 *, graph_cache_size: int = 4):
+        self.config, self.components = config, components
+        self.device = config.device
+        self._check_resolution()
+        self.scheduler_kind = config.scheduler or components.scheduler
+        F, H, W = config.frame_buffer_size, config.height, config.width
+        cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if cuda else None
+        self._prompts = PromptEncoder(components.text_encoder, components.tokenizer, self.device, config.dtype)
+        self._io = FrameIO.allocate(F, H, W, self.device)
+        # pinned host staging for uploads / readback, and for the filter's three dot products
+        self._in_host = torch.zeros(F, H, W, 3, dtype=torch.uint8, pin_memory=cuda)
+        self._out_host = torch.zeros(F, H, W, 3, dtype=torch.uint8, pin_memory=cuda)
+        self._probe_host = torch.zeros(3, dtype=torch.float32, pin_memory=cuda)
+        self._probe_event = torch.cuda.Event() if cuda else None
+        self._out_event = torch.cuda.Event() if cuda else None
+        self._graphs = GraphCache(graph_cache_size)
+        self._executor, self.backend_reason = build_executor(config, components)
+        self.backend_fallback: str | None = None
+        self._constants: dict[tuple[int, ...], SlotConstants] = {}
+        self._lock = threading.Lock()  # guards _pending
+        self._frame_lock = threading.RLock()  # one frame (or settings application) at a time
+        self._pending: StreamSettings | None = None
+        self._settings: StreamSettings | None = None
+        self._state: LayoutState | None = None
+        self._frames = 0
+        self._skipped = 0
+        self._skip_run = 0
+        self._rng = random.Random(0)
+        self._frame_times: deque[float] = deque(maxlen=240)
+        self._last_frame_at: float | None = None
+        self._apply((settings or StreamSettings()).validate(config.num_inference_steps))
+        log.info("engine ready: %s, backend %s (%s)", config.model, self.backend, self.backend_reason)
+
+    def _check_resolution(self) -> None:
+        c, unet = self.config, self.components.unet
+        multiple = self.components.vae_scale_factor * 2 ** (len(unet.config.down_block_types) - 1)
+        for name, v in (("width", c.width), ("height", c.height)):
+            if v % multiple:
+                raise ConfigError(f"{name} must be a multiple of {multiple} pixels for {c.model}; got {v}")
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def width(self) -> int:
+        return self.config.width
+
+    @property
+    def height(self) -> int:
+        return self.config.height
+
+    @property
+    def backend(self) -> str:
+        return self._executor.name
+
+    @property
+    def settings(self) -> StreamSettings:
+        return self._settings
+
+    @property
+    def input_buffer(self) -> torch.Tensor:
+        """The device tensor step() reads: [H, W, 3] uint8 ([F, H, W, 3] with a frame buffer)."""
+        return self._io.frame_u8[0] if self.config.frame_buffer_size == 1 else self._io.frame_u8
+
+    @property
+    def graph_cache(self) -> GraphCache:
+        """Captured layouts (LRU): inspect with keys(), len(), `in`; control with remove(), purge()."""
+        return self._graphs
+
+    # ------------------------------------------------------------------ control (any thread)
+    def update_prompt(self, prompt: Any, method: Any = "linear", negative_prompt: str | None = None) -> None:
+        """Set the prompt (a string or [(text, weight), ...]); unchanged text is never re-encoded."""
+        with self._lock:
+            base = self._pending or self._settings
+            neg = base.prompt.negative if negative_prompt is None else negative_prompt
+            spec = PromptSpec.parse(prompt, method, neg)
+            self._pending = dataclasses.replace(base, prompt=spec)
+
+    def update_seed(self, seed: Any) -> None:
+        """Set the seed (an int or [(seed, weight), ...]); the noise is regenerated in place."""
+        with self._lock:
+            base = self._pending or self._settings
+            self._pending = dataclasses.replace(base, seed=SeedSpec.parse(seed))
+
+    def update(self, **kw: Any) -> None:
+        """Change settings: guidance_scale, delta, t_index_list, cfg, similar_filter, similar_threshold,
+        similar_max_skip, cache_enabled, cache_maxframes, cache_interval, cache_reset, prompt, seed,
+        negative_prompt. Validated now; applied at the next frame boundary."""
+        with self._lock:
+            base = self._pending or self._settings
+            if "prompt" in kw or "negative_prompt" in kw or "prompt_method" in kw:
+                neg = kw.pop("negative_prompt", base.prompt.negative)
+                method = kw.pop("prompt_method", base.prompt.method)
+                prompt = kw.pop("prompt", [list(p) for p in base.prompt.parts])
+                base = dataclasses.replace(base, prompt=PromptSpec.parse(prompt, method, neg))
+            if "seed" in kw:
+                base = dataclasses.replace(base, seed=SeedSpec.parse(kw.pop("seed")))
+            if kw.pop("cache_reset", False):
+                base = dataclasses.replace(base, cache=dataclasses.replace(
+                    base.cache, reset_token=base.cache.reset_token + 1))
+            self._pending = apply_updates(base, self.config.num_inference_steps, **kw)
+
+    # ------------------------------------------------------------------ settings application
+    def _boundary(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is not None and pending != self._settings:
+            self._apply(pending)
+
+    def _layout(self, s: StreamSettings) -> StreamLayout:
+        c = self.config
+        scale = self.components.vae_scale_factor
+        return StreamLayout(frames=c.frame_buffer_size, slots=len(s.t_index_list), cfg=s.effective_cfg,
+                            height=c.height, width=c.width, latent_h=c.height // scale, latent_w=c.width // scale,
+                            text_tokens=self._prompts.tokens, text_dim=self._prompts.dim, dtype=c.dtype,
+                            device=self.device)
+
+    def _apply(self, s: StreamSettings) -> None:
+        with self._frame_lock, self._stream_ctx():
+            prev, prev_state = self._settings, self._state
+            layout = self._layout(s)
+            key = (layout, self._io.frame_u8.data_ptr(), self._io.out_u8.data_ptr())
+            st = self._graphs.get(key)
+            fresh = st is None
+            if fresh:
+                st = LayoutState(FrameBuffers(layout, self._io), GUIDANCE[layout.cfg], layout.slots > 1)
+            switched = st is not prev_state
+            b = st.buffers
+            if fresh or switched or (s.t_index_list, s.guidance_scale, s.delta) != (
+                    prev.t_index_list, prev.guidance_scale, prev.delta):
+                prepare.write_schedule(b, self._slot_constants(s.t_index_list), s, self.components.latent_scaling)
+            if fresh or switched or s.seed != prev.seed:
+                prepare.write_noise(b, s.seed)
+            if fresh or switched or s.prompt != prev.prompt or s.effective_cfg != prev.effective_cfg:
+                uncond = self._prompts.negative(s.prompt) if layout.uncond_rows else None
+                prepare.write_embeds(b, self._prompts.embed(s.prompt), uncond)
+            if switched:
+                b.reset_stream()
+            try:
+                self._executor.prepare(st)
+            except CaptureError as exc:
+                self._fall_back(str(exc), st)
+            self._graphs.put(key, st)
+            self._state, self._settings = st, s
+
+    def _fall_back(self, reason: str, st: LayoutState) -> None:
+        """A backend that cannot capture falls back to eager, loudly (log and status())."""
+        log.warning("%s backend failed (%s); falling back to eager", self._executor.name, reason)
+        self.backend_fallback = f"{self._executor.name} -> eager: {reason}"
+        self._executor = EagerExecutor(self._executor.nets)
+        st.release()
+
+    def _slot_constants(self, t_index: tuple[int, ...]) -> SlotConstants:
+        if t_index not in self._constants:
+            self._constants[t_index] = slot_constants(self.scheduler_kind, self.components.scheduler_config,
+                                                      self.config.num_inference_steps, t_index)
+        return self._constants[t_index]
+
+    def _stream_ctx(self):
+        return torch.cuda.stream(self.stream) if self.stream is not None else _NullCtx()
+
+    # ------------------------------------------------------------------ frames
+    def __call__(self, frame: Any) -> Any:
+        """One frame in, one frame out: uint8 [H, W, 3] numpy or torch (CPU or CUDA); the same kind out.
+
+        With a stream batch of S steps the frame that comes out entered S-1 calls earlier.
+        """
+        arr, kind = self._check_frame(frame)
+        with self._frame_lock:
+            self._boundary()
+            self._upload(arr, kind)
+            result = self._run(None)
+            return self._download(result, kind)
+
+    def step(self, consumer_done: torch.cuda.Event | None = None) -> FrameResult:
+        """Run one frame on what is in ``input_buffer``; returns the device output and its ready event.
+
+        consumer_done: an event the next writes of the output wait on, on the GPU (zero-copy consumers).
+        """
+        with self._frame_lock:
+            self._boundary()
+            return self._run(consumer_done)
+
+    def _run(self, consumer_done: torch.cuda.Event | None) -> FrameResult:
+        st = self._state
+        skip = self._decide_skip()
+        with self._stream_ctx():
+            if self._settings.filter.enabled:
+                self._executor.probe(st)
+                self._probe_host.copy_(st.buffers.probe_dots, non_blocking=True)
+                if self._probe_event is not None:
+                    self._probe_event.record()
+            if not skip:
+                if consumer_done is not None:
+                    self.stream.wait_event(consumer_done)
+                self._executor.main(st)
+            ready = None
+            if self._out_event is not None:
+                ready = torch.cuda.Event()
+                ready.record()
+        self._frames += 1
+        now = time.perf_counter()
+        if self._last_frame_at is not None:
+            self._frame_times.append(now - self._last_frame_at)
+        self._last_frame_at = now
+        out = self._io.out_u8[0] if self.config.frame_buffer_size == 1 else self._io.out_u8
+        return FrameResult(out, ready, self._frames - 1, skip)
+
+    def _decide_skip(self) -> bool:
+        """Similar-frame filter, decided from the last probe the GPU has finished: never waits on it."""
+        f = self._settings.filter
+        if not f.enabled or (self._probe_event is not None and not self._probe_event.query()):
+            return False
+        ab, aa, bb = self._probe_host.tolist()
+        cos = ab / math.sqrt(aa * bb) if aa > 0 and bb > 0 else 0.0
+        skip_prob = 0.0 if f.threshold >= 1 else max(0.0, 1.0 - (1.0 - cos) / (1.0 - f.threshold))
+        if self._skip_run < f.max_skip and self._rng.random() < skip_prob:
+            self._skip_run += 1
+            self._skipped += 1
+            return True
+        self._skip_run = 0
+        return False
+
+    def _check_frame(self, frame: Any) -> tuple[Any, str]:
+        F, H, W = self.config.frame_buffer_size, self.height, self.width
+        want = (H, W, 3) if F == 1 else (F, H, W, 3)
+        if isinstance(frame, np.ndarray):
+            kind, dtype_ok, shape = "numpy", frame.dtype == np.uint8, tuple(frame.shape)
+        elif isinstance(frame, torch.Tensor):
+            kind = "cuda" if frame.is_cuda else "torch"
+            dtype_ok, shape = frame.dtype == torch.uint8, tuple(frame.shape)
+            if frame.is_cuda and self.device.type != "cuda":
+                raise FrameError(f"got a CUDA frame but the engine runs on {self.device}; pass a CPU frame")
+        else:
+            raise FrameError(f"a frame must be a numpy array or a torch tensor of uint8 {list(want)}; "
+                             f"got {type(frame).__name__}")
+        if not dtype_ok:
+            raise FrameError(f"a frame must be uint8 (0-255) of shape {list(want)}; got dtype {frame.dtype}")
+        if shape != want:
+            raise FrameError(f"a frame must have shape {list(want)} (height, width, RGB) for this engine; "
+                             f"got {list(shape)}")
+        return frame, kind
+
+    def _upload(self, frame: Any, kind: str) -> None:
+        dst = self._io.frame_u8  # [F, H, W, 3]
+        src = frame if frame.ndim == 4 else frame[None]
+        if kind == "cuda":
+            if src.data_ptr() == dst.data_ptr():
+                return  # the caller wrote into input_buffer: zero copy
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with self._stream_ctx():
+                dst.copy_(src, non_blocking=True)
+            return
+        host = torch.from_numpy(np.ascontiguousarray(src)) if kind == "numpy" else src
+        if self.stream is None:
+            dst.copy_(host)
+            return
+        self._in_host.copy_(host)  # pageable -> pinned (host memcpy)
+        with self._stream_ctx():
+            dst.copy_(self._in_host, non_blocking=True)
+
+    def _download(self, result: FrameResult, kind: str) -> Any:
+        if kind == "cuda":
+            torch.cuda.current_stream(self.device).wait_event(result.ready)
+            return result.output.clone()
+        if self.stream is None:
+            out = result.output.clone()
+        else:
+            with self._stream_ctx():
+                self._out_host.copy_(self._io.out_u8, non_blocking=True)
+                self._out_event.record()
+            self._out_event.synchronize()  # the one host sync of a frame: handing the result back
+            out = (self._out_host[0] if self.config.frame_buffer_size == 1 else self._out_host).clone()
+        return out.numpy() if kind == "numpy" else out
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> dict[str, Any]:
+        s = self._settings
+        times = sorted(self._frame_times)
+        med = times[len(times) // 2] if times else None
+        return {
+            "model": self.config.model, "device": str(self.device), "dtype": str(self.config.dtype).replace("torch.", ""),
+            "width": self.width, "height": self.height, "frame_buffer_size": self.config.frame_buffer_size,
+            "backend": self.backend, "backend_reason": self.backend_reason, "backend_fallback": self.backend_fallback,
+            "scheduler": self.scheduler_kind.value, "vae": self.config.vae.value,
+            "frames": self._frames, "skipped_frames": self._skipped, "prompt_encodes": self._prompts.encodes,
+            "fps": (1.0 / med) if med else 0.0, "frame_ms_median": med * 1e3 if med else None,
+            "latency_frames": (len(s.t_index_list) - 1) * self.config.frame_buffer_size,
+            "t_index_list": list(s.t_index_list), "cfg": s.cfg.value, "effective_cfg": s.effective_cfg.value,
+            "guidance_scale": s.guidance_scale, "delta": s.delta,
+            "prompt": [list(p) for p in s.prompt.parts], "prompt_method": s.prompt.method.value,
+            "negative_prompt": s.prompt.negative, "seed": [list(p) for p in s.seed.parts],
+            "similar_filter": dataclasses.asdict(s.filter), "cache": dataclasses.asdict(s.cache),
+            "graph_cache": {"size": len(self._graphs), "capacity": self._graphs.capacity,
+                            "keys": [_key_str(k) for k in self._graphs.keys()]},
+        }
+
+
+def _key_str(key: Any) -> str:
+    layout = key[0]
+    return (f"{layout.width}x{layout.height} S={layout.slots} F={layout.frames} cfg={layout.cfg.value} "
+            f"{str(layout.dtype).replace('torch.', '')}")
+
+
+class _NullCtx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,64 @@
+"""THE FRAME STEP: the work of one frame, as a list of stages. This is the hot path.
+
+What may NOT go in this file:
+- I/O, logging, Python-side state that changes per frame;
+- allocation of tensors outside the networks' own forward passes (use the buffers, `out=`, `copy_`,
+  in-place ops; no torch.cat, no randn, no clone);
+- host syncs (.item(), .cpu(), .tolist(), bool(tensor), torch.cuda.synchronize, printing tensors);
+- branching on modes or settings: those choices are made between frames (engine.py / prepare.py) and
+  arrive here as the guidance object and as the constants already written into the buffers.
+
+The whole step can therefore be replayed as one CUDA graph (engines/graph.py). Both functions below only
+enqueue work on the current stream.
+
+    probe:  frame_u8 -> 8x-subsampled probe, dot products with the last processed probe (similar-frame filter)
+    main:   preprocess -> VAE encode -> add noise -> [uncond rows] -> UNet over the stream batch -> guidance
+            -> scheduler step -> stock update -> shift the ring -> VAE decode -> postprocess to uint8
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engines.base import Networks
+
+from .buffers import FrameBuffers
+from .guidance import Guidance
+
+
+def probe_step(b: FrameBuffers) -> None:
+    """Similarity of the new frames to the last processed ones, as three dot products (no sync)."""
+    b.probe.copy_(b.io.frame_u8[:, ::8, ::8, :])  # [F, H/8, W/8, 3] uint8 -> fp32
+    b.probe.mul_(2.0 / 255.0).sub_(1.0)
+    p, r = b.probe.view(-1), b.probe_ref.view(-1)
+    torch.dot(p, r, out=b.probe_dots[0])
+    torch.dot(p, p, out=b.probe_dots[1])
+    torch.dot(r, r, out=b.probe_dots[2])
+
+
+def main_step(b: FrameBuffers, nets: Networks, guidance: Guidance, ring_shift: bool) -> None:
+    """One stream-batch denoising call: new frames in, the oldest frames in flight out (b.io.out_u8)."""
+    F = b.layout.frames
+    b.probe_ref.copy_(b.probe)  # this frame is the filter's new reference
+    # 1. preprocess: uint8 NHWC -> [-1, 1] NCHW
+    b.image.copy_(b.io.frame_u8.permute(0, 3, 1, 2))  # [F, 3, H, W]
+    b.image.mul_(2.0 / 255.0).sub_(1.0)
+    # 2. encode and add slot-0 noise: x_t[:F] = a_0 * scaling * z + b_0 * noise_0
+    latent = nets.encode(b.image)  # [F, 4, h, w]
+    torch.addcmul(b.renoise[:F], b.alpha_in, latent, out=b.x_t[:F])
+    # 3. UNet over the stream batch (plus uncond rows for INITIALIZE / FULL)
+    guidance.fill_uncond_rows(b)
+    eps = nets.unet(b.unet_in, b.t_unet, b.embeds)  # [B, 4, h, w]
+    guided = guidance.combine(b, eps)  # [SF, 4, h, w]
+    # 4. scheduler step: denoised = A * x_t + B * eps   (schedule.py, equations 1-2)
+    torch.mul(b.x_t, b.coef_A, out=b.denoised)
+    b.denoised.addcmul_(b.coef_B, guided)
+    guidance.update_stock(b, guided)
+    # 5. shift the ring in place: slot s+1 <- a_{s+1} * denoised_s + b_{s+1} * noise_{s+1}  (equation 3)
+    if ring_shift:  # fixed per layout (S > 1), not per frame
+        torch.addcmul(b.renoise[F:], b.alpha_row[F:], b.denoised[:-F], out=b.x_t[F:])
+    # 6. decode the finished slot and postprocess: [-1, 1] NCHW -> uint8 NHWC, rounded
+    torch.mul(b.denoised[-F:], b.inv_scaling, out=b.dec_in)
+    image = nets.decode(b.dec_in)  # [F, 3, H, W]
+    image.mul_(127.5).add_(128.0).clamp_(0.0, 255.0)
+    b.io.out_u8.copy_(image.permute(0, 2, 3, 1))
