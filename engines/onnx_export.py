@@ -1,0 +1,272 @@
+"""ONNX export of the three networks from their specs, parity against torch with ONNX Runtime, and caching.
+
+Export reads everything from the ``NetworkSpec``: input/output names, dynamic axes, sample inputs, opset.
+The TorchScript exporter (``dynamo=False``) is tried first: it is the one TensorRT's demo and most tools use
+and it exports the diffusers UNet in seconds; if it fails, the torch.export-based exporter is used with
+dynamic shapes taken from the same spec (the log says which one ran and why).
+
+Large models: a graph over 2 GB (the fp32 SD UNet is 3.4 GB) cannot live in one protobuf. After export,
+every weight is moved into one side file ``<name>.onnx.data`` next to ``<name>.onnx`` so that a cache entry
+is two files; TensorRT's parser and ONNX Runtime both read it from the same folder.
+
+Sizes run here: the tiny test models (CPU, fp32, seconds). Not run here: the 866 M-parameter SD UNet
+(needs about 10 GB host memory for fp32 export and 2-3 minutes), fp16 export on a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .cache import CacheEntry, CacheKey, EngineCache
+from .specs import NetworkSpec, torch_dtype
+from .versions import package_version
+
+log = logging.getLogger(__name__)
+
+ONNX_FILE = "model.onnx"
+ONNX_DATA = "model.onnx.data"
+_INLINE_LIMIT = 1 << 30  # above this many bytes of weights, store them in the side file
+
+
+# ---- adapters: spec-ordered forward() ----------------------------------------------------------------
+
+class UNetAdapter(torch.nn.Module):
+    """forward(sample, timestep, embeds) -> eps, for a diffusers UNet2DConditionModel."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states=embeds, return_dict=False)[0]
+
+
+class VaeEncoderAdapter(torch.nn.Module):
+    """forward(image) -> latent (TAESD latents, or the KL posterior's mode), unscaled."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+        self.tiny = not hasattr(vae, "quant_conv")
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        out = self.vae.encode(image, return_dict=False)[0]
+        return out if self.tiny else out.mode()
+
+
+class VaeDecoderAdapter(torch.nn.Module):
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latent, return_dict=False)[0]
+
+
+_STANDARD = {"unet": ["sample", "timestep", "embeds"], "vae_encoder": ["image"], "vae_decoder": ["latent"]}
+_ADAPTERS = {"unet": UNetAdapter, "vae_encoder": VaeEncoderAdapter, "vae_decoder": VaeDecoderAdapter}
+
+
+def export_adapter(spec: NetworkSpec, module: torch.nn.Module) -> torch.nn.Module:
+    """A module whose forward takes ``spec.inputs`` in order and returns ``spec.outputs`` in order.
+
+    The standard bindings wrap the diffusers module (UNet, or the VAE for the encoder / decoder). A spec
+    with extra bindings (the KV cache) needs ``module`` to be spec-ordered already; mark such a module with
+    ``spec_ordered = True`` (any module with that attribute is used as it is).
+    """
+    if getattr(module, "spec_ordered", False):
+        return module
+    if spec.name not in _ADAPTERS or spec.input_names != _STANDARD[spec.name] or len(spec.outputs) != 1:
+        raise ValueError(f"spec {spec.name!r} has bindings {spec.input_names} -> {spec.output_names}; "
+                         "pass a module with `spec_ordered = True` whose forward takes those inputs in order "
+                         "and returns those outputs in order")
+    return _ADAPTERS[spec.name](module)
+
+
+# ---- export ------------------------------------------------------------------------------------------
+
+def export_onnx(module: torch.nn.Module, spec: NetworkSpec, path: str | os.PathLike, *,
+                exporter: str = "auto") -> str:
+    """Export ``module`` (adapted to ``spec``) to ``path``; returns the exporter used ("torchscript"/"dynamo").
+
+    Sample inputs are made on the module's device in the spec's dtypes at profile 0's opt sizes.
+    ``exporter``: "auto" (TorchScript, then dynamo on failure), "torchscript" or "dynamo".
+    """
+    if exporter not in ("auto", "torchscript", "dynamo"):
+        raise ValueError(f"exporter must be 'auto', 'torchscript' or 'dynamo'; got {exporter!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    adapter = export_adapter(spec, module).eval()
+    device = next(adapter.parameters()).device
+    args = spec.sample_inputs(device)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as scratch:
+        raw = Path(scratch) / ONNX_FILE
+        used = None
+        if exporter in ("auto", "torchscript"):
+            try:
+                _export_torchscript(adapter, spec, args, raw)
+                used = "torchscript"
+            except Exception as exc:  # noqa: BLE001 - any exporter failure: try the other one, say so
+                if exporter == "torchscript":
+                    raise
+                log.warning("TorchScript ONNX export of %s failed (%s: %s); trying the dynamo exporter",
+                            spec.name, type(exc).__name__, exc)
+                shutil.rmtree(scratch, ignore_errors=True)
+                Path(scratch).mkdir(exist_ok=True)
+        if used is None:
+            _export_dynamo(adapter, spec, args, raw)
+            used = "dynamo"
+        _finalize(raw, path)
+    log.info("exported %s to %s with the %s exporter", spec.name, path, used)
+    return used
+
+
+def _export_torchscript(adapter: torch.nn.Module, spec: NetworkSpec, args: tuple, out: Path) -> None:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings about shape asserts in diffusers; deprecation note
+        torch.onnx.export(adapter, args, str(out), dynamo=False, opset_version=spec.opset,
+                          input_names=spec.input_names, output_names=spec.output_names,
+                          dynamic_axes=spec.dynamic_axes(), do_constant_folding=True)
+
+
+def _export_dynamo(adapter: torch.nn.Module, spec: NetworkSpec, args: tuple, out: Path) -> None:
+    dims: dict[str, Any] = {}
+    ranges = spec.max_sizes()
+    for axis, hi in ranges.items():
+        lo = min(r.min for p in spec.profiles for a, r in p if a == axis)
+        dims[axis] = torch.export.Dim(axis, min=max(lo, 1), max=max(hi, 2))
+    dynamic_shapes = tuple({i: dims[d] for i, d in enumerate(b.dims) if isinstance(d, str)} or None
+                           for b in spec.inputs)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # The dynamo exporter emits opset-18 ops (Split with num_outputs) even when asked for 17.
+        program = torch.onnx.export(adapter, args, dynamo=True, opset_version=max(spec.opset, 18),
+                                    input_names=spec.input_names, output_names=spec.output_names,
+                                    dynamic_shapes=dynamic_shapes, external_data=True)
+        program.save(str(out), external_data=True)
+
+
+def _finalize(raw: Path, dest: Path) -> None:
+    """Move an export into place: weights inline if small, else in one side file ``<dest>.data``."""
+    import onnx
+
+    files = [f for f in raw.parent.iterdir() if f.is_file()]
+    model = onnx.load(str(raw), load_external_data=True)
+    weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
+    for f in (dest, dest.with_name(dest.name + ".data")):
+        if f.exists():
+            f.unlink()
+    if weight_bytes > _INLINE_LIMIT:
+        onnx.save_model(model, str(dest), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=dest.name + ".data", size_threshold=1024)
+    elif len(files) == 1:
+        os.replace(raw, dest)
+    else:
+        onnx.save_model(model, str(dest))
+    onnx.checker.check_model(str(dest))
+
+
+# ---- parity ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ParityReport:
+    """Max abs difference between torch and ONNX Runtime per output and batch size tried."""
+
+    network: str
+    max_abs_diff: Mapping[str, float]  # "eps@B=2" -> difference
+    atol: float
+    provider: str
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def worst(self) -> float:
+        return max(self.max_abs_diff.values())
+
+    @property
+    def ok(self) -> bool:
+        return self.worst <= self.atol
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{k}: {v:.3g}" for k, v in self.max_abs_diff.items())
+        return f"{self.network} ONNX parity ({self.provider}): max abs diff {parts}; tolerance {self.atol:g}"
+
+
+def default_atol(spec: NetworkSpec) -> float:
+    dt = torch_dtype(spec.outputs[0].dtype)
+    return 1e-3 if dt == torch.float32 else 5e-2
+
+
+def verify_onnx(module: torch.nn.Module, spec: NetworkSpec, onnx_path: str | os.PathLike, *,
+                atol: float | None = None, sizes: Sequence[Mapping[str, int]] | None = None,
+                providers: Sequence[str] = ("CPUExecutionProvider",)) -> ParityReport:
+    """Run torch and ONNX Runtime on the same random inputs at each size in ``sizes`` (default: every
+    profile's min and max, so the dynamic axes are exercised) and report the max abs differences."""
+    import onnxruntime as ort
+
+    adapter = export_adapter(spec, module).eval()
+    device = next(adapter.parameters()).device
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(onnx_path), opts, providers=list(providers))
+    if sizes is None:
+        sizes = [spec.sizes(w, i) for i in range(len(spec.profiles)) for w in ("min", "max")]
+        sizes = [dict(s) for s in {tuple(sorted(s.items())) for s in sizes}]
+    diffs: dict[str, float] = {}
+    for n, sz in enumerate(sizes):
+        args = spec.sample_inputs(device, sz, seed=n)
+        with torch.no_grad():
+            ref = adapter(*args)
+        ref = ref if isinstance(ref, (tuple, list)) else (ref,)
+        feeds = {b.name: a.detach().cpu().numpy() for b, a in zip(spec.inputs, args)}
+        got = sess.run(spec.output_names, feeds)
+        tag = ",".join(f"{k}={v}" for k, v in sorted(sz.items()))
+        for b, r, g in zip(spec.outputs, ref, got):
+            if tuple(g.shape) != tuple(r.shape):
+                raise AssertionError(f"{spec.name}: ONNX output {b.name} has shape {g.shape}, torch {tuple(r.shape)}")
+            diffs[f"{b.name}@{tag}"] = float((torch.from_numpy(g).float() - r.float().cpu()).abs().max())
+    report = ParityReport(spec.name, diffs, default_atol(spec) if atol is None else atol, providers[0])
+    log.info("%s", report)
+    return report
+
+
+# ---- cached export -----------------------------------------------------------------------------------
+
+def onnx_cache_key(spec: NetworkSpec, *, model: str, weights: str,
+                   lora: Sequence[tuple[str, str, float]] = ()) -> CacheKey:
+    """Key of an ONNX export: device-independent, depends on torch (the exporter) and the opset."""
+    return CacheKey(model=model, weights=weights, lora=tuple(lora), network=spec.name,
+                    shapes=spec.cache_fields(), dtype=spec.outputs[0].dtype, backend="onnx",
+                    backend_version=f"torch {torch.__version__}; onnx {package_version('onnx')}",
+                    gpu="any", options={"opset": spec.opset})
+
+
+def export_to_cache(module: torch.nn.Module, spec: NetworkSpec, cache: EngineCache, *, model: str,
+                    weights: str, lora: Sequence[tuple[str, str, float]] = (), verify: bool = True) -> CacheEntry:
+    """The cached ONNX export of ``module`` for ``spec`` (exported now if missing or corrupt).
+
+    With ``verify`` and a module on the CPU, the export is checked against torch with ONNX Runtime before
+    it is published (a failed check raises and publishes nothing); the report goes into the manifest.
+    """
+    key = onnx_cache_key(spec, model=model, weights=weights, lora=lora)
+
+    def build(folder: Path) -> dict[str, Any]:
+        used = export_onnx(module, spec, folder / ONNX_FILE)
+        extra: dict[str, Any] = {"exporter": used, "onnx_file": ONNX_FILE}
+        device = next(module.parameters()).device
+        if verify and device.type == "cpu" and package_version("onnxruntime"):
+            report = verify_onnx(module, spec, folder / ONNX_FILE)
+            if not report.ok:
+                raise RuntimeError(f"ONNX export does not match torch: {report}")
+            extra["parity"] = {"max_abs_diff": dict(report.max_abs_diff), "atol": report.atol}
+        return extra
+
+    return cache.get_or_build(key, build, versions={"torch": torch.__version__, "onnx": package_version("onnx")})
