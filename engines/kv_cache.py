@@ -1,0 +1,483 @@
+"""Temporal KV cache: each frame's self-attention also attends to the keys/values of earlier frames.
+
+Frame-by-frame img2img flickers; letting every self-attention layer (``attn1`` of each
+``BasicTransformerBlock``) of the UNet look at the keys and values that the same layer produced for up to
+``maxframes`` earlier frames, at the same UNet batch row (so the same noise level), steadies the stream
+(StreamV2V's feature bank, the TouchDesigner StreamDiffusion forks' "cached attention").
+
+One :class:`TemporalKVCache` owns every tensor the feature touches, allocated once at install for one
+(batch rows, latent size, max_frames, dtype, device). Nothing is allocated and nothing syncs the host
+afterwards: settings, reset and the ring bookkeeping are host logic that ends in in-place device writes
+(``fill_`` of a few scalars), so a CUDA graph captured once stays valid across every setting change
+(see :class:`Span` for the one exception, chosen at install).
+
+Per self-attention layer (B = UNet batch rows, M = max_frames, L = tokens h_l*w_l, C = channels)::
+
+    ring_k, ring_v  [B, 2+M, L, C] dtype   slot 0      fresh K/V of the current call (written by the processor)
+                                           slots 1..M  the bank: K/V of earlier frames, ring order
+                                           slot M+1    scratch: where the ring write goes on frames that
+                                                       are not written (keeps the write branch-free)
+    bias_L          [1, 1, 1, (1+M)*L] dtype   additive attention bias over [fresh | bank]: 0 on the fresh
+                                           tokens always; per bank slot 0 (visible) or -inf (empty,
+                                           beyond maxframes, or cache off). Shared by layers with equal L.
+    slot_bias       [M] dtype              the same per-slot values, for exported networks
+    slot_index      [1] int64              where the next ring write goes (0..M-1 bank, M scratch)
+
+Batch-major slots make [fresh | bank] one strided view ``ring[:, :1+span].view(B, (1+span)*L, H, D)``:
+no ``torch.cat`` and no copy per call. The price: for B > 1 the bank / fresh views are not contiguous, so
+a TensorRT runner binding them directly needs B == 1 or a staging copy (see :meth:`binding_tensors`).
+
+Masking rule. A bank slot takes part only if it holds a frame written since the last reset or enable,
+its index is below ``maxframes`` and the cache is on. Excluded slots get -inf bias, so their softmax
+weight is exactly 0 and the result equals plain attention (tests hold it within 1e-6 in fp32). The
+current frame's own keys are never masked, so no row is ever all -inf (SDPA would return NaN).
+
+Frame protocol (who calls what, in order)::
+
+    install(unet, batch_rows, latent_hw, max_frames, dtype, device, span=Span.FULL) -> cache
+        once, after building the UNet and before capture / compile / export.
+    cache.set_settings(enabled, maxframes, interval)   host, between frames; in-place writes only.
+    cache.reset()                                      host, between frames: empties the bank.
+    per frame:
+        unet(sample, timestep, embeds)   processors write fresh K/V into slot 0, read bank + bias
+        cache.write_ring()               device only: ring[:, 1 + slot_index] <- ring[:, 0] (capturable)
+        cache.after_frame()              host: marks the written slot visible, picks the next slot,
+                                         writes slot_index and changed bias slots in place
+    A graph backend captures ``unet + write_ring`` once and calls ``after_frame`` after each replay.
+    With ``Span.ACTIVE`` it keys its graphs by ``cache.span`` (recapture when that changes).
+
+Ring rule. Frames are counted from the last reset / enable (n = 0, 1, ...). Frame n is written when
+``n % interval == 0``, into bank slot ``w % maxframes`` where w counts the writes; so after frame n the
+bank holds the last ``maxframes`` written frames, and frame n+1 attends to them.
+
+Export. :meth:`TemporalKVCache.export_module` returns a module whose forward is
+``(sample, timestep, encoder_hidden_states, *banks, slot_bias) -> (eps, *fresh)`` with
+``banks = bank_k.0, bank_v.0, bank_k.1, ...`` each ``[B, M, L, C]`` and ``fresh`` each ``[B, L, C]``,
+so the exported graph is static, the banks are explicit inputs and the ring write stays outside it.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+NEG_INF = float("-inf")
+
+
+class Span(enum.Enum):
+    """How many bank slots the attention reads; chosen at install.
+
+    FULL: always all ``max_frames`` slots; on/off and ``maxframes`` only rewrite the bias. One captured
+      graph (or compiled program, or exported net) serves every setting. Cost: the self-attention key
+      length is always (1 + max_frames) x L, even with the cache off.
+    ACTIVE: exactly ``maxframes`` slots when on, none when off (then the processor is plain attention:
+      zero extra cost). Cost follows the settings, but the attention shapes change with them, so a graph
+      backend needs one capture per ``cache.span`` value (and torch.compile one program per value).
+    """
+
+    FULL = "full"
+    ACTIVE = "active"
+
+
+@dataclass
+class _Layer:
+    """One self-attention layer's view of the cache."""
+
+    name: str  # the attn_processors key
+    rows: int  # B
+    tokens: int  # L = h_l * w_l
+    channels: int  # C = heads * head_dim
+    heads: int
+    ring_k: torch.Tensor  # [B, 2+M, L, C]
+    ring_v: torch.Tensor  # [B, 2+M, L, C]
+    bias: torch.Tensor  # [1, 1, 1, (1+M)*L], shared by layers with the same L
+
+
+def _level_sizes(latent_hw: tuple[int, int], levels: int) -> list[tuple[int, int]]:
+    """(h, w) at each UNet level: diffusers' stride-2 conv downsampler (padding 1) maps h -> ceil(h/2)."""
+    sizes = [latent_hw]
+    for _ in range(levels - 1):
+        h, w = sizes[-1]
+        sizes.append(((h + 1) // 2, (w + 1) // 2))
+    return sizes
+
+
+def _layer_hw(name: str, sizes: list[tuple[int, int]]) -> tuple[int, int]:
+    parts = name.split(".")
+    levels = len(sizes)
+    if parts[0] == "down_blocks":
+        return sizes[int(parts[1])]
+    if parts[0] == "up_blocks":
+        return sizes[levels - 1 - int(parts[1])]
+    if parts[0] == "mid_block":
+        return sizes[levels - 1]
+    raise ValueError(f"cannot place self-attention layer {name!r}: expected it under down_blocks, "
+                     "mid_block or up_blocks of a UNet2DConditionModel")
+
+
+def _self_attention_layers(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(attn_processors key, Attention module) for every attn1 that is a self-attention."""
+    out = []
+    for mod_name, module in unet.named_modules():
+        if mod_name.endswith(".attn1") and hasattr(module, "set_processor") and not module.is_cross_attention:
+            out.append((mod_name + ".processor", module))
+    return out
+
+
+def _check_supported(name: str, attn: torch.nn.Module) -> None:
+    unsupported = [what for what, present in (
+        ("spatial_norm", attn.spatial_norm is not None), ("group_norm", attn.group_norm is not None),
+        ("norm_q/norm_k", attn.norm_q is not None or attn.norm_k is not None),
+        ("kv_heads != heads", attn.to_k.out_features != attn.to_q.out_features)) if present]
+    if unsupported:
+        raise ValueError(f"self-attention layer {name!r} uses {', '.join(unsupported)}, which the temporal "
+                         "KV cache does not support (it supports SD 1.5 / 2.x / XL style attn1 layers)")
+
+
+class CachedSelfAttnProcessor:
+    """attn1 processor: SDPA of the current queries over [fresh K/V | bank K/V slots], bias-masked.
+
+    Writes the fresh K/V into ``ring[:, 0]`` (the one copy this adds to plain attention) and reads the
+    bank through a view, so the call allocates nothing beyond what plain attention does. ``cache.span``
+    (a host int, fixed under a captured graph) selects how many bank slots are read; 0 is plain attention.
+    """
+
+    def __init__(self, cache: "TemporalKVCache", layer: _Layer) -> None:
+        self.cache = cache
+        self.layer = layer
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, **kwargs) -> torch.Tensor:
+        lay = self.layer
+        B, L, C, H = lay.rows, lay.tokens, lay.channels, lay.heads
+        D = C // H
+        if tuple(hidden_states.shape) != (B, L, C) or encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError(f"{lay.name}: the temporal KV cache was installed for self-attention input "
+                             f"[{B}, {L}, {C}] with no mask; got {list(hidden_states.shape)}"
+                             f"{' with encoder_hidden_states' if encoder_hidden_states is not None else ''}"
+                             f"{' with attention_mask' if attention_mask is not None else ''} "
+                             "(reinstall the cache for a new batch size or resolution)")
+        residual = hidden_states
+        q = attn.to_q(hidden_states).view(B, L, H, D).transpose(1, 2)  # [B, H, L, D]
+        span = self.cache.span
+        if span == 0:
+            k = attn.to_k(hidden_states).view(B, L, H, D).transpose(1, 2)  # [B, H, L, D]
+            v = attn.to_v(hidden_states).view(B, L, H, D).transpose(1, 2)  # [B, H, L, D]
+            out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)  # [B, H, L, D]
+        else:
+            S = 1 + span
+            lay.ring_k[:, 0].copy_(attn.to_k(hidden_states))  # fresh K [B, L, C]
+            lay.ring_v[:, 0].copy_(attn.to_v(hidden_states))  # fresh V [B, L, C]
+            k = lay.ring_k[:, :S].view(B, S * L, H, D).transpose(1, 2)  # [B, H, S*L, D], a view
+            v = lay.ring_v[:, :S].view(B, S * L, H, D).transpose(1, 2)  # [B, H, S*L, D], a view
+            bias = lay.bias[..., : S * L]  # [1, 1, 1, S*L]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)  # [B, H, L, D]
+        return _finish(attn, out, residual, B, L, C)
+
+
+def _finish(attn, out: torch.Tensor, residual: torch.Tensor, B: int, L: int, C: int) -> torch.Tensor:
+    out = out.transpose(1, 2).reshape(B, L, C)  # [B, L, C]
+    out = attn.to_out[1](attn.to_out[0](out))  # linear, dropout
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor
+
+
+class _ExportIO:
+    """Carries the bank inputs into, and the fresh K/V out of, the export processors during one forward."""
+
+    def __init__(self) -> None:
+        self.banks: Sequence[torch.Tensor] = ()
+        self.slot_bias: torch.Tensor | None = None
+        self.fresh: list[torch.Tensor | None] = []
+
+
+class ExportSelfAttnProcessor:
+    """attn1 processor for export: the bank is a graph input, the fresh K/V a graph output.
+
+    Reads all M slots (a static graph); the bias over them is built in-graph from the [M] slot bias.
+    """
+
+    def __init__(self, io: _ExportIO, index: int, layer: _Layer, max_frames: int) -> None:
+        self.io, self.index, self.layer, self.max_frames = io, index, layer, max_frames
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, **kwargs) -> torch.Tensor:
+        lay, M = self.layer, self.max_frames
+        B, L, C, H = lay.rows, lay.tokens, lay.channels, lay.heads
+        D, S = C // H, 1 + M
+        residual = hidden_states
+        bank_k = self.io.banks[2 * self.index]  # [B, M, L, C]
+        bank_v = self.io.banks[2 * self.index + 1]  # [B, M, L, C]
+        q = attn.to_q(hidden_states).view(B, L, H, D).transpose(1, 2)  # [B, H, L, D]
+        k_new = attn.to_k(hidden_states)  # [B, L, C]
+        v_new = attn.to_v(hidden_states)  # [B, L, C]
+        k = torch.cat([k_new.unsqueeze(1), bank_k], 1).view(B, S * L, H, D).transpose(1, 2)  # [B, H, S*L, D]
+        v = torch.cat([v_new.unsqueeze(1), bank_v], 1).view(B, S * L, H, D).transpose(1, 2)  # [B, H, S*L, D]
+        slot_bias = self.io.slot_bias  # [M]
+        bank_bias = slot_bias.unsqueeze(1).expand(M, L).reshape(1, 1, 1, M * L)  # [1, 1, 1, M*L]
+        bias = torch.cat([bank_bias.new_zeros(1, 1, 1, L), bank_bias], -1)  # [1, 1, 1, S*L]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)  # [B, H, L, D]
+        self.io.fresh[2 * self.index] = k_new
+        self.io.fresh[2 * self.index + 1] = v_new
+        return _finish(attn, out, residual, B, L, C)
+
+
+class KVCacheExportWrapper(torch.nn.Module):
+    """``(sample, timestep, encoder_hidden_states, *banks, slot_bias) -> (eps, *fresh)`` for export.
+
+    banks: bank_k.0, bank_v.0, bank_k.1, ... each [B, M, L, C]; slot_bias [M] (0 visible, -inf excluded);
+    fresh: fresh_k.0, fresh_v.0, ... each [B, L, C]. Names: :meth:`TemporalKVCache.export_names`.
+    """
+
+    def __init__(self, unet: torch.nn.Module, io: _ExportIO, n_layers: int) -> None:
+        super().__init__()
+        self.unet = unet
+        self._io = io
+        self._n = n_layers
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                *banks_and_bias: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if len(banks_and_bias) != 2 * self._n + 1:
+            raise ValueError(f"expected {2 * self._n} bank tensors and the slot bias; got {len(banks_and_bias)}")
+        self._io.banks, self._io.slot_bias = banks_and_bias[:-1], banks_and_bias[-1]
+        self._io.fresh = [None] * (2 * self._n)
+        eps = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+        fresh = tuple(self._io.fresh)
+        self._io.banks, self._io.slot_bias, self._io.fresh = (), None, []
+        return (eps, *fresh)
+
+
+class TemporalKVCache:
+    """Owns the K/V rings, biases and ring bookkeeping of every self-attention layer. See the module doc."""
+
+    def __init__(self, unet: torch.nn.Module, batch_rows: int, latent_hw: tuple[int, int], max_frames: int,
+                 dtype: torch.dtype, device: torch.device | str, span: Span = Span.FULL) -> None:
+        if not isinstance(batch_rows, int) or batch_rows < 1:
+            raise ValueError(f"batch_rows must be a positive integer; got {batch_rows!r}")
+        if (not isinstance(latent_hw, (tuple, list)) or len(latent_hw) != 2
+                or not all(isinstance(x, int) and x > 0 for x in latent_hw)):
+            raise ValueError(f"latent_hw must be (height, width) in latent pixels; got {latent_hw!r}")
+        if not isinstance(max_frames, int) or not 1 <= max_frames <= 16:
+            raise ValueError(f"max_frames must be an integer from 1 to 16; got {max_frames!r}")
+        if not isinstance(span, Span):
+            raise ValueError(f"span must be one of {', '.join(s.name for s in Span)}; got {span!r}")
+        self.unet = unet
+        self.batch_rows = batch_rows
+        self.latent_hw = (int(latent_hw[0]), int(latent_hw[1]))
+        self.max_frames = max_frames
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.span_policy = span
+
+        found = _self_attention_layers(unet)
+        if not found:
+            raise ValueError("the UNet has no self-attention (attn1) layers to cache")
+        levels = len(getattr(unet, "down_blocks"))
+        sizes = _level_sizes(self.latent_hw, levels)
+        M = max_frames
+        self._biases: dict[int, torch.Tensor] = {}
+        self.layers: list[_Layer] = []
+        self._modules: list[torch.nn.Module] = []
+        for name, attn in found:
+            _check_supported(name, attn)
+            h, w = _layer_hw(name, sizes)
+            L, C = h * w, attn.to_q.out_features
+            if L not in self._biases:
+                self._biases[L] = torch.zeros(1, 1, 1, (1 + M) * L, dtype=dtype, device=self.device)  # [1,1,1,(1+M)L]
+            self.layers.append(_Layer(
+                name=name, rows=batch_rows, tokens=L, channels=C, heads=attn.heads,
+                ring_k=torch.zeros(batch_rows, 2 + M, L, C, dtype=dtype, device=self.device),  # [B, 2+M, L, C]
+                ring_v=torch.zeros(batch_rows, 2 + M, L, C, dtype=dtype, device=self.device),  # [B, 2+M, L, C]
+                bias=self._biases[L]))
+            self._modules.append(attn)
+        self.slot_bias = torch.zeros(M, dtype=dtype, device=self.device)  # [M]
+        self.slot_index = torch.zeros(1, dtype=torch.long, device=self.device)  # [1] int64
+
+        # Host state; the device tensors above mirror it and are only ever written in place.
+        self.enabled = False
+        self.maxframes = M
+        self.interval = 1
+        self._filled = [False] * M  # bank slot holds a frame written since the last reset / enable
+        self._visible = [True] * M  # host mirror of the bias (True: 0, False: -inf); True forces a first write
+        self._index = -1  # host mirror of slot_index
+        self._frame = 0  # frames since the last reset / enable
+        self._ptr = 0  # next bank slot of the ring
+        self._target = M  # where this frame's fresh K/V go: bank slot 0..M-1, or M (scratch)
+
+        self._original = dict(unet.attn_processors)
+        self.processors = {layer.name: CachedSelfAttnProcessor(self, layer) for layer in self.layers}
+        self._install()
+        self.reset()
+        logger.info("temporal KV cache: %d self-attention layers, %d rows, latent %dx%d, max_frames %d, "
+                    "span %s, %.1f MiB", len(self.layers), batch_rows, *self.latent_hw, M, span.value,
+                    self.nbytes / 2**20)
+
+    # ----- installation -------------------------------------------------------------------------------
+
+    def _install(self) -> None:
+        procs = dict(self._original)
+        procs.update(self.processors)
+        self.unet.set_attn_processor(procs)
+
+    def uninstall(self) -> None:
+        """Put the UNet's original processors back (the buffers stay allocated until the cache is dropped)."""
+        self.unet.set_attn_processor(dict(self._original))
+
+    @property
+    def nbytes(self) -> int:
+        return (sum(l.ring_k.nbytes + l.ring_v.nbytes for l in self.layers)
+                + sum(b.nbytes for b in self._biases.values()))
+
+    # ----- host-side control (between frames; in-place device writes only, no sync) -------------------
+
+    @property
+    def span(self) -> int:
+        """Bank slots the attention reads now (host int). FULL: always max_frames; ACTIVE: the settings."""
+        if self.span_policy is Span.FULL:
+            return self.max_frames
+        return self.maxframes if self.enabled else 0
+
+    def set_settings(self, enabled: bool, maxframes: int, interval: int) -> None:
+        """Apply cache settings between frames. Enabling, or shrinking maxframes, drops stale frames."""
+        if not isinstance(enabled, bool):
+            raise ValueError(f"cache enabled must be true or false; got {enabled!r}")
+        if not isinstance(maxframes, int) or isinstance(maxframes, bool) or not 1 <= maxframes <= self.max_frames:
+            raise ValueError(f"cache maxframes must be an integer from 1 to {self.max_frames} (the allocated "
+                             f"maximum); got {maxframes!r}")
+        if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
+            raise ValueError(f"cache interval must be an integer >= 1; got {interval!r}")
+        if enabled and not self.enabled:
+            self._empty()
+        if maxframes != self.maxframes:
+            for s in range(maxframes, self.max_frames):
+                self._filled[s] = False
+            self._ptr %= maxframes
+        self.enabled, self.maxframes, self.interval = enabled, maxframes, interval
+        self._plan()
+        self._publish()
+
+    def reset(self) -> None:
+        """Empty the bank (its contents stay but are masked out until overwritten)."""
+        self._empty()
+        self._plan()
+        self._publish()
+
+    def write_ring(self) -> None:
+        """Device only, capturable: ring[:, 1 + slot_index] <- ring[:, 0] for every layer's K and V."""
+        idx = self.slot_index
+        for lay in self.layers:
+            lay.ring_k[:, 1:].index_copy_(1, idx, lay.ring_k[:, 0:1])
+            lay.ring_v[:, 1:].index_copy_(1, idx, lay.ring_v[:, 0:1])
+
+    def after_frame(self) -> None:
+        """Host: account for the frame just run (its ring write was enqueued) and prepare the next one."""
+        if self._target < self.max_frames:
+            self._filled[self._target] = True
+            self._ptr = (self._ptr + 1) % self.maxframes
+        self._frame += 1
+        self._plan()
+        self._publish()
+
+    # ----- internals ----------------------------------------------------------------------------------
+
+    def _empty(self) -> None:
+        self._filled = [False] * self.max_frames
+        self._frame = 0
+        self._ptr = 0
+
+    def _plan(self) -> None:
+        """Pick where the next frame's K/V go and write it to slot_index (in place, only if it changed)."""
+        write = self.enabled and self._frame % self.interval == 0
+        self._target = self._ptr if write else self.max_frames
+        if self._target != self._index:
+            self.slot_index.fill_(self._target)
+            self._index = self._target
+
+    def _publish(self) -> None:
+        """Write the bias of every bank slot whose visibility changed (in place, a few fill_ launches)."""
+        for s in range(self.max_frames):
+            visible = self.enabled and self._filled[s] and s < self.maxframes
+            if visible == self._visible[s]:
+                continue
+            value = 0.0 if visible else NEG_INF
+            self.slot_bias[s].fill_(value)
+            for L, bias in self._biases.items():
+                bias[..., (1 + s) * L:(2 + s) * L].fill_(value)
+            self._visible[s] = visible
+
+    # ----- inspection (tests, status) -----------------------------------------------------------------
+
+    def bank_frames(self) -> list[bool]:
+        """Host view: which bank slots the attention uses now."""
+        return list(self._visible)
+
+    @property
+    def target_slot(self) -> int:
+        """Where the next frame's K/V will be written: bank slot 0..M-1, or max_frames for 'not written'."""
+        return self._target
+
+    # ----- export ------------------------------------------------------------------------------------
+
+    def export_names(self) -> tuple[list[str], list[str]]:
+        """(input names, output names) of :meth:`export_module`, in argument / result order."""
+        banks = [f"kv_bank_{kv}.{i}" for i in range(len(self.layers)) for kv in ("k", "v")]
+        fresh = [f"kv_fresh_{kv}.{i}" for i in range(len(self.layers)) for kv in ("k", "v")]
+        return ["sample", "timestep", "encoder_hidden_states", *banks, "kv_slot_bias"], ["eps", *fresh]
+
+    def export_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Static shapes of the extra inputs / outputs by name (for export specs and engine bindings)."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for i, lay in enumerate(self.layers):
+            for kv in ("k", "v"):
+                shapes[f"kv_bank_{kv}.{i}"] = (lay.rows, self.max_frames, lay.tokens, lay.channels)
+                shapes[f"kv_fresh_{kv}.{i}"] = (lay.rows, lay.tokens, lay.channels)
+        shapes["kv_slot_bias"] = (self.max_frames,)
+        return shapes
+
+    def binding_tensors(self) -> dict[str, torch.Tensor]:
+        """The cache's own tensors behind each extra export name: bind these, then call write_ring().
+
+        Views into the rings; contiguous (bindable by address) only when batch_rows == 1.
+        """
+        M = self.max_frames
+        out: dict[str, torch.Tensor] = {}
+        for i, lay in enumerate(self.layers):
+            out[f"kv_bank_k.{i}"] = lay.ring_k[:, 1:1 + M]  # [B, M, L, C]
+            out[f"kv_bank_v.{i}"] = lay.ring_v[:, 1:1 + M]  # [B, M, L, C]
+            out[f"kv_fresh_k.{i}"] = lay.ring_k[:, 0]  # [B, L, C]
+            out[f"kv_fresh_v.{i}"] = lay.ring_v[:, 0]  # [B, L, C]
+        out["kv_slot_bias"] = self.slot_bias  # [M]
+        return out
+
+    @contextmanager
+    def export_module(self) -> Iterator[KVCacheExportWrapper]:
+        """Swap export processors onto the UNet for the duration; yields the wrapper to export / run."""
+        io = _ExportIO()
+        procs = dict(self._original)
+        procs.update({lay.name: ExportSelfAttnProcessor(io, i, lay, self.max_frames)
+                      for i, lay in enumerate(self.layers)})
+        self.unet.set_attn_processor(procs)
+        try:
+            yield KVCacheExportWrapper(self.unet, io, len(self.layers))
+        finally:
+            self._install()
+
+
+def install(unet: torch.nn.Module, batch_rows: int, latent_hw: tuple[int, int], max_frames: int,
+            dtype: torch.dtype, device: torch.device | str, span: Span = Span.FULL) -> TemporalKVCache:
+    """Allocate the cache for this (batch, resolution) and install its processors on every attn1 layer.
+
+    Starts disabled (every bank slot masked: the UNet computes plain attention). Reinstall for a new
+    batch size or resolution; ``set_settings`` covers everything else.
+    """
+    return TemporalKVCache(unet, batch_rows, latent_hw, max_frames, dtype, device, span)
