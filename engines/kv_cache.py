@@ -51,8 +51,8 @@ Ring rule. Frames are counted from the last reset / enable (n = 0, 1, ...). Fram
 bank holds the last ``maxframes`` written frames, and frame n+1 attends to them.
 
 Export. :meth:`TemporalKVCache.export_module` returns a module whose forward is
-``(sample, timestep, encoder_hidden_states, *banks, slot_bias) -> (eps, *fresh)`` with
-``banks = bank_k.0, bank_v.0, bank_k.1, ...`` each ``[B, M, L, C]`` and ``fresh`` each ``[B, L, C]``,
+``(sample, timestep, embeds, *banks, slot_bias) -> (eps, *fresh)`` with
+``banks = kv_bank_k.0, kv_bank_v.0, kv_bank_k.1, ...`` each ``[B, M, L, C]`` and ``fresh`` each ``[B, L, C]``,
 so the exported graph is static, the banks are explicit inputs and the ring write stays outside it.
 """
 
@@ -67,6 +67,8 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .specs import Binding, dtype_name
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +215,7 @@ class ExportSelfAttnProcessor:
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
                  temb=None, **kwargs) -> torch.Tensor:
         lay, M = self.layer, self.max_frames
-        B, L, C, H = lay.rows, lay.tokens, lay.channels, lay.heads
+        B, L, C, H = hidden_states.shape[0], lay.tokens, lay.channels, lay.heads  # B: dynamic in export
         D, S = C // H, 1 + M
         residual = hidden_states
         bank_k = self.io.banks[2 * self.index]  # [B, M, L, C]
@@ -221,8 +223,8 @@ class ExportSelfAttnProcessor:
         q = attn.to_q(hidden_states).view(B, L, H, D).transpose(1, 2)  # [B, H, L, D]
         k_new = attn.to_k(hidden_states)  # [B, L, C]
         v_new = attn.to_v(hidden_states)  # [B, L, C]
-        k = torch.cat([k_new.unsqueeze(1), bank_k], 1).view(B, S * L, H, D).transpose(1, 2)  # [B, H, S*L, D]
-        v = torch.cat([v_new.unsqueeze(1), bank_v], 1).view(B, S * L, H, D).transpose(1, 2)  # [B, H, S*L, D]
+        k = torch.cat([k_new.unsqueeze(1), bank_k], 1).reshape(B, S * L, H, D).transpose(1, 2)  # [B, H, S*L, D]
+        v = torch.cat([v_new.unsqueeze(1), bank_v], 1).reshape(B, S * L, H, D).transpose(1, 2)  # [B, H, S*L, D]
         slot_bias = self.io.slot_bias  # [M]
         bank_bias = slot_bias.unsqueeze(1).expand(M, L).reshape(1, 1, 1, M * L)  # [1, 1, 1, M*L]
         bias = torch.cat([bank_bias.new_zeros(1, 1, 1, L), bank_bias], -1)  # [1, 1, 1, S*L]
@@ -233,11 +235,13 @@ class ExportSelfAttnProcessor:
 
 
 class KVCacheExportWrapper(torch.nn.Module):
-    """``(sample, timestep, encoder_hidden_states, *banks, slot_bias) -> (eps, *fresh)`` for export.
+    """``(sample, timestep, embeds, *banks, slot_bias) -> (eps, *fresh)`` for export.
 
-    banks: bank_k.0, bank_v.0, bank_k.1, ... each [B, M, L, C]; slot_bias [M] (0 visible, -inf excluded);
-    fresh: fresh_k.0, fresh_v.0, ... each [B, L, C]. Names: :meth:`TemporalKVCache.export_names`.
+    banks: kv_bank_k.0, kv_bank_v.0, kv_bank_k.1, ... each [B, M, L, C]; kv_slot_bias [M] (0 visible, -inf excluded);
+    fresh: kv_fresh_k.0, kv_fresh_v.0, ... each [B, L, C]. Bindings: :meth:`TemporalKVCache.export_bindings`.
     """
+
+    spec_ordered = True  # engines.onnx_export.export_adapter uses it as it is
 
     def __init__(self, unet: torch.nn.Module, io: _ExportIO, n_layers: int) -> None:
         super().__init__()
@@ -245,13 +249,13 @@ class KVCacheExportWrapper(torch.nn.Module):
         self._io = io
         self._n = n_layers
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor,
                 *banks_and_bias: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if len(banks_and_bias) != 2 * self._n + 1:
             raise ValueError(f"expected {2 * self._n} bank tensors and the slot bias; got {len(banks_and_bias)}")
         self._io.banks, self._io.slot_bias = banks_and_bias[:-1], banks_and_bias[-1]
         self._io.fresh = [None] * (2 * self._n)
-        eps = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+        eps = self.unet(sample, timestep, encoder_hidden_states=embeds, return_dict=False)[0]
         fresh = tuple(self._io.fresh)
         self._io.banks, self._io.slot_bias, self._io.fresh = (), None, []
         return (eps, *fresh)
@@ -428,21 +432,21 @@ class TemporalKVCache:
 
     # ----- export ------------------------------------------------------------------------------------
 
-    def export_names(self) -> tuple[list[str], list[str]]:
-        """(input names, output names) of :meth:`export_module`, in argument / result order."""
-        banks = [f"kv_bank_{kv}.{i}" for i in range(len(self.layers)) for kv in ("k", "v")]
-        fresh = [f"kv_fresh_{kv}.{i}" for i in range(len(self.layers)) for kv in ("k", "v")]
-        return ["sample", "timestep", "encoder_hidden_states", *banks, "kv_slot_bias"], ["eps", *fresh]
+    def export_bindings(self, batch_axis: str = "B") -> tuple[tuple[Binding, ...], tuple[Binding, ...]]:
+        """(extra inputs, extra outputs) of the exported UNet, in :meth:`export_module` order.
 
-    def export_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Static shapes of the extra inputs / outputs by name (for export specs and engine bindings)."""
-        shapes: dict[str, tuple[int, ...]] = {}
+        For ``engines.specs.unet_spec(p, extra_inputs=..., extra_outputs=...)``: the batch dim is the
+        spec's dynamic axis ``batch_axis``; tokens, channels and max_frames are fixed.
+        """
+        dt = dtype_name(self.dtype)
+        M = self.max_frames
+        ins, outs = [], []
         for i, lay in enumerate(self.layers):
             for kv in ("k", "v"):
-                shapes[f"kv_bank_{kv}.{i}"] = (lay.rows, self.max_frames, lay.tokens, lay.channels)
-                shapes[f"kv_fresh_{kv}.{i}"] = (lay.rows, lay.tokens, lay.channels)
-        shapes["kv_slot_bias"] = (self.max_frames,)
-        return shapes
+                ins.append(Binding(f"kv_bank_{kv}.{i}", (batch_axis, M, lay.tokens, lay.channels), dt))
+                outs.append(Binding(f"kv_fresh_{kv}.{i}", (batch_axis, lay.tokens, lay.channels), dt))
+        ins.append(Binding("kv_slot_bias", (M,), dt))
+        return tuple(ins), tuple(outs)
 
     def binding_tensors(self) -> dict[str, torch.Tensor]:
         """The cache's own tensors behind each extra export name: bind these, then call write_ring().
