@@ -270,3 +270,31 @@ def export_to_cache(module: torch.nn.Module, spec: NetworkSpec, cache: EngineCac
         return extra
 
     return cache.get_or_build(key, build, versions={"torch": torch.__version__, "onnx": package_version("onnx")})
+
+
+def network_modules(unet: torch.nn.Module, vae: torch.nn.Module,
+                    unet_export: torch.nn.Module | None = None) -> dict[str, torch.nn.Module]:
+    """The module each network is exported from (``unet_export``: a spec-ordered UNet, e.g. with KV banks)."""
+    return {"unet": unet_export if unet_export is not None else unet, "vae_encoder": vae, "vae_decoder": vae}
+
+
+def export_all_to_cache(unet: torch.nn.Module, vae: torch.nn.Module, specs: Mapping[str, NetworkSpec],
+                        cache: EngineCache, *, model: str, lora: Sequence[tuple[str, str, float]] = (),
+                        weights: Mapping[str, str] | None = None, unet_export: torch.nn.Module | None = None,
+                        verify: bool = True) -> dict[str, CacheEntry]:
+    """ONNX cache entries for every spec in ``specs`` (exported where missing).
+
+    ``weights``: precomputed fingerprints {"unet": ..., "vae": ...}; computed here when not given.
+    """
+    from .versions import weights_fingerprint
+
+    weights = dict(weights or {})
+    weights.setdefault("unet", weights_fingerprint(unet))
+    weights.setdefault("vae", weights_fingerprint(vae))
+    modules = network_modules(unet, vae, unet_export)
+    out = {}
+    for name, spec in specs.items():
+        wid = weights["unet"] if name == "unet" else weights["vae"]
+        out[name] = export_to_cache(modules[name], spec, cache, model=model, weights=wid,
+                                    lora=lora if name == "unet" else (), verify=verify)  # LoRA: UNet only
+    return out
