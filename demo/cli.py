@@ -90,18 +90,22 @@ def run(args: argparse.Namespace) -> int:
     options = DemoOptions(min_frame_ms=args.min_frame_ms,
                           output_format=Format.JPEG if args.output_format == "jpeg" else Format.RGB,
                           jpeg_quality=args.jpeg_quality, max_steps=args.max_steps, presets_path=args.presets)
-    log.info("loading %s at %dx%d", args.model, args.width, args.height)
-    engine = StreamEngine.from_pretrained(args.model, width=args.width, height=args.height, t_index_list=[32],
-                                          cfg=args.cfg, device=args.device, dtype=args.dtype, seed=args.seed,
-                                          backend=args.backend)
-    server = DemoServer(engine, options, Controls(prompt_a=args.prompt, negative_prompt=args.negative_prompt,
-                                                  seed=args.seed, strength=args.strength, steps=args.steps,
-                                                  cfg=args.cfg, guidance_scale=args.guidance))
-    server.controls.t_index_list = t_index_for(args.strength, args.steps, server.num_inference_steps)
-    server.apply_initial_controls()
-
-    sock = _bind(args.host, args.port)
+    sock = _bind(args.host, args.port)  # first: a busy port fails before the model loads
     host, port = sock.getsockname()[:2]
+    try:
+        log.info("loading %s at %dx%d", args.model, args.width, args.height)
+        engine = StreamEngine.from_pretrained(args.model, width=args.width, height=args.height, t_index_list=[32],
+                                              cfg=args.cfg, device=args.device, dtype=args.dtype, seed=args.seed,
+                                              backend=args.backend)
+        server = DemoServer(engine, options, Controls(prompt_a=args.prompt, negative_prompt=args.negative_prompt,
+                                                      seed=args.seed, strength=args.strength, steps=args.steps,
+                                                      cfg=args.cfg, guidance_scale=args.guidance))
+        server.controls.t_index_list = t_index_for(args.strength, args.steps, server.num_inference_steps)
+        server.apply_initial_controls()
+    except BaseException:
+        sock.close()
+        raise
+
     if _is_ip(host) and not ipaddress.ip_address(host).is_loopback:
         log.warning("serving on %s: anyone who can reach this address can see the output and drive the engine",
                     host)

@@ -1,0 +1,38 @@
+"""Fixtures for the demo tests: real `rtdiffusion demo` processes on loopback, with the real engine (random:tiny).
+
+``demo`` is one server for the whole session (API, websocket and browser tests share it; each test sets the
+controls it relies on and the ``api`` fixture resumes playback afterwards).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+for _mod in ("fastapi", "uvicorn", "websockets", "PIL"):
+    pytest.importorskip(_mod, reason=f"the demo tests need {_mod}: pip install rtdiffusion[web,test]")
+
+from demo_helpers import Api, DemoProcess  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def presets_file(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("presets") / "presets.json"
+
+
+@pytest.fixture(scope="session")
+def demo(presets_file):
+    server = DemoProcess("--presets", str(presets_file))
+    yield server
+    code = server.stop()
+    assert code == 0, f"the demo server exited with {code}:\n{server.log()[-3000:]}"
+
+
+@pytest.fixture
+def api(demo):
+    client = Api(demo.url)
+    yield client
+    client.post("/api/playback", {"paused": False, "frozen": False})
+
+
