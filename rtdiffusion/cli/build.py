@@ -1,0 +1,162 @@
+"""`rtdiffusion build`: build engines ahead of time into the engine cache, with progress.
+
+    rtdiffusion build --model stabilityai/sd-turbo --backend trt --width 512 --height 512 \
+        --min-steps 1 --max-steps 4                     # ONNX export + three TensorRT engines
+    rtdiffusion build --model random:tiny --export-only # ONNX only (works without a GPU or TensorRT)
+    rtdiffusion build --model M --backend compiled      # Inductor compile warm-up into the cache folder
+
+The UNet engine covers every stream batch from min-steps x frames to max-steps x frames (x2 with
+--guidance full), so switching steps or guidance at run time never needs a rebuild. Everything that
+changes an engine (weights, LoRA, size, batch range, dtype, library versions, GPU, build options) is in
+its cache key: see docs/engines.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("trt", "compiled")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("build", help="build engines ahead of time into the engine cache",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="hub id, local diffusers folder, or random:<arch>")
+    p.add_argument("--backend", default="trt", help=f"one of {', '.join(BACKENDS)} (default trt)")
+    p.add_argument("--export-only", action="store_true",
+                   help="export the ONNX files into the cache and stop (no GPU or TensorRT needed)")
+    p.add_argument("--width", type=int, default=None, help="pixels, multiple of 8 (default: the model's size)")
+    p.add_argument("--height", type=int, default=None, help="pixels, multiple of 8 (default: the model's size)")
+    p.add_argument("--min-steps", type=int, default=1, help="fewest denoising steps the engine must run")
+    p.add_argument("--max-steps", type=int, default=4, help="most denoising steps the engine must run")
+    p.add_argument("--frames", type=int, default=1, help="frames per UNet call (frame_buffer_size)")
+    p.add_argument("--guidance", default="self", help="most expensive guidance mode to cover: none, self, "
+                   "initialize, full (default self)")
+    p.add_argument("--vae", default="tiny", help="tiny (TAESD) or kl")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA to fuse (repeatable)")
+    p.add_argument("--dtype", default="auto", help="auto (float16 on a GPU, float32 on the CPU), float16, float32")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--engine-dir", default=None, help="engine cache root (default $RTDIFFUSION_CACHE or "
+                   "~/.cache/rtdiffusion/engines)")
+    p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimisation level 0-5 (default 3)")
+    p.add_argument("--no-fp16", action="store_true", help="TensorRT: no fp16 kernels")
+    p.add_argument("--bf16", action="store_true", help="TensorRT: allow bf16 kernels (sm_80+)")
+    p.add_argument("--fp8", action="store_true", help="TensorRT: allow FP8 kernels (sm_89+, Q/DQ graphs)")
+    p.add_argument("--int8", action="store_true", help="TensorRT: allow INT8 kernels (Q/DQ graphs)")
+    p.add_argument("--workspace-gb", type=float, default=None, help="TensorRT builder workspace cap")
+    p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime parity check of CPU exports")
+    p.set_defaults(func=run)
+
+
+def _parse_lora(items: list[str]) -> tuple[tuple[str, float], ...]:
+    out = []
+    for item in items:
+        path, sep, scale = item.rpartition(":")
+        if not sep or not _is_float(scale):
+            path, scale = item, "1.0"
+        out.append((path, float(scale)))
+    return tuple(out)
+
+
+def _is_float(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from engines.cache import EngineCache
+    from engines.specs import AxisRange, SpecParams, make_specs, unet_batch_range
+    from engines.versions import lora_identity, weights_fingerprint
+
+    from ..config import VaeKind, parse_device, parse_dtype, parse_enum
+    from ..models.loading import load_components
+
+    # ---- validate every flag before any work (boundary) ----
+    if args.backend not in BACKENDS:
+        raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}; got {args.backend!r}")
+    vae_kind = parse_enum(VaeKind, args.vae, "--vae")
+    batch = unet_batch_range(args.min_steps, args.max_steps, args.frames, args.guidance)
+    if not 1 <= args.frames <= 16:
+        raise ValueError(f"--frames must be from 1 to 16; got {args.frames}")
+    if args.backend == "trt" and not args.export_only:
+        from engines.trt_build import TensorRTUnavailable, TrtBuildOptions, import_tensorrt
+
+        try:
+            import_tensorrt()
+        except TensorRTUnavailable as exc:
+            log.error("cannot build TensorRT engines: %s. (`--export-only` exports the ONNX files without it.)", exc)
+            return 2
+        options = TrtBuildOptions(fp16=not args.no_fp16, bf16=args.bf16, fp8=args.fp8, int8=args.int8,
+                                  optimization_level=args.opt_level, workspace_gb=args.workspace_gb)
+    device = parse_device(args.device)
+    if args.backend == "compiled" and not args.export_only and device.type != "cuda":
+        raise ValueError("--backend compiled builds for a CUDA device; torch sees none (use --export-only "
+                         "for ONNX files, or build on the GPU machine)")
+    if args.backend == "trt" and not args.export_only and device.type != "cuda":
+        raise ValueError("--backend trt needs a CUDA device; torch sees none")
+    dtype = parse_dtype(args.dtype, device)
+    lora = _parse_lora(args.lora)
+
+    cache = EngineCache(args.engine_dir)
+    comps = load_components(args.model, device, dtype, vae_kind, lora=lora)
+    width = args.width or comps.default_size
+    height = args.height or comps.default_size
+    params = SpecParams.from_modules(comps.unet, comps.vae, width, height, batch=batch,
+                                     frames=AxisRange(args.frames, args.frames, args.frames), dtype=dtype)
+    lora_ids = lora_identity(lora)
+    log.info("building %s for %s at %dx%d, UNet batch %d..%d (steps %d..%d x %d frame(s), guidance %s), %s, "
+             "cache %s", "ONNX" if args.export_only else args.backend, args.model, width, height, batch.min,
+             batch.max, args.min_steps, args.max_steps, args.frames, args.guidance, params.dtype, cache.root)
+    weights = {"unet": weights_fingerprint(comps.unet), "vae": weights_fingerprint(comps.vae)}
+
+    if args.export_only:
+        from engines.onnx_export import export_all_to_cache
+
+        entries = export_all_to_cache(comps.unet, comps.vae, make_specs(params), cache, model=args.model,
+                                      lora=lora_ids, weights=weights, verify=not args.no_verify)
+    elif args.backend == "trt":
+        from engines.trt_runtime import ensure_trt_engines
+
+        entries = ensure_trt_engines(comps.unet, comps.vae, params, cache, model=args.model, lora=lora_ids,
+                                     options=options, weights=weights, device=device)
+    else:
+        entries = {"compiled": _warm_compiled(comps, params, cache)}
+    for name, entry in entries.items():
+        size = sum(a["size"] for a in entry.manifest["artifacts"].values()) if hasattr(entry, "manifest") else 0
+        log.info("%-12s %s (%.1f MB)", name, entry.path if hasattr(entry, "path") else entry, size / 1e6)
+    return 0
+
+
+def _warm_compiled(comps, params, cache) -> Path:
+    """Compile the networks for every batch size in range so Inductor's on-disk cache is warm.
+
+    Inductor's artifacts live in its own cache (TORCHINDUCTOR_CACHE_DIR, set here under the engine cache
+    root when unset); a later run with the same setting finds them. Not run here: needs a CUDA device.
+    """
+    import torch
+
+    from engines.compiled import CompiledNetworks
+    from engines.specs import make_specs
+
+    folder = cache.root / "inductor"
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder))
+    nets = CompiledNetworks(comps.unet, comps.vae)
+    specs = make_specs(params)
+    for b in range(params.batch[0].min, params.batch[-1].max + 1):
+        args = specs["unet"].sample_inputs(comps.unet.device, {"B": b})
+        nets.unet(*args)
+        log.info("compiled UNet for batch %d", b)
+    enc = specs["vae_encoder"].sample_inputs(comps.unet.device)
+    nets.decode(nets.encode(*enc))
+    torch.cuda.synchronize()
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
