@@ -311,7 +311,7 @@ class DemoServer:
     def apply_initial_controls(self) -> None:
         """Push every control to the engine once, so the page and the engine agree from the first frame."""
         c = self.controls
-        self.engine.update_prompt(prompt_argument(c), method=c.method, negative_prompt=c.negative_prompt or None)
+        self.engine.update_prompt(prompt_argument(c), method=c.method, negative_prompt=c.negative_prompt)
         self.engine.update_seed(c.seed)
         self.engine.update(t_index_list=c.t_index_list, guidance_scale=c.guidance_scale, delta=c.delta, cfg=c.cfg,
                            similar_filter=c.similar_filter, similar_threshold=c.similar_threshold,
@@ -342,6 +342,7 @@ class DemoServer:
                 pass
         if self.worker is not None:
             await asyncio.to_thread(self.worker.stop)
+        log.info("demo server stopped")
 
     # ---- status ----------------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -394,7 +395,7 @@ class DemoServer:
     def set_prompt(self, body: PromptBody) -> dict[str, Any]:
         change = body.model_dump(exclude_none=True)
         return self._apply(change, lambda c: self.engine.update_prompt(
-            prompt_argument(c), method=c.method, negative_prompt=c.negative_prompt or None))
+            prompt_argument(c), method=c.method, negative_prompt=c.negative_prompt))
 
     def set_seed(self, body: SeedBody) -> dict[str, Any]:
         if body.random == (body.seed is not None):
@@ -485,7 +486,7 @@ class DemoServer:
             change["seed"] = preset["seed"]
 
         def call(c: Controls) -> None:
-            self.engine.update_prompt(prompt_argument(c), method=c.method, negative_prompt=c.negative_prompt or None)
+            self.engine.update_prompt(prompt_argument(c), method=c.method, negative_prompt=c.negative_prompt)
             if "seed" in change:
                 self.engine.update_seed(c.seed)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -48,7 +49,7 @@ class DemoProcess:
         deadline = time.monotonic() + 30
         while True:
             try:
-                if Api(self.url).get("/api/status").status == 200:
+                if Api(self.url).get("/api/status").status == 200:  # noqa: SIM102
                     break
             except OSError:
                 pass
@@ -91,8 +92,9 @@ class Response:
 class Api:
     """A small HTTP client on the standard library (urllib): real requests to the real server."""
 
-    def __init__(self, base: str) -> None:
+    def __init__(self, base: str, ws_url: str | None = None) -> None:
         self.base = base
+        self.ws_url = ws_url
 
     def request(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> Response:
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
@@ -118,6 +120,18 @@ class Api:
         assert r.status == 200, r.body
         return r.json()
 
+    def engine(self) -> dict[str, Any]:
+        """The engine's status once a frame has gone through (updates apply at the next frame boundary)."""
+        frame_id = next(_ids)
+        with WsClient(self.ws_url, "control") as page:
+            page.send_frame(frame_id)
+            while page.next_output()[0].frame_id != frame_id:
+                pass
+        return self.status()["engine"]
+
+
+_ids = itertools.count(1_000_000)
+
 
 def test_image(i: int = 0) -> np.ndarray:
     """A moving pattern, uint8 [H, W, 3]."""
@@ -133,12 +147,13 @@ class WsClient:
     """A scripted page: a real websocket client speaking the demo protocol."""
 
     def __init__(self, ws_url: str, role: str, **kw) -> None:
-        self.ws = connect(f"{ws_url}?role={role}", max_size=None, open_timeout=10, **kw)
+        self._cm = connect(f"{ws_url}?role={role}", max_size=None, open_timeout=10, **kw)
+        self.ws = self._cm.__enter__()
         self.hello = self.recv_json(lambda m: m["t"] == "hello")
         self.texts: list[dict] = []
 
     def close(self) -> None:
-        self.ws.close()
+        self._cm.__exit__(None, None, None)
 
     def recv(self, timeout: float = 10.0):
         return self.ws.recv(timeout=timeout)
