@@ -258,24 +258,27 @@ def _action_fires(args: tuple) -> bool:
 class Mailbox:
     """Latest value per key, in the order keys last arrived; actions counted. Thread-safe."""
 
-    def __init__(self) -> None:
+    def __init__(self, stop: threading.Event | None = None) -> None:
         self._lock = threading.Lock()
-        self._values: OrderedDict[Key, Any] = OrderedDict()
+        self._values: OrderedDict[Key, tuple[str, Any]] = OrderedDict()  # key -> (address, value)
+        self.stop = stop or threading.Event()  # set at once by /stop, so a loading bridge stops too
         self._actions: dict[Action, int] = {}
         self.changed = threading.Event()  # set on every put, so an idle frame loop can wake at once
 
-    def put(self, key: Key, value: Any) -> None:
+    def put(self, key: Key, address: str, value: Any) -> None:
         with self._lock:
-            self._values[key] = value
+            self._values[key] = (address, value)
             self._values.move_to_end(key)
         self.changed.set()
 
     def act(self, action: Action) -> None:
         with self._lock:
             self._actions[action] = self._actions.get(action, 0) + 1
+        if action is Action.STOP:
+            self.stop.set()
         self.changed.set()
 
-    def drain(self) -> tuple[list[tuple[Key, Any]], dict[Action, int]]:
+    def drain(self) -> tuple[list[tuple[Key, tuple[str, Any]]], dict[Action, int]]:
         with self._lock:
             values, actions = list(self._values.items()), self._actions
             self._values.clear()
@@ -383,7 +386,7 @@ class OscReceiver:
         try:
             control = CONTROLS.get(address)
             if control is not None:
-                self._mailbox.put(control.key, control.parse(args))
+                self._mailbox.put(control.key, address, control.parse(args))
                 return
             action = ACTIONS.get(address)
             if action is None:

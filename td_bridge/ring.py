@@ -358,7 +358,9 @@ class RingWriter(_Ring):
         except RingError:
             shm.close()
             raise
-        return cls(shm, layout, owner=False)
+        w = cls(shm, layout, owner=False)
+        w._flags[0] &= ~np.uint32(FLAG_CLOSED)  # a writer is back
+        return w
 
     def begin(self) -> np.ndarray:
         """Enter the next slot (its seq goes odd) and return its [H, W, C] uint8 pixels to fill in place."""

@@ -1,0 +1,406 @@
+"""The bridge: an engine behind an input ring, an output ring and an OSC control port.
+
+Threads::
+
+    main (frame loop)                     osc-receive                    osc-heartbeat
+    -----------------                     -----------                    -------------
+    load engine, warm up, open rings      from the start: validate,      from the start, every second:
+    loop until stop:                        mailbox.put / act,             /server_active 1, state, fps,
+      drain mailbox -> engine.update*       /error, /status                framecount, ring names, VRAM
+      (between frames only)
+      transfer.poll()  (publish results)
+      check the input ring's header
+      transfer.read() -> submit() -> /frame_ready
+
+States sent as ``/stream-info/state``: loading -> building -> ready -> streaming <-> paused; error when a
+frame fails (the loop keeps going and returns to streaming with the next good frame).
+
+Rings: the bridge creates both (``--input-name`` / ``--output-name``, default ``rtd_in_<pid>`` /
+``rtd_out_<pid>``) and unlinks them at exit. If a segment of that name already exists and is a ring of the
+same geometry (say TouchDesigner made it, or a crashed bridge left it), the bridge uses it and leaves it in
+place at exit. If it exists but is something else, the bridge says why in ``/error`` and the log, creates
+its own under ``<name>_<pid>`` and announces that name.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from .osc import Action, Key, Mailbox, OscReceiver, OscSender, status_json
+from .ring import PixelFormat, RingError, RingLayout, RingReader, RingWriter, RowOrder
+from .transfer import make_transfer
+
+log = logging.getLogger(__name__)
+
+
+class State(enum.Enum):
+    LOADING = "loading"
+    BUILDING = "building"
+    READY = "ready"
+    STREAMING = "streaming"
+    PAUSED = "paused"
+    ERROR = "error"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class BridgeConfig:
+    """What `rtdiffusion td` was asked for. Engine options go to StreamEngine.from_pretrained unchanged.
+
+    slots: ring depth; more slots let a slow reader lag further behind a fast writer without retries.
+    checksum: slots carry crc32 (about 0.3 ms a 512x512 frame each side); turn on for ARM hosts.
+    """
+
+    model: str = "random:tiny"
+    width: int | None = None
+    height: int | None = None
+    osc_host: str = "127.0.0.1"  # where /server_active, /status, /error... are sent
+    osc_listen: str = "127.0.0.1"
+    osc_in_port: int = 8247
+    osc_out_port: int = 8248
+    input_name: str | None = None
+    output_name: str | None = None
+    pixel_format: PixelFormat = PixelFormat.RGBA8
+    row_order: RowOrder = RowOrder.TOP_DOWN
+    slots: int = 3
+    checksum: bool = False
+    engine_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("osc_in_port", "osc_out_port"):
+            v = getattr(self, name)
+            lo = 0 if name == "osc_in_port" else 1
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= 65535:
+                raise ValueError(f"{name.replace('_', '-')} must be a port number from {lo} to 65535; got {v!r}")
+        for name in ("input_name", "output_name"):
+            v = getattr(self, name)
+            if v is not None and (not v or len(v) > 30 or not all(c.isalnum() or c in "_-." for c in v)):
+                raise ValueError(f"--{name.replace('_', '-')} must be 1 to 30 letters, digits, '_', '-' or '.' "
+                                 f"(a shared-memory name that works on Windows, macOS and Linux); got {v!r}")
+        if not isinstance(self.slots, int) or not 1 <= self.slots <= 16:
+            raise ValueError(f"slots must be an integer from 1 to 16; got {self.slots!r}")
+
+
+class _BuildLog(logging.Handler):
+    """Forwards the engine's INFO log lines while it loads as /stream-info/build-stage."""
+
+    def __init__(self, sender: OscSender) -> None:
+        super().__init__(logging.INFO)
+        self._sender = sender
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._sender.send("/stream-info/build-stage", record.getMessage()[:1000])
+        except Exception:  # never let status reporting break loading
+            pass
+
+
+class Bridge:
+    """Owns the OSC threads, the rings, the transfer and the frame loop. Use ``start``, ``load``, ``run``,
+    ``close`` in that order (``serve`` does all four); ``close`` is safe at any point."""
+
+    def __init__(self, config: BridgeConfig, engine_factory: Callable[[], Any] | None = None) -> None:
+        self.config = config
+        self._factory = engine_factory or self._default_factory
+        self.stop = threading.Event()
+        self.mailbox = Mailbox(self.stop)
+        self.state = State.LOADING
+        self.engine = None
+        self.reader: RingReader | None = None
+        self.writer: RingWriter | None = None
+        self.transfer = None
+        self.sender: OscSender | None = None
+        self.receiver: OscReceiver | None = None
+        self.frames_out = 0
+        self.last_frame = -1
+        self.errors = 0
+        self.paused = False
+        self._fps = 0.0
+        self._state_lock = threading.Lock()
+        self._heartbeat: threading.Thread | None = None
+        self._started_at = time.monotonic()
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+    def start(self) -> "Bridge":
+        """OSC in and out, and the heartbeat, from the first moment (before the model loads)."""
+        c = self.config
+        self.sender = OscSender(c.osc_host, c.osc_out_port)
+        self.receiver = OscReceiver(c.osc_listen, c.osc_in_port, self.mailbox, self.sender, self.status_text)
+        self.receiver.start()
+        self._heartbeat = threading.Thread(target=self._beat, name="osc-heartbeat", daemon=True)
+        self._heartbeat.start()
+        log.info("OSC: listening on %s:%d, sending to %s:%d", c.osc_listen, self.receiver.port, c.osc_host,
+                 c.osc_out_port)
+        self._set_state(State.LOADING)
+        return self
+
+    def _default_factory(self):
+        from rtdiffusion import StreamEngine
+
+        c = self.config
+        return StreamEngine.from_pretrained(c.model, width=c.width, height=c.height, **c.engine_options)
+
+    def load(self) -> None:
+        """Load and warm up the engine, then open the rings and announce their names."""
+        sender = self.sender
+        handler = _BuildLog(sender)
+        watched = [logging.getLogger(n) for n in ("rtdiffusion", "engines")]
+        for lg in watched:
+            lg.addHandler(handler)
+        try:
+            sender.send("/stream-info/build-progress", 0.0)
+            self.engine = self._factory()
+            sender.send("/stream-info/build-progress", 0.6)
+            self._set_state(State.BUILDING)
+            sender.send("/stream-info/build-stage", "warm-up frame")
+            e = self.engine
+            self.engine(np.zeros((e.height, e.width, 3), np.uint8))  # captures / compiles what it needs
+            sender.send("/stream-info/build-progress", 0.9)
+            self._open_rings(e.width, e.height)
+            self.transfer = make_transfer(e, self.reader, self.writer, self._published)
+        finally:
+            for lg in watched:
+                lg.removeHandler(handler)
+        sender.send("/stream-info/build-progress", 1.0)
+        sender.send("/stream-info/build-stage", "ready")
+        self._announce()
+        self._set_state(State.READY)
+        log.info("ready: input ring %s, output ring %s (%s), %s transfer", self.reader.name, self.writer.name,
+                 self.writer.layout.describe(), self.transfer.name)
+
+    def serve(self) -> int:
+        """start + load + run + close; returns a process exit code."""
+        try:
+            self.start()
+            if self.stop.is_set():
+                return 0
+            self.load()
+            self.run()
+            return 0
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.transfer is not None:
+            try:
+                self.transfer.close()
+            except Exception as exc:  # the device may be gone; still unlink the rings below
+                log.warning("flushing the last frames failed: %s", exc)
+        for ring in (self.reader, self.writer):
+            if ring is not None:
+                ring.close()
+        if self.receiver is not None:
+            self.receiver.close()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=2.0)
+        if self.sender is not None:
+            self._set_state(State.STOPPED)
+            self.sender.send("/server_active", 0)
+            self.sender.close()
+        self.reader = self.writer = self.transfer = self.receiver = self.sender = None  # type: ignore[assignment]
+
+    # ------------------------------------------------------------------------------------------ rings
+    def _open_rings(self, width: int, height: int) -> None:
+        c, pid = self.config, os.getpid()
+        layout = RingLayout(width, height, c.pixel_format, c.row_order, c.slots, c.checksum)
+        self.reader = self._open(RingReader, c.input_name or f"rtd_in_{pid}", layout, "/ring/input")
+        self.writer = self._open(RingWriter, c.output_name or f"rtd_out_{pid}", layout, "/ring/output")
+
+    def _open(self, kind, name: str, layout: RingLayout, what: str):
+        try:
+            return kind.create(name, layout)
+        except RingError:
+            pass  # exists: adopt it if it is a ring of the same geometry
+        try:
+            ring = kind.attach(name)
+            got = ring.layout
+            if (got.width, got.height, got.pixel_format, got.row_order) == (
+                    layout.width, layout.height, layout.pixel_format, layout.row_order):
+                if isinstance(ring, RingReader):
+                    ring.last_index = ring.published - 1  # frames from before we came are stale
+                log.info("using the existing ring %s (%s)", name, got.describe())
+                return ring
+            ring.close()
+            reason = f"shared memory {name!r} exists as a {got.describe()} ring; expected {layout.describe()}"
+        except RingError as exc:
+            reason = str(exc)
+        fallback = f"{name[:20]}_{os.getpid()}"
+        self.sender.error(what, f"{reason}; using {fallback!r} instead")
+        return kind.create(fallback, layout)
+
+    def _announce(self) -> None:
+        s = self.sender
+        if self.reader is not None:
+            s.send("/stream-info/input-name", self.reader.name)
+            s.send("/stream-info/output-name", self.writer.name)
+        if self.receiver is not None:
+            s.send("/stream-info/osc-in-port", self.receiver.port)
+
+    # ------------------------------------------------------------------------------------------ frame loop
+    def run(self) -> None:
+        tr, reader = self.transfer, self.reader
+        step_budget = 0
+        error_at = 0.0
+        while not self.stop.is_set():
+            step_budget += self._apply_controls()
+            if self.stop.is_set():
+                break
+            tr.poll()
+            try:
+                reader.check_header()
+            except RingError as exc:
+                now = time.monotonic()
+                if now - error_at > 1.0:  # at most one report a second while it stays broken
+                    self.sender.error("/ring/input", f"{exc}; the bridge rewrote the header")
+                    error_at = now
+                reader.repair_header()
+                continue
+            try:
+                if self.paused:
+                    if step_budget <= 0:
+                        self.mailbox.changed.wait(0.05)
+                        continue
+                    step_budget -= 1
+                    tr.read()
+                    if not tr.has_input:
+                        self.sender.error("/process_frame", "no input frame has arrived yet; nothing to process")
+                        continue
+                    tr.submit()
+                    continue
+                if tr.read() is None:
+                    self.mailbox.changed.wait(0.0005)
+                    continue
+                tr.submit()
+                if self.state is not State.STREAMING:
+                    self._set_state(State.STREAMING)
+            except RingError as exc:
+                self.sender.error("/ring/input", str(exc))
+            except Exception as exc:  # a failed frame: say so, keep the loop (and the OSC port) alive
+                self.errors += 1
+                log.exception("frame failed")
+                self.sender.error("/frame", f"{type(exc).__name__}: {exc}"[:1000])
+                self._set_state(State.ERROR)
+                time.sleep(0.1)
+        tr.close()
+
+    def _published(self, index: int, source: int) -> None:
+        self.frames_out += 1
+        self.last_frame = index
+        self.sender.send("/frame_ready", index)
+
+    def _apply_controls(self) -> int:
+        """Apply what arrived since the last frame; returns how many /process_frame steps were asked for."""
+        values, actions = self.mailbox.drain()
+        e = self.engine
+        for key, (address, value) in values:
+            try:
+                if key is Key.PROMPT:
+                    parts = value.parts
+                    e.update(prompt=parts[0][0] if len(parts) == 1 else [list(p) for p in parts])
+                elif key is Key.NEGATIVE_PROMPT:
+                    e.update(negative_prompt=value)
+                elif key is Key.PROMPT_INTERPOLATION:
+                    e.update(prompt_method=value.value)
+                elif key is Key.SEED:
+                    parts = value.parts
+                    e.update_seed(parts[0][0] if len(parts) == 1 else [list(p) for p in parts])
+                elif key is Key.GUIDANCE_SCALE:
+                    e.update(guidance_scale=value)
+                elif key is Key.DELTA:
+                    e.update(delta=value)
+                elif key is Key.T_LIST:
+                    e.update(t_index_list=list(value))
+                elif key is Key.SIMILAR_FILTER:
+                    enabled, threshold = value
+                    kw = {"similar_filter": enabled}
+                    if threshold is not None:
+                        kw["similar_threshold"] = threshold
+                    e.update(**kw)
+                elif key is Key.CACHED_ATTENTION:
+                    e.update(**value)
+            except (ValueError, TypeError) as exc:  # ConfigError is a ValueError; state unchanged
+                self.sender.error(address, str(exc))
+        if actions.get(Action.STOP):
+            self.stop.set()
+        if actions.get(Action.PAUSE) or actions.get(Action.PLAY):
+            # both in one gap between frames: the later one is unknown, so pause wins (the safe choice)
+            self.paused = bool(actions.get(Action.PAUSE))
+            self._set_state(State.PAUSED if self.paused else State.STREAMING)
+        return actions.get(Action.PROCESS_FRAME, 0)
+
+    # ------------------------------------------------------------------------------------------ status
+    def _set_state(self, state: State) -> None:
+        with self._state_lock:
+            changed = state is not self.state
+            self.state = state
+        if self.sender is not None and (changed or state in (State.LOADING, State.STOPPED)):
+            self.sender.send("/stream-info/state", state.value)
+
+    def _vram(self) -> tuple[float, float]:
+        dev = getattr(self.engine, "device", None)
+        if dev is None or getattr(dev, "type", "cpu") != "cuda":
+            return 0.0, 0.0
+        import torch
+
+        free, total = torch.cuda.mem_get_info(dev)
+        return (total - free) / 2**30, total / 2**30
+
+    def _beat(self) -> None:
+        last_n, last_t = self.frames_out, time.monotonic()
+        while True:
+            s = self.sender
+            if s is None:
+                return
+            now = time.monotonic()
+            n = self.frames_out
+            self._fps = (n - last_n) / max(now - last_t, 1e-6)
+            last_n, last_t = n, now
+            try:
+                s.send("/server_active", 1)
+                s.send("/stream-info/state", self.state.value)
+                s.send("/stream-info/fps", float(self._fps))
+                s.send("/framecount", n)
+                used, total = self._vram()
+                s.send("/vram/used", float(used))
+                s.send("/vram/total", float(total))
+                self._announce()
+            except Exception as exc:  # the socket closed under us at shutdown
+                log.debug("heartbeat: %s", exc)
+            if self.stop.wait(1.0):
+                return
+
+    def status(self) -> dict[str, Any]:
+        c = self.config
+        st: dict[str, Any] = {
+            "state": self.state.value, "paused": self.paused, "uptime_s": time.monotonic() - self._started_at,
+            "frames_out": self.frames_out, "last_frame": self.last_frame, "fps": self._fps,
+            "frame_errors": self.errors,
+            "input_name": self.reader.name if self.reader else None,
+            "output_name": self.writer.name if self.writer else None,
+            "ring": self.writer.layout.describe() if self.writer else None,
+            "pixel_format": c.pixel_format.value, "row_order": c.row_order.name.lower().replace("_", "-"),
+            "transfer": self.transfer.name if self.transfer else None,
+            "osc": {"in_port": self.receiver.port if self.receiver else None, "out_port": c.osc_out_port,
+                    "received": self.receiver.received if self.receiver else 0,
+                    "rejected": self.receiver.rejected if self.receiver else 0,
+                    "recv_buffer": self.receiver.recv_buffer if self.receiver else 0},
+            "input_retries": self.reader.retries if self.reader else 0,
+        }
+        if self.engine is not None:
+            try:
+                st["engine"] = self.engine.status()
+            except Exception as exc:  # status must answer even mid-frame
+                st["engine"] = {"error": str(exc)}
+        return st
+
+    def status_text(self) -> str:
+        return status_json(self.status())

@@ -1,0 +1,82 @@
+"""`rtdiffusion td`: the TouchDesigner / OSC bridge process.
+
+    rtdiffusion td --model stabilityai/sd-turbo --width 512 --height 512 --flip-rows
+
+Runs until OSC /stop, Ctrl-C or SIGTERM, then unlinks the rings it created. Exit codes: 0 after a stop,
+2 for a bad flag (the message says what was expected).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+
+from .bridge import Bridge, BridgeConfig, State
+from .ring import PixelFormat, RowOrder
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "td", help="TouchDesigner / OSC bridge: shared-memory frame rings and OSC control",
+        description="Run the engine behind a shared-memory input ring, an output ring and an OSC port. "
+                    "See docs/touchdesigner.md.")
+    p.add_argument("--model", required=True, help="hub id, local folder, or random:tiny|sd-turbo|sd15")
+    p.add_argument("--width", type=int, default=None, help="frame width (default: the model's size)")
+    p.add_argument("--height", type=int, default=None, help="frame height (default: the model's size)")
+    p.add_argument("--osc-in-port", type=int, default=8247, help="UDP port for control (0: pick a free one "
+                   "and announce it as /stream-info/osc-in-port)")
+    p.add_argument("--osc-out-port", type=int, default=8248, help="UDP port status messages are sent to")
+    p.add_argument("--osc-host", default="127.0.0.1", help="host status messages are sent to")
+    p.add_argument("--osc-listen", default="127.0.0.1", help="address to receive control on "
+                   "(0.0.0.0 for other machines)")
+    p.add_argument("--input-name", default=None, help="shared-memory name of the input ring (default rtd_in_<pid>)")
+    p.add_argument("--output-name", default=None, help="shared-memory name of the output ring (default rtd_out_<pid>)")
+    p.add_argument("--pixel-format", default="rgba8", choices=[f.value for f in PixelFormat],
+                   help="pixel layout of both rings")
+    p.add_argument("--flip-rows", action="store_true",
+                   help="rings hold rows bottom-up, as TouchDesigner's TOP.numpyArray() returns them "
+                        "(the flip then happens on the device, not in TouchDesigner's Python)")
+    p.add_argument("--slots", type=int, default=3, help="frames per ring (1-16)")
+    p.add_argument("--checksum", action="store_true", help="crc32 every frame (recommended on ARM hosts)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--t-index-list", type=int, nargs="+", default=None, metavar="T")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--seed", type=int, default=2)
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> BridgeConfig:
+    opts = {"device": args.device, "dtype": args.dtype, "backend": args.backend, "prompt": args.prompt,
+            "seed": args.seed}
+    if args.t_index_list:
+        opts["t_index_list"] = args.t_index_list
+    return BridgeConfig(
+        model=args.model, width=args.width, height=args.height, osc_host=args.osc_host, osc_listen=args.osc_listen,
+        osc_in_port=args.osc_in_port, osc_out_port=args.osc_out_port, input_name=args.input_name,
+        output_name=args.output_name, pixel_format=PixelFormat.parse(args.pixel_format),
+        row_order=RowOrder.BOTTOM_UP if args.flip_rows else RowOrder.TOP_DOWN, slots=args.slots,
+        checksum=args.checksum, engine_options=opts)
+
+
+def run(args: argparse.Namespace) -> int:
+    bridge = Bridge(config_from_args(args))
+
+    def on_term(signum, frame):
+        log.info("signal %d: stopping", signum)
+        bridge.stop.set()
+        if bridge.state in (State.LOADING, State.BUILDING):
+            raise KeyboardInterrupt  # loading cannot poll the stop flag; unwind it (close() still runs)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_term)
+    try:
+        return bridge.serve()
+    except KeyboardInterrupt:
+        log.info("stopped")
+        return 0
