@@ -60,20 +60,21 @@ def default_root() -> Path:
     return Path(base) / "rtdiffusion" / "engines"
 
 
-def _canon(value: Any) -> Any:
-    """JSON-able canonical form: mappings sorted, tuples as lists, floats as repr strings for stability."""
+def _canon(value: Any, floats_as_text: bool = True) -> Any:
+    """JSON-able canonical form: mappings sorted, tuples as lists; in keys floats are repr strings so that
+    a key's bytes never depend on JSON float formatting (manifests keep numbers as numbers)."""
     if isinstance(value, Mapping):
-        return {str(k): _canon(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+        return {str(k): _canon(v, floats_as_text) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
     if isinstance(value, (list, tuple)):
-        return [_canon(v) for v in value]
+        return [_canon(v, floats_as_text) for v in value]
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, float):
-        return repr(value)
+        return repr(value) if floats_as_text else value
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _canon(dataclasses.asdict(value))
+        return _canon(dataclasses.asdict(value), floats_as_text)
     return str(value)
 
 
@@ -372,12 +373,12 @@ class EngineCache:
                 "digest": key.digest,
                 "key": key.to_dict(),
                 "artifacts": artifacts,
-                "versions": _canon(dict(versions)),
+                "versions": _canon(dict(versions), floats_as_text=False),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "created_unix": time.time(),
                 "build_seconds": round(seconds, 3),
                 "builder_pid": os.getpid(),
-                "extra": _canon(dict(extra or {})),
+                "extra": _canon(dict(extra or {}), floats_as_text=False),
             }
             write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
             _fsync_dir(tmp)
