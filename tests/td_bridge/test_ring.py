@@ -1,0 +1,141 @@
+"""Frame rings: layout, conversions, validation, and a real second process writing faster than we read."""
+
+import os
+import subprocess
+import sys
+from multiprocessing import shared_memory
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from td_bridge.ring import (FLAG_CLOSED, MAGIC, PixelFormat, RingError, RingLayout, RingReader, RingWriter,
+                            RowOrder, parse_header, to_rgb)
+
+WRITER = Path(__file__).with_name("_writer_proc.py")
+
+
+def test_layout_sizes_and_header_roundtrip(shm_name):
+    lay = RingLayout(640, 360, PixelFormat.BGRA8, RowOrder.BOTTOM_UP, 4, checksum=True)
+    assert lay.header_bytes == 64 + 4 * 64 and lay.slot_stride % 64 == 0
+    with RingWriter.create(shm_name, lay) as w:
+        assert bytes(w._shm.buf[:8]) == MAGIC
+        got, flags = parse_header(w._shm.buf, w._shm.size, shm_name)
+        assert got == lay and not flags & FLAG_CLOSED
+
+
+@pytest.mark.parametrize("fmt", list(PixelFormat))
+@pytest.mark.parametrize("rows", list(RowOrder))
+def test_pixel_formats_and_row_order(shm_name, fmt, rows):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)  # top-down RGB
+    lay = RingLayout(5, 6, fmt, rows, 2)
+    with RingWriter.create(shm_name, lay) as w, RingReader.attach(shm_name) as r:
+        w.write(rgb, rows=RowOrder.TOP_DOWN)
+        raw = r.empty_frame()
+        assert r.read(raw).index == 0
+        stored = raw if rows is RowOrder.TOP_DOWN else raw[::-1]  # the ring really holds rows in its order
+        red, green, blue = fmt.rgb_channels
+        assert (stored[..., red] == rgb[..., 0]).all() and (stored[..., blue] == rgb[..., 2]).all()
+        if fmt.channels == 4:
+            assert (stored[..., 3] == 255).all()
+        back = np.empty_like(rgb)
+        assert (to_rgb(raw, lay, back) == rgb).all()
+
+
+def test_touchdesigner_float_bottom_up_frames(shm_name):
+    """TOP.numpyArray() gives float32 RGBA 0..1, bottom row first; the ring keeps whatever order it declares."""
+    td = np.random.default_rng(1).random((4, 3, 4), dtype=np.float32)
+    with RingWriter.create(shm_name, RingLayout(3, 4, PixelFormat.RGBA8, RowOrder.TOP_DOWN, 2)) as w, \
+            RingReader.attach(shm_name) as r:
+        w.write(td, rows=RowOrder.BOTTOM_UP)
+        raw = r.empty_frame()
+        r.read(raw)
+        assert np.array_equal(raw, np.round(td[::-1] * 255).astype(np.uint8))
+
+
+def test_reader_returns_only_new_frames_in_order(shm_name):
+    with RingWriter.create(shm_name, RingLayout(4, 4, PixelFormat.RGB8, slot_count=2)) as w, \
+            RingReader.attach(shm_name) as r:
+        out = r.empty_frame()
+        assert r.read(out) is None
+        for i in range(5):
+            w.write(np.full((4, 4, 3), i, np.uint8), source_index=100 + i)
+        info = r.read(out)
+        assert (info.index, info.source_index) == (4, 104) and (out == 4).all()
+        assert r.read(out) is None
+
+
+def test_wrong_size_and_corrupt_headers_are_named(shm_name):
+    lay = RingLayout(64, 64, PixelFormat.RGBA8, slot_count=3)
+    with pytest.raises(RingError, match="no shared memory named"):
+        RingReader.attach(shm_name)
+    with RingWriter.create(shm_name, lay) as w:
+        small = shared_memory.SharedMemory(name=shm_name + "s", create=True, size=lay.total_bytes // 2)
+        try:
+            small.buf[:64] = bytes(w._shm.buf[:64])  # a valid header on a segment too small for it
+            with pytest.raises(RingError, match=r"is \d+ bytes; a 64x64 rgba8 top-down, 3 slots ring needs"):
+                RingReader.attach(shm_name + "s")
+            small.buf[:8] = b"GARBAGE!"
+            with pytest.raises(RingError, match="not an rtdiffusion frame ring"):
+                RingReader.attach(shm_name + "s")
+            small.buf[:64] = bytes(w._shm.buf[:64])
+            small.buf[21] = 9  # pixel format code
+            with pytest.raises(RingError, match="pixel format code 9"):
+                RingWriter.attach(shm_name + "s")
+        finally:
+            small.close()
+            small.unlink()
+        with pytest.raises(RingError, match="expected 32x32"):
+            RingReader.attach(shm_name, expect=RingLayout(32, 32))
+        with pytest.raises(RingError, match="already exists"):
+            RingWriter.create(shm_name, lay)
+        with RingReader.attach(shm_name) as r:
+            w._shm.buf[12] ^= 0xFF  # width changes under the reader
+            with pytest.raises(RingError, match="corrupt header|changed while in use"):
+                r.check_header()
+            w.repair_header()
+            r.check_header()
+        with pytest.raises(RingError, match=r"takes \[64, 64, 3\|4\] uint8"):
+            w.write(np.zeros((64, 64, 3), np.float64))
+
+
+def test_creator_unlinks_and_marks_closed(shm_name):
+    w = RingWriter.create(shm_name, RingLayout(8, 8))
+    r = RingReader.attach(shm_name)
+    w.close()
+    assert r.closed
+    r.close()
+    with pytest.raises(RingError, match="no shared memory named"):
+        RingReader.attach(shm_name)
+
+
+@pytest.mark.parametrize("checksum", [False, True])
+def test_fast_writer_in_another_process_never_tears(shm_name, checksum):
+    """A real second process overwrites a 2-slot ring as fast as it can; every frame we get is whole."""
+    lay = RingLayout(256, 256, PixelFormat.RGBA8, slot_count=2, checksum=checksum)
+    reader = RingReader.create(shm_name, lay)  # we own it; the other process writes into it
+    proc = subprocess.Popen([sys.executable, str(WRITER), shm_name, "1.5"], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        out = reader.empty_frame()
+        got, last = 0, -1
+        while proc.poll() is None or reader.new_frame():
+            info = reader.read(out)
+            if info is None:
+                continue
+            v = int(out.flat[0])
+            assert (out == v).all(), f"torn frame {info.index}: values {np.unique(out)[:8]}"
+            assert v == info.index % 251
+            assert info.index > last
+            last = info.index
+            got += 1
+        written = int(proc.communicate(timeout=10)[0])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        retries = reader.retries
+        reader.close()
+    assert proc.returncode == 0
+    assert got > 20 and written > got, (got, written)  # the writer really lapped us
+    print(f"read {got} of {written} frames, {retries} seqlock retries")
