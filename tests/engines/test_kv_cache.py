@@ -248,3 +248,39 @@ def test_onnx_export_with_banks_matches_torch(plain, tmp_path):
     for b, g in zip(extra_out, got[1:]):
         torch.testing.assert_close(torch.from_numpy(g), bound[b.name], atol=1e-4, rtol=1e-4)
     cache.uninstall()
+
+
+def test_compiled_unet_sees_settings_without_recompiling(plain):
+    """torch.compile (aot_eager: the dynamo + AOT path without a C++ toolchain) reads the banks, bias and
+    slot index as inputs: ring state and on/off changes take effect with no recompile (Span.FULL)."""
+    import torch._dynamo
+
+    cache = install(plain, B, (16, 16), 2, torch.float32, "cpu", span=Span.FULL)
+
+    def frame(sample, timestep, embeds):
+        out = plain(sample, timestep, encoder_hidden_states=embeds, return_dict=False)[0]
+        cache.write_ring()
+        return out
+
+    cache.set_settings(True, 2, 1)
+    eager = []
+    for n in range(3):
+        eager.append(step(plain, cache, frame_inputs(n)))
+    cache.reset()
+    torch._dynamo.reset()
+    compiled = torch.compile(frame, backend="aot_eager")
+    with torch.no_grad():
+        got = [compiled(*frame_inputs(0))]
+        cache.after_frame()
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for n in (1, 2):
+                got.append(compiled(*frame_inputs(n)))
+                cache.after_frame()
+            cache.set_settings(False, 1, 1)
+            off = compiled(*frame_inputs(3))
+            cache.after_frame()
+    for g, e in zip(got, eager):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+    cache.uninstall()
+    torch.testing.assert_close(off, run(plain, frame_inputs(3)), atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
