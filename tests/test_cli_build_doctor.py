@@ -1,0 +1,67 @@
+"""`rtdiffusion build` and `rtdiffusion doctor` on the CPU (no GPU, no TensorRT)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+
+import pytest
+
+from rtdiffusion.cli import main
+
+
+def test_doctor_table(capsys):
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    for word in ("GPU", "NVIDIA driver", "CUDA", "torch", "tensorrt", "onnxruntime", "diffusers", "backends:", "eager"):
+        assert word in out
+
+
+def test_doctor_json(capsys, tmp_path):
+    assert main(["doctor", "--json", "--engine-dir", str(tmp_path)]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["backends"]["eager"]["usable"] is True
+    assert set(r["versions"]) >= {"torch", "tensorrt", "onnx", "onnxruntime", "diffusers"}
+    assert r["engine_cache"] == {"root": str(tmp_path), "entries": 0}
+    if importlib.util.find_spec("tensorrt") is None:
+        assert r["backends"]["trt"]["usable"] is False and "not installed" in r["backends"]["trt"]["why"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
+def test_build_trt_without_tensorrt_fails_clearly(caplog, tmp_path):
+    with caplog.at_level(logging.ERROR):
+        assert main(["build", "--model", "random:tiny", "--backend", "trt", "--engine-dir", str(tmp_path)]) == 2
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert "tensorrt" in msg and "--export-only" in msg
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["--backend", "onnxx"], "--backend must be one of"),
+    (["--min-steps", "3", "--max-steps", "2", "--export-only"], "min_steps <= max_steps"),
+    (["--guidance", "double", "--export-only"], "guidance must be one of"),
+    (["--vae", "big", "--export-only"], "--vae must be one of"),
+])
+def test_build_rejects_bad_flags(caplog, tmp_path, argv, expect):
+    with caplog.at_level(logging.ERROR):
+        assert main(["build", "--model", "random:tiny", "--engine-dir", str(tmp_path), *argv]) == 2
+    assert any(expect in r.getMessage() for r in caplog.records)
+
+
+def test_build_export_only_fills_the_cache(tmp_path, caplog):
+    argv = ["build", "--model", "random:tiny", "--export-only", "--width", "32", "--height", "32",
+            "--max-steps", "2", "--engine-dir", str(tmp_path)]
+    assert main(argv) == 0
+    entries = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
+    assert [e.split("-")[0] for e in entries] == ["unet", "vae_decoder", "vae_encoder"]
+    for e in entries:
+        m = json.loads((tmp_path / e / "manifest.json").read_text())
+        assert "model.onnx" in m["artifacts"] and m["key"]["backend"] == "onnx"
+        assert max(m["extra"]["parity"]["max_abs_diff"].values()) <= m["extra"]["parity"]["atol"]
+    unet = json.loads((tmp_path / entries[0] / "manifest.json").read_text())
+    assert unet["key"]["shapes"]["profiles"] == [{"B": [1, 2, 2]}]
+    # a second run finds everything in the cache and builds nothing
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="engines.cache"):
+        assert main(argv) == 0
+    assert not any("built" in r.getMessage() for r in caplog.records)
