@@ -187,7 +187,8 @@ def _children(unit: _Unit) -> list[_Unit] | None:
         kids += [_Unit(f"{name}.{kind}.{j}", (mod,)) for kind, j, mod in order]
         for sampler in ("downsamplers", "upsamplers"):
             if getattr(m, sampler, None) is not None:
-                kids.append(_Unit(f"{name}.{sampler}", (getattr(m, sampler),)))
+                # The ModuleList itself is never called: its elements are the modules that run (and get hooks).
+                kids.append(_Unit(f"{name}.{sampler}", tuple(getattr(m, sampler))))
     else:
         return None
     kids = [k for k in kids if k.params()]
