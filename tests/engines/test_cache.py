@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
