@@ -1,4 +1,4 @@
-"""Every device tensor a frame touches, allocated once per layout and then only written in place.
+r"""Every device tensor a frame touches, allocated once per layout and then only written in place.
 
 Notation: F frames per call, S denoising slots, SF = S*F stream rows, U extra uncond rows (0, F or SF by
 CFG mode), B = U + SF UNet rows, H x W pixels, h x w latent (H / vae_scale), T x D text tokens x width.
@@ -85,6 +85,7 @@ class FrameBuffers:
         self.denoised = z(SF, 4, *lat)  # [SF, 4, h, w]
         self.pred = z(SF, 4, *lat)  # [SF, 4, h, w] guided eps (unused with CFG NONE)
         self.stock = z(SF, 4, *lat)  # [SF, 4, h, w] residual-CFG stock noise
+        self.stock_tmp = z(SF - F, 4, *lat)  # [SF-F, 4, h, w] scratch for shifting the stock
         self.dec_in = z(F, 4, *lat)  # [F, 4, h, w] finished latents / vae scaling
         # --- per-slot constants, repeated over the F rows of a slot ---
         self.init_noise = z(SF, 4, *lat)  # [SF, 4, h, w] fixed noise per row (seed)

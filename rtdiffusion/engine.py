@@ -39,7 +39,7 @@ from .config import (Backend, CacheSettings, EngineConfig, FilterSettings, Promp
                      StreamSettings, VaeKind, apply_updates, parse_device, parse_dtype, parse_enum)
 from .errors import ConfigError, FrameError
 from .executors import EagerExecutor, LayoutState
-from .guidance import GUIDANCE
+from .guidance import make_guidance
 from .models.loading import Components, load_components
 from .prompts import PromptEncoder
 from .schedule import SlotConstants, slot_constants
@@ -221,7 +221,8 @@ class StreamEngine:
             st = self._graphs.get(key)
             fresh = st is None
             if fresh:
-                st = LayoutState(FrameBuffers(layout, self._io), GUIDANCE[layout.cfg], layout.slots > 1)
+                st = LayoutState(FrameBuffers(layout, self._io), make_guidance(layout.cfg, layout.slots),
+                                 layout.slots > 1)
             switched = st is not prev_state
             b = st.buffers
             if fresh or switched or (s.t_index_list, s.guidance_scale, s.delta) != (

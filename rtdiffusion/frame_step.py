@@ -18,6 +18,8 @@ enqueue work on the current stream.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from engines.base import Networks
@@ -36,19 +38,29 @@ def probe_step(b: FrameBuffers) -> None:
     torch.dot(r, r, out=b.probe_dots[2])
 
 
-def main_step(b: FrameBuffers, nets: Networks, guidance: Guidance, ring_shift: bool) -> None:
-    """One stream-batch denoising call: new frames in, the oldest frames in flight out (b.io.out_u8)."""
+def no_mark(stage: str) -> None:
+    """Stage marker used in production: nothing. The benchmark passes one that records CUDA events."""
+
+
+def main_step(b: FrameBuffers, nets: Networks, guidance: Guidance, ring_shift: bool,
+              mark: Callable[[str], None] = no_mark) -> None:
+    """One stream-batch denoising call: new frames in, the oldest frames in flight out (b.io.out_u8).
+
+    ``mark(name)`` is called as each named stage ends (bench.py times stages with it)."""
     F = b.layout.frames
     b.probe_ref.copy_(b.probe)  # this frame is the filter's new reference
     # 1. preprocess: uint8 NHWC -> [-1, 1] NCHW
     b.image.copy_(b.io.frame_u8.permute(0, 3, 1, 2))  # [F, 3, H, W]
     b.image.mul_(2.0 / 255.0).sub_(1.0)
+    mark("preprocess")
     # 2. encode and add slot-0 noise: x_t[:F] = a_0 * scaling * z + b_0 * noise_0
     latent = nets.encode(b.image)  # [F, 4, h, w]
     torch.addcmul(b.renoise[:F], b.alpha_in, latent, out=b.x_t[:F])
+    mark("encode")
     # 3. UNet over the stream batch (plus uncond rows for INITIALIZE / FULL)
     guidance.fill_uncond_rows(b)
     eps = nets.unet(b.unet_in, b.t_unet, b.embeds)  # [B, 4, h, w]
+    mark("unet")
     guided = guidance.combine(b, eps)  # [SF, 4, h, w]
     # 4. scheduler step: denoised = A * x_t + B * eps   (schedule.py, equations 1-2)
     torch.mul(b.x_t, b.coef_A, out=b.denoised)
@@ -57,8 +69,11 @@ def main_step(b: FrameBuffers, nets: Networks, guidance: Guidance, ring_shift: b
     # 5. shift the ring in place: slot s+1 <- a_{s+1} * denoised_s + b_{s+1} * noise_{s+1}  (equation 3)
     if ring_shift:  # fixed per layout (S > 1), not per frame
         torch.addcmul(b.renoise[F:], b.alpha_row[F:], b.denoised[:-F], out=b.x_t[F:])
+    mark("scheduler")
     # 6. decode the finished slot and postprocess: [-1, 1] NCHW -> uint8 NHWC, rounded
     torch.mul(b.denoised[-F:], b.inv_scaling, out=b.dec_in)
     image = nets.decode(b.dec_in)  # [F, 3, H, W]
+    mark("decode")
     image.mul_(127.5).add_(128.0).clamp_(0.0, 255.0)
     b.io.out_u8.copy_(image.permute(0, 2, 3, 1))
+    mark("postprocess")

@@ -9,8 +9,10 @@ SELF        eps_u = d * stock                           (stock: the previous ste
 INITIALIZE  like SELF, but slot 0's stock is the UNet's own uncond prediction of the new frames (F rows)
 FULL        eps_u from SF extra uncond UNet rows        (ordinary CFG)
 
-Stock update for SELF / INITIALIZE (StreamDiffusion's RCFG), per row with next-slot constants a', b'
-(a' = b' = 1 on the last slot) and noise' the init noise rolled by one slot:
+Stock noise for SELF / INITIALIZE (StreamDiffusion's RCFG). With a stream batch (S > 1) the stock first
+moves one slot along with its frames (slot 0 gets the init noise); after the scheduler step each row is
+advanced with next-slot constants a', b' (a' = b' = 1 on the last slot) and noise' = init noise rolled by
+one slot:
 
     stock <- noise' + (a' / b') * (A * b * stock + B * guided)  =  noise' + K1 * stock + K2 * guided
 
@@ -39,7 +41,21 @@ class Guidance:
 
 
 class SelfGuidance(Guidance):
+    def __init__(self, ring: bool):
+        self.ring = ring  # S > 1: the stock moves with the stream batch (fixed per layout)
+
+    def shift_stock(self, b: FrameBuffers) -> None:
+        if self.ring:
+            F = b.layout.frames
+            b.stock_tmp.copy_(b.stock[:-F])  # via a scratch buffer: source and target overlap
+            b.stock[F:].copy_(b.stock_tmp)
+            b.stock[:F].copy_(b.init_noise[:F])
+
     def combine(self, b: FrameBuffers, eps: torch.Tensor) -> torch.Tensor:
+        self.shift_stock(b)
+        return self.guide(b, eps)
+
+    def guide(self, b: FrameBuffers, eps: torch.Tensor) -> torch.Tensor:
         torch.mul(eps, b.g, out=b.pred)  # g * eps_c
         b.pred.addcmul_(b.stock, b.g_uncond)  # + (1 - g) * d * stock
         return b.pred
@@ -55,8 +71,9 @@ class InitializeGuidance(SelfGuidance):
 
     def combine(self, b: FrameBuffers, eps: torch.Tensor) -> torch.Tensor:
         F = b.layout.frames
+        self.shift_stock(b)
         b.stock[:F].copy_(eps[:F])  # the new frames' own uncond eps seeds the residual
-        return super().combine(b, eps[F:])
+        return self.guide(b, eps[F:])
 
 
 class FullGuidance(Guidance):
@@ -70,5 +87,10 @@ class FullGuidance(Guidance):
         return b.pred
 
 
-GUIDANCE = {CfgMode.NONE: Guidance(), CfgMode.SELF: SelfGuidance(),
-            CfgMode.INITIALIZE: InitializeGuidance(), CfgMode.FULL: FullGuidance()}
+def make_guidance(cfg: CfgMode, slots: int) -> Guidance:
+    """The guidance object of a layout (effective CFG mode, S slots)."""
+    if cfg is CfgMode.SELF:
+        return SelfGuidance(ring=slots > 1)
+    if cfg is CfgMode.INITIALIZE:
+        return InitializeGuidance(ring=slots > 1)
+    return FullGuidance() if cfg is CfgMode.FULL else Guidance()

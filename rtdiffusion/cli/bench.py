@@ -1,0 +1,45 @@
+"""`rtdiffusion bench`: time the real engine on synthetic host frames (see rtdiffusion/bench.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from .common import add_engine_args, build_engine
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmark the engine: per-stage table, frame times, allocations",
+                       description="Runs the engine on synthetic uint8 frames that start and end in host "
+                                   "memory, as a user's loop would, and prints a per-stage table and "
+                                   "end-to-end statistics.")
+    add_engine_args(p)
+    p.add_argument("--frames", type=int, default=300, help="timed frames (default 300)")
+    p.add_argument("--warmup", type=int, default=30, help="untimed frames first (default 30)")
+    p.add_argument("--prompt-change-every", type=int, default=None, metavar="N",
+                   help="also measure the worst frame while the prompt changes every N frames")
+    p.add_argument("--no-profile", action="store_true", help="skip the per-stage profile")
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
+    p.add_argument("--json", default=None, metavar="PATH", help="append the record to PATH (JSON lines)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bench import run_bench
+
+    if args.frames < 1 or args.warmup < 0:
+        raise ValueError(f"--frames must be >= 1 and --warmup >= 0; got {args.frames}, {args.warmup}")
+    if args.prompt_change_every is not None and args.prompt_change_every < 1:
+        raise ValueError(f"--prompt-change-every must be >= 1; got {args.prompt_change_every}")
+    engine = build_engine(args)
+    result = run_bench(engine, frames=args.frames, warmup=args.warmup,
+                       prompt_change_every=args.prompt_change_every, profile=not args.no_profile,
+                       flops=not args.no_flops)
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(json.loads(result.to_json())) + "\n")
+    print(result.table())  # the table is the command's output
+    return 0

@@ -1,0 +1,113 @@
+"""Frame sources and sinks for `rtdiffusion run`: video files (PyAV / FFmpeg), image folders, a test pattern.
+
+Every source yields uint8 [H, W, 3] RGB frames already at the engine's size.
+"""
+
+from __future__ import annotations
+
+import os
+from fractions import Fraction
+from typing import Iterator
+
+import numpy as np
+
+from .errors import ConfigError
+
+VIDEO_EXTS = (".mp4", ".mkv", ".mov", ".webm", ".avi", ".m4v")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def open_source(spec: str, width: int, height: int, frames: int | None) -> tuple[Iterator[np.ndarray], int | None, float]:
+    """(frames, count if known, fps) for ``synthetic``, a video file or an image folder."""
+    if spec == "synthetic":
+        from .bench import synthetic_frames
+
+        n = frames or 120
+        return (f for f in synthetic_frames(n, height, width)), n, 30.0
+    if os.path.isdir(spec):
+        files = sorted(f for f in os.listdir(spec) if f.lower().endswith(IMAGE_EXTS))
+        if not files:
+            raise ConfigError(f"input folder {spec!r} holds no images ({', '.join(IMAGE_EXTS)})")
+        files = files[:frames] if frames else files
+        return (_load_image(os.path.join(spec, f), width, height) for f in files), len(files), 30.0
+    if not os.path.exists(spec):
+        raise ConfigError(f"input {spec!r} does not exist; expected 'synthetic', a video file or an image folder")
+    return _video_frames(spec, width, height, frames)
+
+
+def _load_image(path: str, width: int, height: int) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB").resize((width, height), Image.BILINEAR), dtype=np.uint8)
+
+
+def _video_frames(path: str, width: int, height: int, limit: int | None):
+    import av
+
+    try:
+        container = av.open(path)
+        stream = container.streams.video[0]
+    except (av.error.FFmpegError, IndexError) as exc:
+        raise ConfigError(f"input {path!r} is not a readable video file: {exc}") from exc
+    fps = float(stream.average_rate or 30)
+    count = stream.frames or None
+    if limit:
+        count = min(count, limit) if count else limit
+
+    def gen():
+        n = 0
+        try:
+            for frame in container.decode(stream):
+                yield frame.reformat(width=width, height=height, format="rgb24").to_ndarray()
+                n += 1
+                if limit and n >= limit:
+                    break
+        finally:
+            container.close()
+
+    return gen(), count, fps
+
+
+class FrameSink:
+    """Writes frames to a video file (H.264 when FFmpeg has it, else MPEG-4) or to numbered PNGs."""
+
+    def __init__(self, spec: str, width: int, height: int, fps: float):
+        self.spec, self.count = spec, 0
+        ext = os.path.splitext(spec)[1].lower()
+        if ext in VIDEO_EXTS:
+            import av
+
+            parent = os.path.dirname(os.path.abspath(spec))
+            if not os.path.isdir(parent):
+                raise ConfigError(f"output folder {parent!r} does not exist")
+            self._container = av.open(spec, mode="w")
+            codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+            self._stream = self._container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
+            self._stream.width, self._stream.height, self._stream.pix_fmt = width, height, "yuv420p"
+            self._folder = None
+        elif ext == "":
+            os.makedirs(spec, exist_ok=True)
+            self._folder, self._container = spec, None
+        else:
+            raise ConfigError(f"output {spec!r}: expected a video file ({', '.join(VIDEO_EXTS)}) or a folder")
+
+    def write(self, frame: np.ndarray) -> None:
+        if self._container is not None:
+            import av
+
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            for packet in self._stream.encode(vf):
+                self._container.mux(packet)
+        else:
+            from PIL import Image
+
+            Image.fromarray(frame).save(os.path.join(self._folder, f"frame_{self.count:05d}.png"))
+        self.count += 1
+
+    def close(self) -> None:
+        if self._container is not None:
+            for packet in self._stream.encode():
+                self._container.mux(packet)
+            self._container.close()
+            self._container = None
