@@ -44,6 +44,8 @@ Frame protocol (who calls what, in order)::
         cache.after_frame()              host: marks the written slot visible, picks the next slot,
                                          writes slot_index and changed bias slots in place
     A graph backend captures ``unet + write_ring`` once and calls ``after_frame`` after each replay.
+    A UNet call may use fewer rows than ``batch_rows`` (the first B rows of each ring); when the stream
+    batch changes (steps, guidance), rows map to other noise levels: call ``reset()``.
     With ``Span.ACTIVE`` it keys its graphs by ``cache.span`` (recapture when that changes).
 
 Ring rule. Frames are counted from the last reset / enable (n = 0, 1, ...). Frame n is written when
@@ -160,14 +162,15 @@ class CachedSelfAttnProcessor:
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
                  temb=None, **kwargs) -> torch.Tensor:
         lay = self.layer
-        B, L, C, H = lay.rows, lay.tokens, lay.channels, lay.heads
+        B, L, C, H = hidden_states.shape[0], lay.tokens, lay.channels, lay.heads  # B <= lay.rows
         D = C // H
-        if tuple(hidden_states.shape) != (B, L, C) or encoder_hidden_states is not None or attention_mask is not None:
+        if (hidden_states.ndim != 3 or not 1 <= B <= lay.rows or tuple(hidden_states.shape[1:]) != (L, C)
+                or encoder_hidden_states is not None or attention_mask is not None):
             raise ValueError(f"{lay.name}: the temporal KV cache was installed for self-attention input "
-                             f"[{B}, {L}, {C}] with no mask; got {list(hidden_states.shape)}"
+                             f"[<= {lay.rows}, {L}, {C}] with no mask; got {list(hidden_states.shape)}"
                              f"{' with encoder_hidden_states' if encoder_hidden_states is not None else ''}"
                              f"{' with attention_mask' if attention_mask is not None else ''} "
-                             "(reinstall the cache for a new batch size or resolution)")
+                             "(reinstall the cache for a larger batch or another resolution)")
         residual = hidden_states
         q = attn.to_q(hidden_states).view(B, L, H, D).transpose(1, 2)  # [B, H, L, D]
         span = self.cache.span
@@ -177,10 +180,11 @@ class CachedSelfAttnProcessor:
             out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)  # [B, H, L, D]
         else:
             S = 1 + span
-            lay.ring_k[:, 0].copy_(attn.to_k(hidden_states))  # fresh K [B, L, C]
-            lay.ring_v[:, 0].copy_(attn.to_v(hidden_states))  # fresh V [B, L, C]
-            k = lay.ring_k[:, :S].view(B, S * L, H, D).transpose(1, 2)  # [B, H, S*L, D], a view
-            v = lay.ring_v[:, :S].view(B, S * L, H, D).transpose(1, 2)  # [B, H, S*L, D], a view
+            ring_k, ring_v = lay.ring_k[:B], lay.ring_v[:B]  # [B, 2+M, L, C] views of the first B rows
+            ring_k[:, 0].copy_(attn.to_k(hidden_states))  # fresh K [B, L, C]
+            ring_v[:, 0].copy_(attn.to_v(hidden_states))  # fresh V [B, L, C]
+            k = ring_k[:, :S].view(B, S * L, H, D).transpose(1, 2)  # [B, H, S*L, D], a view
+            v = ring_v[:, :S].view(B, S * L, H, D).transpose(1, 2)  # [B, H, S*L, D], a view
             bias = lay.bias[..., : S * L]  # [1, 1, 1, S*L]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)  # [B, H, L, D]
         return _finish(attn, out, residual, B, L, C)
@@ -481,7 +485,8 @@ def install(unet: torch.nn.Module, batch_rows: int, latent_hw: tuple[int, int], 
             dtype: torch.dtype, device: torch.device | str, span: Span = Span.FULL) -> TemporalKVCache:
     """Allocate the cache for this (batch, resolution) and install its processors on every attn1 layer.
 
-    Starts disabled (every bank slot masked: the UNet computes plain attention). Reinstall for a new
-    batch size or resolution; ``set_settings`` covers everything else.
+    ``batch_rows``: the largest UNet batch that will run (calls may use fewer rows). Starts disabled
+    (every bank slot masked: the UNet computes plain attention). Reinstall for a larger batch or another
+    resolution; ``set_settings`` covers everything else.
     """
     return TemporalKVCache(unet, batch_rows, latent_hw, max_frames, dtype, device, span)

@@ -177,6 +177,8 @@ def test_ring_holds_the_right_frames(plain, interval, maxframes, max_frames, fra
 
 
 def test_settings_validate_and_write_in_place(plain):
+    one = tuple(t[:1] for t in frame_inputs(0))  # a 1-row batch
+    ref_one = run(plain, one)
     cache = install(plain, B, (16, 16), 4, torch.float32, "cpu")
     ptrs = [(l.ring_k.data_ptr(), l.ring_v.data_ptr(), l.bias.data_ptr()) for l in cache.layers]
     index_ptr = cache.slot_index.data_ptr()
@@ -197,6 +199,12 @@ def test_settings_validate_and_write_in_place(plain):
     assert cache.slot_index.data_ptr() == index_ptr
     with pytest.raises(ValueError, match="reinstall"):
         run(plain, frame_inputs(0, hw=32))  # installed for 16x16 latents
+    # Fewer rows than allocated: the first rows of each ring.
+    cache.set_settings(False, 2, 1)
+    torch.testing.assert_close(step(plain, cache, one), ref_one, **TOL)
+    cache.set_settings(True, 2, 1)
+    step(plain, cache, one)
+    assert cache.bank_frames() == [True, False, False, False]
     with pytest.raises(ValueError, match="max_frames"):
         install(plain, B, (16, 16), 0, torch.float32, "cpu")
     cache.uninstall()
