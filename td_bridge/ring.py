@@ -223,6 +223,9 @@ def parse_header(buf: memoryview | bytes, size: int, name: str = "?") -> tuple[R
     return layout, flags
 
 
+_CREATED: set[str] = set()  # segments this process created (and whose tracker registration it keeps)
+
+
 def _attach(name: str) -> shared_memory.SharedMemory:
     """Open an existing segment without letting this process's resource tracker unlink it at exit."""
     try:
@@ -231,7 +234,7 @@ def _attach(name: str) -> shared_memory.SharedMemory:
         shm = shared_memory.SharedMemory(name=name, create=False)
     except FileNotFoundError:
         raise RingError(f"no shared memory named {name!r}; is the writer (the bridge) running?") from None
-    if os.name == "posix":  # Python < 3.13 registers attached segments too, and unlinks them at exit
+    if os.name == "posix" and name not in _CREATED:  # Python < 3.13 registers attached segments too
         from multiprocessing import resource_tracker
 
         try:
@@ -302,6 +305,7 @@ class _Ring:
         except BufferError:  # a caller still holds a view; the mapping goes when it is collected
             log.warning("ring %s still has views in use; it stays mapped until they are released", self.name)
         if self._owner:
+            _CREATED.discard(self.name)
             try:
                 shm.unlink()
             except FileNotFoundError:
@@ -343,6 +347,7 @@ class RingWriter(_Ring):
         _HEADER.pack_into(buf, 0, MAGIC, VERSION, layout.header_bytes, layout.width, layout.height,
                           layout.channels, layout.pixel_format.code, layout.row_order.value, layout.slot_count,
                           flags, os.getpid() & 0xFFFFFFFF, layout.slot_stride, 0)
+        _CREATED.add(shm.name)
         log.debug("created ring %s: %s, %d bytes", shm.name, layout.describe(), layout.total_bytes)
         return cls(shm, layout, owner=True)
 
