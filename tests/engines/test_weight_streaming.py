@@ -209,3 +209,18 @@ def test_install_validates_inputs(tiny_reference):
     big_plan = plan_streaming(other, budget_for_segments(other, 9, 0), 0)
     with pytest.raises(ValueError, match="plan does not match"):
         WeightStreamer.install(unet, big_plan, "cpu")
+
+
+def test_call_that_raises_part_way_does_not_poison_the_next(tiny_reference):
+    """A UNet call that fails inside a later segment leaves another segment in buffer 0; the next call
+    reloads segment 0 and is exact again."""
+    ref_unet, ref_outs = tiny_reference
+    unet = copy.deepcopy(ref_unet)
+    plan = plan_streaming(unet, budget_for_segments(unet, 8, 0, torch.float32), 0, torch.float32)
+    streamer = WeightStreamer.install(unet, plan, "cpu")
+    sample, t, embeds = _inputs(0)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError):  # wrong text width: fails in the first cross-attention, not segment 0
+            unet(sample, t, encoder_hidden_states=torch.randn(2, 7, 16))
+        assert streamer._active > 0
+        assert torch.equal(unet(sample, t, encoder_hidden_states=embeds).sample, ref_outs[0])
