@@ -43,10 +43,11 @@ Frame protocol (who calls what, in order)::
         cache.write_ring()               device only: ring[:, 1 + slot_index] <- ring[:, 0] (capturable)
         cache.after_frame()              host: marks the written slot visible, picks the next slot,
                                          writes slot_index and changed bias slots in place
-    A graph backend captures ``unet + write_ring`` once and calls ``after_frame`` after each replay.
+    A graph backend captures ``unet + write_ring`` once and calls ``after_frame`` after each replay;
+    with ``Span.ACTIVE`` it keys its graphs by ``cache.span`` (one capture per value). Settings and
+    reset go after ``after_frame`` and before the next frame, never between a frame and its after_frame.
     A UNet call may use fewer rows than ``batch_rows`` (the first B rows of each ring); when the stream
     batch changes (steps, guidance), rows map to other noise levels: call ``reset()``.
-    With ``Span.ACTIVE`` it keys its graphs by ``cache.span`` (recapture when that changes).
 
 Ring rule. Frames are counted from the last reset / enable (n = 0, 1, ...). Frame n is written when
 ``n % interval == 0``, into bank slot ``w % maxframes`` where w counts the writes; so after frame n the
@@ -62,7 +63,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
