@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError  # Pillow comes with diffusers
 
 MAGIC = b"RTDF"
 VERSION = 1
@@ -146,8 +147,6 @@ def decode_input(message: bytes, width: int, height: int) -> tuple[FrameHeader, 
 
 
 def _decode_jpeg(payload: memoryview, width: int, height: int) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(io.BytesIO(payload)) as im:
             if im.format != "JPEG":
@@ -170,8 +169,6 @@ def encode_output(rgb: np.ndarray, fmt: Format, frame_id: int, timestamp_ms: flo
 def encode_payload(rgb: np.ndarray, fmt: Format, jpeg_quality: int = 90) -> bytes:
     """uint8 [H, W, 3] -> the payload bytes of an RGB or JPEG frame."""
     if fmt is Format.JPEG:
-        from PIL import Image
-
         buf = io.BytesIO()
         Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), "RGB").save(buf, format="JPEG",
                                                                               quality=jpeg_quality)
