@@ -164,7 +164,7 @@ def copy_only_ms(streamer: WeightStreamer, device: torch.device, reps: int = 5) 
     return statistics.median(time_calls(run, device, reps, 1))
 
 
-def bench_arch(arch: str, args, device: torch.device, dtype: torch.dtype, ceiling: float) -> list[Row]:
+def bench_arch(arch: str, args, device: torch.device, dtype: torch.dtype) -> list[Row]:
     latent = 8 if arch == "tiny" else args.size // 8
     unet, cfg = build_unet(arch, device, dtype, args.seed)
     sample, t, kwargs = make_inputs(cfg, device, dtype, latent, args.batch, args.seed)
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("host->device ceiling: %.1f GB/s", ceiling)
     rows: list[Row] = []
     for a in archs:
-        rows += bench_arch(a, args, device, dtype, ceiling)
+        rows += bench_arch(a, args, device, dtype)
     result = {
         "command": " ".join(["python", "bench/lowvram.py", *(argv if argv is not None else sys.argv[1:])]),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -300,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
 
-    print(f"\nh2d ceiling {ceiling:.1f} GB/s; {result['device']}; {args.size}x{args.size} batch {args.batch}; "
+    size = "tiny 64x64" if args.tiny else f"{args.size}x{args.size}"
+    print(f"\nh2d ceiling {ceiling:.1f} GB/s; {result['device']}; {size} batch {args.batch}; "
           f"{result['seconds']:.0f} s; json: {out}")
     print(f"{'arch':9} {'seg':>3} {'budget GiB':>10} {'mode':9} {'median ms':>9} {'p99 ms':>8} {'MiB/call':>9} "
           f"{'copy ms':>8} {'GB/s':>6} {'% ceil':>6} {'diff':>7}  note")

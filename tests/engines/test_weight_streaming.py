@@ -75,7 +75,8 @@ def test_planner_splits_sdxl_transformer_blocks_when_needed():
     names = [n for s in plan.segments for n in s.units]
     assert any(".transformer_blocks." in n for n in names)  # a 10-layer block exceeds a ninth of the UNet
     # Forward order is kept: the down path comes before the mid block before the up path.
-    first = {k: min(i for i, n in enumerate(names) if n.startswith(k)) for k in ("down_blocks", "mid_block", "up_blocks")}
+    first = {k: min(i for i, n in enumerate(names) if n.startswith(k))
+             for k in ("down_blocks", "mid_block", "up_blocks")}
     assert first["down_blocks"] < first["mid_block"] < first["up_blocks"]
     assert names[0] == "stem" and names[-1] == "head"
 
