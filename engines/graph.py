@@ -34,7 +34,7 @@ class CapturedStep:
     """
 
     def __init__(self, fn: Callable[[], Any], device: torch.device, *, state: Iterable[torch.Tensor] = (),
-                 warmup: int = 2, name: str = "step"):
+                 warmup: int = 2, name: str = "step", before_capture: Callable[[], None] | None = None):
         self.name = name
         state = list(state)
         saved = [t.clone() for t in state]
@@ -45,6 +45,9 @@ class CapturedStep:
                 for _ in range(warmup):
                     fn()
             torch.cuda.current_stream(device).wait_stream(side)
+            if before_capture is not None:  # e.g. join a weight-streaming prefetch left open by warm-up
+                with torch.cuda.stream(side):
+                    before_capture()
             for t, s in zip(state, saved):
                 t.copy_(s)
             self.graph = torch.cuda.CUDAGraph()

@@ -80,7 +80,7 @@ class FrameBuffers:
         # --- stream batch ---
         self.unet_in = z(B, 4, *lat)  # [B, 4, h, w]
         self.x_t = self.unet_in[U:]  # [SF, 4, h, w] view: the stream ring
-        self.t_unet = z(B, dtype=torch.float32 if dev.type == "cpu" else dt)  # [B] timesteps
+        self.t_unet = z(B, dtype=torch.float32)  # [B] float32 timesteps (the UNet embeds them in fp32)
         self.embeds = z(B, L.text_tokens, L.text_dim)  # [B, T, D] prompt embeddings per row
         self.denoised = z(SF, 4, *lat)  # [SF, 4, h, w]
         self.pred = z(SF, 4, *lat)  # [SF, 4, h, w] guided eps (unused with CFG NONE)

@@ -131,6 +131,7 @@ class EngineConfig:
     scheduler: SchedulerKind | None = None  # None: the model's own
     max_vram_gb: float | None = None
     engine_dir: str | None = None  # on-disk engine cache; None: the default under the user's cache
+    kv_max_frames: int = 4  # temporal KV cache banks hold up to this many earlier frames (memory grows with it)
 
     def __post_init__(self) -> None:
         for name in ("width", "height"):
@@ -141,6 +142,8 @@ class EngineConfig:
             raise ConfigError(f"frame_buffer_size must be an integer from 1 to 16; got {self.frame_buffer_size!r}")
         if not isinstance(self.num_inference_steps, int) or not 1 <= self.num_inference_steps <= 1000:
             raise ConfigError(f"num_inference_steps must be an integer from 1 to 1000; got {self.num_inference_steps!r}")
+        if not isinstance(self.kv_max_frames, int) or not 1 <= self.kv_max_frames <= 16:
+            raise ConfigError(f"kv_max_frames must be an integer from 1 to 16; got {self.kv_max_frames!r}")
         if self.max_vram_gb is not None and not (_finite(self.max_vram_gb) and self.max_vram_gb > 0):
             raise ConfigError(f"max_vram_gb must be a positive number of GiB; got {self.max_vram_gb!r}")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import random
 import threading
 import time
@@ -38,11 +39,12 @@ from .buffers import FrameBuffers, FrameIO, StreamLayout
 from .config import (Backend, CacheSettings, EngineConfig, FilterSettings, PromptSpec, SchedulerKind, SeedSpec,
                      StreamSettings, VaeKind, apply_updates, parse_device, parse_dtype, parse_enum)
 from .errors import ConfigError, FrameError
-from .executors import EagerExecutor, LayoutState
+from .executors import CapturedFrame, EagerExecutor, LayoutState
 from .guidance import make_guidance
 from .models.loading import Components, load_components
 from .prompts import PromptEncoder
 from .schedule import SlotConstants, slot_constants
+from .temporal import TemporalCache
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,9 @@ class StreamEngine:
                         similar_threshold: float = 0.98, similar_max_skip: int = 10,
                         max_vram_gb: float | None = None, engine_dir: str | None = None,
                         lora: tuple = (), vae_id: str | None = None, local_files_only: bool | None = None,
-                        model_seed: int = 0, graph_cache_size: int = 4) -> "StreamEngine":
+                        model_seed: int = 0, graph_cache_size: int = 4, kv_max_frames: int = 4,
+                        cache_enabled: bool = False, cache_maxframes: int = 1,
+                        cache_interval: int = 1) -> "StreamEngine":
         """Load ``model`` (hub id, local diffusers folder, or ``random:sd-turbo|sd15|tiny``) and prepare.
 
         Every argument is checked before the model loads, so a typo fails in milliseconds.
@@ -84,16 +88,20 @@ class StreamEngine:
         sk = None if scheduler is None else parse_enum(SchedulerKind, scheduler, "scheduler")
         # validate sizes early with a provisional config (the model may supply the default size)
         EngineConfig(model, width or 512, height or 512, dev, dt, be, vk, frame_buffer_size,
-                     num_inference_steps, sk, max_vram_gb, engine_dir)
+                     num_inference_steps, sk, max_vram_gb, engine_dir, kv_max_frames)
         settings = apply_updates(StreamSettings(
             prompt=PromptSpec.parse(prompt, prompt_method, negative_prompt), seed=SeedSpec.parse(seed),
-            filter=FilterSettings(similar_filter, similar_threshold, similar_max_skip)),
+            filter=FilterSettings(similar_filter, similar_threshold, similar_max_skip),
+            cache=CacheSettings(cache_enabled, cache_maxframes, cache_interval)),
             num_inference_steps, t_index_list=t_index_list, cfg=cfg, guidance_scale=guidance_scale, delta=delta)
+        _check_cache_frames(settings, kv_max_frames)
+        low_vram = max_vram_gb is not None and dev.type == "cuda"
         comps = load_components(model, dev, dt, vk, seed=model_seed, vae_id=vae_id, lora=tuple(lora),
-                                local_files_only=local_files_only)
+                                local_files_only=local_files_only,
+                                unet_device=torch.device("cpu") if low_vram else None)
         size = comps.default_size
         config = EngineConfig(model, width or size, height or size, dev, dt, be, vk, frame_buffer_size,
-                              num_inference_steps, sk, max_vram_gb, engine_dir)
+                              num_inference_steps, sk, max_vram_gb, engine_dir, kv_max_frames)
         return cls(config, comps, settings, graph_cache_size=graph_cache_size)
 
     def __init__(self, config: EngineConfig, components: Components, settings: StreamSettings | None = None,
@@ -102,6 +110,11 @@ class StreamEngine:
         self.device = config.device
         self._check_resolution()
         self.scheduler_kind = config.scheduler or components.scheduler
+        self._streamer, self.low_vram = None, None
+        if config.max_vram_gb is not None and config.device.type == "cuda":
+            from . import lowvram
+
+            self._streamer, self.low_vram = lowvram.setup(components, config)
         F, H, W = config.frame_buffer_size, config.height, config.width
         cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if cuda else None
@@ -113,9 +126,15 @@ class StreamEngine:
         self._probe_host = torch.zeros(3, dtype=torch.float32, pin_memory=cuda)
         self._probe_event = torch.cuda.Event() if cuda else None
         self._out_event = torch.cuda.Event() if cuda else None
-        self._graphs = GraphCache(graph_cache_size)
+        self._graphs = GraphCache(_graph_cache_capacity(graph_cache_size))
+        self._layouts: dict[StreamLayout, LayoutState] = {}
+        self._frame: CapturedFrame | None = None  # the active layout's captured graphs (graph backends)
         self._executor, self.backend_reason = build_executor(config, components)
+        self._eager = EagerExecutor(self._executor.nets)  # per-call graph bypass (use_graph=False)
+        if self._streamer is not None and self._executor.captures:
+            self._executor.before_capture = self._streamer.join
         self.backend_fallback: str | None = None
+        self._temporal = TemporalCache(components.unet, config.kv_max_frames)
         self._constants: dict[tuple[int, ...], SlotConstants] = {}
         self._lock = threading.Lock()  # guards _pending
         self._frame_lock = threading.RLock()  # one frame (or settings application) at a time
@@ -196,7 +215,9 @@ class StreamEngine:
             if kw.pop("cache_reset", False):
                 base = dataclasses.replace(base, cache=dataclasses.replace(
                     base.cache, reset_token=base.cache.reset_token + 1))
-            self._pending = apply_updates(base, self.config.num_inference_steps, **kw)
+            new = apply_updates(base, self.config.num_inference_steps, **kw)
+            _check_cache_frames(new, self.config.kv_max_frames)
+            self._pending = new
 
     # ------------------------------------------------------------------ settings application
     def _boundary(self) -> None:
@@ -217,12 +238,12 @@ class StreamEngine:
         with self._frame_lock, self._stream_ctx():
             prev, prev_state = self._settings, self._state
             layout = self._layout(s)
-            key = (layout, self._io.frame_u8.data_ptr(), self._io.out_u8.data_ptr())
-            st = self._graphs.get(key)
+            st = self._layouts.get(layout)
             fresh = st is None
             if fresh:
                 st = LayoutState(FrameBuffers(layout, self._io), make_guidance(layout.cfg, layout.slots),
                                  layout.slots > 1)
+                self._layouts[layout] = st
             switched = st is not prev_state
             b = st.buffers
             if fresh or switched or (s.t_index_list, s.guidance_scale, s.delta) != (
@@ -234,20 +255,38 @@ class StreamEngine:
                 uncond = self._prompts.negative(s.prompt) if layout.uncond_rows else None
                 prepare.write_embeds(b, self._prompts.embed(s.prompt), uncond)
             if switched:
-                b.reset_stream()
-            try:
-                self._executor.prepare(st)
-            except CaptureError as exc:
-                self._fall_back(str(exc), st)
-            self._graphs.put(key, st)
+                b.reset_stream()  # the frames in flight belong to the old layout
+            if self._temporal.apply(s.cache, layout, switched):
+                self._graphs.purge()  # new banks: graphs captured against the old ones are stale
+                self._executor.nets = self._temporal.wrap(self._executor.nets)
+                self._eager.nets = self._executor.nets
+            self._frame = self._captured(st)
             self._state, self._settings = st, s
 
-    def _fall_back(self, reason: str, st: LayoutState) -> None:
+    def _graph_key(self, layout: StreamLayout) -> tuple:
+        """What changes the captured work: layout, the I/O buffer addresses, the KV cache's shapes."""
+        return (layout, self._io.frame_u8.data_ptr(), self._io.out_u8.data_ptr(), self._temporal.key())
+
+    def _captured(self, st: LayoutState) -> CapturedFrame | None:
+        if not self._executor.captures:
+            return None
+        key = self._graph_key(st.buffers.layout)
+        frame = self._graphs.get(key)
+        if frame is None:  # first visit of this shape: capture (later visits replay at once)
+            try:
+                frame = self._executor.capture(st)
+            except CaptureError as exc:
+                self._fall_back(str(exc))
+                return None
+            self._graphs.put(key, frame)
+        return frame
+
+    def _fall_back(self, reason: str) -> None:
         """A backend that cannot capture falls back to eager, loudly (log and status())."""
         log.warning("%s backend failed (%s); falling back to eager", self._executor.name, reason)
         self.backend_fallback = f"{self._executor.name} -> eager: {reason}"
-        self._executor = EagerExecutor(self._executor.nets)
-        st.release()
+        self._executor = self._eager
+        self._graphs.purge()
 
     def _slot_constants(self, t_index: tuple[int, ...]) -> SlotConstants:
         if t_index not in self._constants:
@@ -259,40 +298,67 @@ class StreamEngine:
         return torch.cuda.stream(self.stream) if self.stream is not None else _NullCtx()
 
     # ------------------------------------------------------------------ frames
-    def __call__(self, frame: Any) -> Any:
+    def __call__(self, frame: Any, *, use_graph: bool = True) -> Any:
         """One frame in, one frame out: uint8 [H, W, 3] numpy or torch (CPU or CUDA); the same kind out.
 
         With a stream batch of S steps the frame that comes out entered S-1 calls earlier.
+        use_graph=False runs this frame eagerly on the same state (debugging and comparison).
         """
         arr, kind = self._check_frame(frame)
         with self._frame_lock:
             self._boundary()
             self._upload(arr, kind)
-            result = self._run(None)
+            result = self._run(None, use_graph)
             return self._download(result, kind)
 
-    def step(self, consumer_done: torch.cuda.Event | None = None) -> FrameResult:
+    def step(self, consumer_done: torch.cuda.Event | None = None, *, use_graph: bool = True) -> FrameResult:
         """Run one frame on what is in ``input_buffer``; returns the device output and its ready event.
 
-        consumer_done: an event the next writes of the output wait on, on the GPU (zero-copy consumers).
+        The caller's current stream is made to wait for ``ready`` on the GPU, so code that just reads
+        ``output`` (``.cpu()``, ``.item()``) works unchanged. Consumers on other streams wait on ``ready``
+        themselves and may pass ``consumer_done``: the next step's writes wait for it on the GPU.
         """
         with self._frame_lock:
             self._boundary()
-            return self._run(consumer_done)
+            result = self._run(consumer_done, use_graph)
+            if result.ready is not None:
+                torch.cuda.current_stream(self.device).wait_event(result.ready)
+            return result
 
-    def _run(self, consumer_done: torch.cuda.Event | None) -> FrameResult:
-        st = self._state
+    def register_input(self, tensor: torch.Tensor) -> None:
+        """Make the caller's own device tensor the input buffer: step() then reads it in place, no copy.
+
+        tensor: uint8 [H, W, 3] ([F, H, W, 3] with a frame buffer), contiguous, on the engine's device.
+        Graphs are captured against it on the next frame (those of the old buffer stay cached).
+        """
+        F, H, W = self.config.frame_buffer_size, self.height, self.width
+        want = (H, W, 3) if F == 1 else (F, H, W, 3)
+        if (not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.uint8 or tuple(tensor.shape) != want
+                or tensor.device != self._io.frame_u8.device or not tensor.is_contiguous()):
+            got = (f"{type(tensor).__name__} {getattr(tensor, 'dtype', '')} {list(getattr(tensor, 'shape', []))} "
+                   f"on {getattr(tensor, 'device', '?')}")
+            raise FrameError(f"an input buffer must be a contiguous uint8 tensor of shape {list(want)} on "
+                             f"{self._io.frame_u8.device}; got {got}")
+        with self._frame_lock:
+            self._io = FrameIO(tensor.view(F, H, W, 3), self._io.out_u8)
+            for st in self._layouts.values():
+                st.buffers.io = self._io
+            self._frame = self._captured(self._state)
+
+    def _run(self, consumer_done: torch.cuda.Event | None, use_graph: bool = True) -> FrameResult:
+        st, executor = self._state, (self._executor if use_graph else self._eager)
         skip = self._decide_skip()
         with self._stream_ctx():
             if self._settings.filter.enabled:
-                self._executor.probe(st)
+                executor.probe(st, self._frame)
                 self._probe_host.copy_(st.buffers.probe_dots, non_blocking=True)
                 if self._probe_event is not None:
                     self._probe_event.record()
             if not skip:
                 if consumer_done is not None:
                     self.stream.wait_event(consumer_done)
-                self._executor.main(st)
+                executor.main(st, self._frame)
+                self._temporal.after_frame()
             ready = None
             if self._out_event is not None:
                 ready = torch.cuda.Event()
@@ -391,14 +457,39 @@ class StreamEngine:
             "negative_prompt": s.prompt.negative, "seed": [list(p) for p in s.seed.parts],
             "similar_filter": dataclasses.asdict(s.filter), "cache": dataclasses.asdict(s.cache),
             "graph_cache": {"size": len(self._graphs), "capacity": self._graphs.capacity,
-                            "keys": [_key_str(k) for k in self._graphs.keys()]},
+                            "keys": [_key_str(k) for k in self._graphs.keys()],
+                            "captures": getattr(self._executor, "captures_done", 0)},
+            "temporal_cache": self._temporal.describe(), "text_encoder_graphed": self._prompts.graphed,
+            "low_vram": self.low_vram,
         }
 
 
 def _key_str(key: Any) -> str:
     layout = key[0]
     return (f"{layout.width}x{layout.height} S={layout.slots} F={layout.frames} cfg={layout.cfg.value} "
-            f"{str(layout.dtype).replace('torch.', '')}")
+            f"{str(layout.dtype).replace('torch.', '')} kv={key[3][1]}")
+
+
+def _check_cache_frames(s: StreamSettings, kv_max_frames: int) -> None:
+    if s.cache.maxframes > kv_max_frames:
+        raise ConfigError(f"cache_maxframes must be at most kv_max_frames={kv_max_frames} (the banks' allocated "
+                          f"size, set when the engine is built); got {s.cache.maxframes}")
+
+
+GRAPH_CACHE_ENV = "RTDIFFUSION_GRAPH_CACHE"
+
+
+def _graph_cache_capacity(default: int) -> int:
+    """RTDIFFUSION_GRAPH_CACHE: 'off' / '0' keeps only the active shape's graph (every switch recaptures),
+    'on' the default capacity, a number that capacity. Unset: the engine's graph_cache_size."""
+    raw = os.environ.get(GRAPH_CACHE_ENV, "").strip().lower()
+    if not raw or raw == "on":
+        return default
+    if raw in ("off", "0"):
+        return 1
+    if raw.isdigit():
+        return int(raw)
+    raise ConfigError(f"{GRAPH_CACHE_ENV} must be 'on', 'off' or a capacity (a whole number); got {raw!r}")
 
 
 class _NullCtx:

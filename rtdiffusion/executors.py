@@ -8,7 +8,8 @@ are the executor's ``nets``; the graph executor captures whatever they enqueue.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Callable
 
 from engines.base import Networks
 from engines.graph import CapturedStep
@@ -22,20 +23,23 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LayoutState:
-    """One layout's buffers and guidance object, and (graph executors) its captured steps."""
+    """One layout's buffers and guidance object (kept while the engine lives; small next to the graphs)."""
 
     buffers: FrameBuffers
     guidance: Guidance
     ring_shift: bool  # S > 1
-    probe_graph: CapturedStep | None = None
-    main_graph: CapturedStep | None = None
-    notes: dict = field(default_factory=dict)
+
+
+@dataclass
+class CapturedFrame:
+    """The captured probe and main stages of one layout (an entry of the engine's graph cache)."""
+
+    probe: CapturedStep
+    main: CapturedStep
 
     def release(self) -> None:
-        for g in (self.probe_graph, self.main_graph):
-            if g is not None:
-                g.release()
-        self.probe_graph = self.main_graph = None
+        self.probe.release()
+        self.main.release()
 
 
 class EagerExecutor:
@@ -46,21 +50,22 @@ class EagerExecutor:
     def __init__(self, nets: Networks, name: str = "eager"):
         self.nets, self.name = nets, name
 
-    def prepare(self, st: LayoutState) -> None:
-        """Called between frames whenever ``st`` becomes active."""
+    def capture(self, st: LayoutState) -> CapturedFrame | None:
+        """Called between frames when no captured frame is cached for ``st``."""
+        return None
 
-    def probe(self, st: LayoutState) -> None:
+    def probe(self, st: LayoutState, frame: CapturedFrame | None) -> None:
         probe_step(st.buffers)
 
-    def main(self, st: LayoutState) -> None:
+    def main(self, st: LayoutState, frame: CapturedFrame | None) -> None:
         main_step(st.buffers, self.nets, st.guidance, st.ring_shift)
 
 
 class GraphExecutor(EagerExecutor):
     """Capture each layout's probe and main stages once as CUDA graphs; afterwards only replay them.
 
-    Capture happens in :meth:`prepare` (between frames). It raises ``engines.graph.CaptureError`` when
-    capture is impossible; the engine then falls back to eager and says so in the log and in status().
+    :meth:`capture` raises ``engines.graph.CaptureError`` when capture is impossible; the engine then
+    falls back to eager and says so in the log and in status().
     """
 
     captures = True
@@ -69,26 +74,26 @@ class GraphExecutor(EagerExecutor):
         super().__init__(nets, name)
         self.warmup = warmup
         self.captures_done = 0
+        self.before_capture: Callable[[], None] | None = None  # set by the engine (low-VRAM streaming)
 
-    def prepare(self, st: LayoutState) -> None:
-        if st.main_graph is not None:
-            return  # cached: replay at once, no capture
-        b, dev = st.buffers, st.buffers.layout.device
-        st.probe_graph = CapturedStep(lambda: probe_step(b), dev, state=b.state_tensors(),
-                                      warmup=self.warmup, name="probe step")
-        st.main_graph = CapturedStep(lambda: main_step(b, self.nets, st.guidance, st.ring_shift), dev,
-                                     state=b.state_tensors(), warmup=self.warmup, name="frame step")
+    def capture(self, st: LayoutState) -> CapturedFrame:
+        b, dev, nets = st.buffers, st.buffers.layout.device, self.nets
+        probe = CapturedStep(lambda: probe_step(b), dev, state=b.state_tensors(), warmup=self.warmup,
+                             name="probe step")
+        main = CapturedStep(lambda: main_step(b, nets, st.guidance, st.ring_shift), dev,
+                            state=b.state_tensors(), warmup=self.warmup, name="frame step",
+                            before_capture=self.before_capture)
         self.captures_done += 1
         log.info("captured the frame step for %s (capture #%d)", _describe(b), self.captures_done)
+        return CapturedFrame(probe, main)
 
-    def probe(self, st: LayoutState) -> None:
-        st.probe_graph.replay()
+    def probe(self, st: LayoutState, frame: CapturedFrame | None) -> None:
+        frame.probe.replay()
 
-    def main(self, st: LayoutState) -> None:
-        st.main_graph.replay()
+    def main(self, st: LayoutState, frame: CapturedFrame | None) -> None:
+        frame.main.replay()
 
 
 def _describe(b: FrameBuffers) -> str:
     L = b.layout
     return f"{L.width}x{L.height}, {L.slots} step(s) x {L.frames} frame(s), cfg {L.cfg.value}, {L.dtype}"
-

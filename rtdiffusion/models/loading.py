@@ -78,20 +78,25 @@ class Components:
 
 def load_components(model: str, device: torch.device, dtype: torch.dtype, vae: VaeKind = VaeKind.TINY,
                     *, seed: int = 0, vae_id: str | None = None,
-                    lora: tuple[tuple[str, float], ...] = (), local_files_only: bool | None = None) -> Components:
-    """Load ``model`` (a hub id, a local diffusers folder or ``random:<arch>``) onto ``device`` in ``dtype``."""
+                    lora: tuple[tuple[str, float], ...] = (), local_files_only: bool | None = None,
+                    unet_device: torch.device | None = None) -> Components:
+    """Load ``model`` (a hub id, a local diffusers folder or ``random:<arch>``) onto ``device`` in ``dtype``.
+
+    unet_device: where the UNet's weights go (default ``device``); low-VRAM mode keeps them on the CPU and
+    streams them."""
+    unet_device = unet_device or device
     if not isinstance(model, str) or not model:
         raise ConfigError(f"model must be a hub id, a local folder or one of "
                           f"{', '.join(RANDOM_PREFIX + k for k in RANDOM_ARCHS)}; got {model!r}")
     if model.startswith(RANDOM_PREFIX):
         if lora:
             raise ConfigError("LoRA weights cannot be fused into a random: model")
-        return _random_components(model[len(RANDOM_PREFIX):], device, dtype, vae, seed)
-    return _pretrained_components(model, device, dtype, vae, vae_id, lora, local_files_only)
+        return _random_components(model[len(RANDOM_PREFIX):], device, dtype, vae, seed, unet_device)
+    return _pretrained_components(model, device, dtype, vae, vae_id, lora, local_files_only, unet_device)
 
 
 def _random_components(arch_name: str, device: torch.device, dtype: torch.dtype, vae: VaeKind,
-                       seed: int) -> Components:
+                       seed: int, unet_device: torch.device) -> Components:
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -103,11 +108,16 @@ def _random_components(arch_name: str, device: torch.device, dtype: torch.dtype,
              RANDOM_PREFIX, arch_name)
     text_cfg = read_config(arch.text_encoder)
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.device(device):
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         if device.type == "cuda":
             torch.cuda.manual_seed(seed)
-        unet = UNet2DConditionModel.from_config(_strip(read_config(arch.unet)))
+        with torch.device(unet_device):
+            unet = UNet2DConditionModel.from_config(_strip(read_config(arch.unet)))
+    with torch.random.fork_rng(devices=devices), torch.device(device):
+        torch.manual_seed(seed + 1)
+        if device.type == "cuda":
+            torch.cuda.manual_seed(seed + 1)
         if vae is VaeKind.TINY:
             vae_module = AutoencoderTiny.from_config(_strip(read_config(arch.taesd)))
         else:
@@ -169,7 +179,7 @@ def resolve_model_folder(model: str, *, local_files_only: bool | None = None,
 
 def _pretrained_components(model: str, device: torch.device, dtype: torch.dtype, vae: VaeKind,
                            vae_id: str | None, lora: tuple[tuple[str, float], ...],
-                           local_files_only: bool | None) -> Components:
+                           local_files_only: bool | None, unet_device: torch.device) -> Components:
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -195,7 +205,7 @@ def _pretrained_components(model: str, device: torch.device, dtype: torch.dtype,
     kind = SchedulerKind.TURBO if ("turbo" in model.lower() or sched_cfg.get("timestep_spacing") == "trailing"
                                    and sched_cfg.get("_class_name", "").startswith("Euler")) else SchedulerKind.LCM
     return Components(
-        unet=_ready(unet.to(device), dtype), vae=_ready(vae_module.to(device), dtype),
+        unet=_ready(unet.to(unet_device), dtype), vae=_ready(vae_module.to(device), dtype),
         text_encoder=_ready(text_encoder.to(device), dtype), tokenizer=tokenizer, scheduler=kind,
         scheduler_config=sched_cfg, default_size=int(unet.config.sample_size) * 8,
         identity={"model": model, "folder": os.path.abspath(root), "vae": vae.value,
