@@ -59,6 +59,7 @@ class HostTransfer:
         self._on_published = on_published
         self._have_input = False
         self._source = -1
+        self._unpolled = 0
 
     def read(self) -> FrameInfo | None:
         info = self.reader.read(self._raw)
@@ -76,9 +77,12 @@ class HostTransfer:
         out = self.engine(self._rgb)  # [H, W, 3] uint8 numpy, top-down RGB
         n = self.writer.write(out, rows=RowOrder.TOP_DOWN, source_index=self._source)
         self._on_published(n, self._source)
+        self._unpolled += 1
 
     def poll(self, block: bool = False) -> int:
-        return 0  # HostTransfer publishes inside submit()
+        """Frames published since the last poll (HostTransfer publishes inside submit())."""
+        done, self._unpolled = self._unpolled, 0
+        return done
 
     def close(self) -> None:
         pass
