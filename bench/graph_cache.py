@@ -313,6 +313,7 @@ def summary(report: dict) -> list[str]:
             lines.append(f"time   {path:16s} {x['median_ms']:.4f} ms/frame" + (
                 f"  saved vs copy_cuda {x['saved_vs_copy_cuda_ms'] * 1e3:.1f} us ({x['saved_vs_copy_cuda_pct']:.2f}%),"
                 f" vs numpy {x['saved_vs_numpy_ms']:.3f} ms" if "saved_vs_copy_cuda_ms" in x else ""))
+    lines += [f"warning: {w}" for w in report.get("warnings", [])]
     lines.append("checks: " + ("all passed" if not report["failures"] else "FAILED: " + "; ".join(report["failures"])))
     return lines
 
@@ -361,6 +362,10 @@ def main(argv=None) -> int:
                 if c["captures_after_first_visits"] != len(SHAPES):
                     failures.append(f"expected {len(SHAPES)} captures after the first visits, "
                                     f"got {c['captures_after_first_visits']}")
+                ratio = c["worst_switch_over_median"]
+                if ratio and ratio > 2:  # timing is noisy: a warning in the report, not a failed check
+                    report.setdefault("warnings", []).append(
+                        f"a switch back to a cached shape took {ratio:.1f}x the median frame")
                 off = report["switching"]["cache_off"]
                 want = 1 + len(range(args.every, args.frames, args.every))
                 if off["captures_at_end"] != want:  # not a failure of the cache; says the comparison is off
