@@ -7,14 +7,11 @@ whole one. Usage: python _writer_proc.py RING_NAME SECONDS
 import sys
 import time
 
-import numpy as np
-
 from td_bridge.ring import RingWriter
 
 if __name__ == "__main__":
     name, seconds = sys.argv[1], float(sys.argv[2])
     w = RingWriter.attach(name)
-    frame = np.empty(w.layout.shape, np.uint8)
     end = time.monotonic() + seconds
     n = 0
     while time.monotonic() < end:

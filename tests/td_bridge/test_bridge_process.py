@@ -270,3 +270,28 @@ def test_stop_exits_cleanly_and_unlinks_the_rings(bridge):
     for name in (bridge["in"], bridge["out"]):
         with pytest.raises(RingError, match="no shared memory named"):
             RingReader.attach(name)
+
+
+def test_sigterm_stops_the_bridge_and_unlinks_its_rings():
+    import signal
+
+    inbox = Inbox()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from rtdiffusion.cli import main; sys.exit(main(sys.argv[1:]))",
+         "td", "--model", "random:tiny", "--width", "64", "--height", "64", "--device", "cpu", "--dtype", "float32",
+         "--osc-in-port", "0", "--osc-out-port", str(inbox.port)],
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        inbox.wait("/stream-info/state", lambda p: p[0] == "ready", timeout=120)
+        names = [inbox.all(a)[-1][0] for a in ("/stream-info/input-name", "/stream-info/output-name")]
+        assert names == [f"rtd_in_{proc.pid}", f"rtd_out_{proc.pid}"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        for name in names:
+            with pytest.raises(RingError, match="no shared memory named"):
+                RingReader.attach(name)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+        inbox.close()
