@@ -18,7 +18,7 @@ Segment layout::
         21     1  u8     pixel_format   1 = rgba8, 2 = bgra8, 3 = rgb8
         22     1  u8     row_order      0 = top-down (row 0 is the top), 1 = bottom-up (TouchDesigner)
         23     1  u8     slot_count     1..16
-        24     4  u32    flags          bit 0 CLOSED: the writer has gone; bit 1 CHECKSUM: slots carry crc32
+        24     4  u32    flags          bit 0 CLOSED: its creator has gone; bit 1 CHECKSUM: slots carry crc32
         28     4  u32    owner_pid      process that created the segment
         32     8  u64    slot_stride    bytes from one slot's pixels to the next (frame bytes rounded up to 64)
         40     8  u64    published      frames published so far; the newest is in slot (published - 1) % slot_count

@@ -223,11 +223,11 @@ class CudaTransfer:
                     src = self._dev_out[j]
                 self._used[j].record(rb)
             self._pin_out[j].copy_(src, non_blocking=True)
+            if self.profile:  # before rb_done, so it has completed whenever rb_done has
+                self._t["rb1"][j].record(rb)
             self._rb_done[j].record(rb)
             if self._out_identity:
                 self._used[j].record(rb)
-            if self.profile:
-                self._t["rb1"][j].record(rb)
         self._last_used = self._used[j]
         self._pending.append((j, self._source))
         self._j = (j + 1) % self._depth
