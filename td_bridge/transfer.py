@@ -102,6 +102,20 @@ def _gather_index(h: int, w: int, src_c: int, src_rows: RowOrder, dst_rows: RowO
     return ((ys[:, None, None] * w + xs[None, :, None]) * src_c + cs[None, None, :]).reshape(-1)  # [H*W*3]
 
 
+def input_index(layout: RingLayout):
+    """[H*W*3] gather index: ring-layout pixels -> the engine's top-down RGB."""
+    return _gather_index(layout.height, layout.width, layout.channels, layout.row_order, RowOrder.TOP_DOWN,
+                         layout.pixel_format.rgb_channels)
+
+
+def output_index(layout: RingLayout):
+    """[H*W*3] gather index: the engine's top-down RGB -> the ring's first three channels, in its row order."""
+    inv = [0, 0, 0]  # which engine channel lands in each of the ring's first three channels
+    for c, pos in enumerate(layout.pixel_format.rgb_channels):
+        inv[pos] = c
+    return _gather_index(layout.height, layout.width, 3, RowOrder.TOP_DOWN, layout.row_order, tuple(inv))
+
+
 class CudaTransfer:
     """Pinned staging, side streams and events around ``engine.step()``; see the module docstring."""
 
@@ -132,15 +146,11 @@ class CudaTransfer:
         self._up_done = [E() for _ in range(2)]
         self._conv_done = [E() for _ in range(2)]
         self._in_identity = lin.pixel_format is PixelFormat.RGB8 and lin.row_order is RowOrder.TOP_DOWN
-        self._in_idx = _gather_index(h, w, lin.channels, lin.row_order, RowOrder.TOP_DOWN,
-                                     lin.pixel_format.rgb_channels).to(dev)  # [H*W*3] int64
+        self._in_idx = input_index(lin).to(dev)  # [H*W*3] int64
         # readback stages, j in 0..depth-1
         self._depth = depth
         self._out_identity = lout.pixel_format is PixelFormat.RGB8 and lout.row_order is RowOrder.TOP_DOWN
-        inv = [0, 0, 0]  # which engine channel lands in each of the ring's first three channels
-        for c, pos in enumerate(lout.pixel_format.rgb_channels):
-            inv[pos] = c
-        self._out_idx = _gather_index(h, w, 3, RowOrder.TOP_DOWN, lout.row_order, tuple(inv)).to(dev)  # [H*W*3]
+        self._out_idx = output_index(lout).to(dev)  # [H*W*3] int64
         self._tmp3 = [torch.zeros(h * w * 3, dtype=torch.uint8, device=dev) for _ in range(depth)]  # [H*W*3]
         self._dev_out = [torch.full(lout.shape, 255, dtype=torch.uint8, device=dev) for _ in range(depth)]  # alpha 255
         self._pin_out = [torch.zeros(lout.shape, dtype=torch.uint8, pin_memory=True) for _ in range(depth)]
