@@ -61,3 +61,4 @@ def test_host_transfer_publishes_exactly_what_the_engine_makes(shm_name):
     finally:
         bridge_in.close()
         bridge_out.close()
+
