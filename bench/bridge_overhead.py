@@ -238,8 +238,14 @@ def main() -> int:
     r["format_check_failures"] = failures
     out_dir = os.environ.get("OUT", ".")
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "bridge_overhead.json"), "w") as f:
-        json.dump(r, f, indent=2)
+    path = os.path.join(out_dir, "bridge_overhead.json")
+    runs = {}
+    if os.path.exists(path):  # one file for the stand-in run and the model run: keyed by engine
+        with open(path) as f:
+            runs = json.load(f)
+    runs[args.engine] = r
+    with open(path, "w") as f:
+        json.dump(runs, f, indent=2)
 
     print(f"\nbridge overhead: {r['device']}, {r['engine']}, {r['size']}x{r['size']} {r['pixel_format']} "
           f"{r['row_order']}, {r['transfer']} transfer, {r['frames']} frames, torch {r['torch']}")
