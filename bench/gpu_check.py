@@ -114,17 +114,25 @@ def main() -> int:
     ap.add_argument("--frames", type=int, default=300)
     ap.add_argument("--parity-frames", type=int, default=100)
     ap.add_argument("--skip-parity", action="store_true")
+    ap.add_argument("--channels-last", action="store_true", help="UNet and VAE weights in channels_last")
+    ap.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
+    ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     out_dir = os.environ.get("OUT", ".")
     report: dict = {"environment": environment(), "parity": {}, "memory": {}, "bench": {}}
 
     def save() -> None:  # after every section: a run cut short still leaves its numbers
-        with open(os.path.join(out_dir, "gpu_check.json"), "w") as f:
+        with open(os.path.join(out_dir, f"gpu_check{args.tag}.json"), "w") as f:
             json.dump(report, f, indent=2)
     t0 = time.time()
     comps32 = load_components("random:sd-turbo", DEV, torch.float32, seed=0)
     comps16 = half_copy(comps32)
+    if args.channels_last:
+        comps16.unet.to(memory_format=torch.channels_last)
+        comps16.vae.to(memory_format=torch.channels_last)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    report["variant"] = {"channels_last": args.channels_last, "cudnn_benchmark": args.cudnn_benchmark}
     frames = synthetic_frames(64, 512, 512)
     upd = dict(t_index_list=[32])
     print(f"[{time.time() - t0:6.1f}s] models built", flush=True)

@@ -1,12 +1,19 @@
 """torch.compile'd networks (Inductor, default mode), replayed inside the whole-frame CUDA graph.
 
 Compilation happens on the first calls (the graph executor's warm-up), so the first frame of a new layout
-takes as long as Inductor needs (about a minute for an SD UNet); shapes are static per layout.
+takes as long as Inductor needs (about a minute for an SD UNet on an H200); shapes are static per layout.
+Inductor's own on-disk caches (FX graph and autotune caches) live under ``<engine cache root>/inductor``
+unless ``TORCHINDUCTOR_CACHE_DIR`` is set, so ``rtdiffusion build --backend compiled`` warms them and a
+restart with the same model and shapes skips most of the compile.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+from .cache import default_root
 
 from .base import TorchNetworks
 
@@ -14,6 +21,7 @@ from .base import TorchNetworks
 class CompiledNetworks(TorchNetworks):
     def __init__(self, unet_module: torch.nn.Module, vae_module: torch.nn.Module, mode: str = "default"):
         super().__init__(unet_module, vae_module, name="compiled")
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_root() / "inductor"))
         kw = dict(mode=mode, fullgraph=False, dynamic=False)
         self._unet_c = torch.compile(unet_module.forward, **kw)
         self._enc_c = torch.compile(vae_module.encode, **kw)

@@ -56,12 +56,18 @@ class CapturedStep:
         except Exception as exc:  # capture errors come from deep inside torch and CUDA
             raise CaptureError(f"could not capture {name} as a CUDA graph: {type(exc).__name__}: {exc}") from exc
         torch.cuda.current_stream(device).wait_stream(side)
+        self.released = False
 
     def replay(self) -> None:
         self.graph.replay()
 
     def release(self) -> None:
-        self.graph.reset()
+        """Free the graph and its memory pool. Waits for the device first: a replay still running must not
+        see its memory handed to someone else (this runs only when the cache evicts, never per frame)."""
+        if not self.released:
+            torch.cuda.synchronize()
+            self.graph.reset()
+            self.released = True
 
 
 class GraphCache:
@@ -71,8 +77,7 @@ class GraphCache:
     """
 
     def __init__(self, capacity: int = 4):
-        if not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"graph cache capacity must be an integer >= 1; got {capacity!r}")
+        _check_capacity(capacity)
         self._capacity = capacity
         self._entries: OrderedDict[Hashable, Any] = OrderedDict()
         self._lock = threading.RLock()
@@ -83,8 +88,7 @@ class GraphCache:
 
     @capacity.setter
     def capacity(self, value: int) -> None:
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"graph cache capacity must be an integer >= 1; got {value!r}")
+        _check_capacity(value)
         with self._lock:
             self._capacity = value
             self._evict()
@@ -144,6 +148,11 @@ class GraphCache:
             key, value = self._entries.popitem(last=False)
             log.info("graph cache full (capacity %d): evicting %s", self._capacity, key)
             _release(value)
+
+
+def _check_capacity(value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"graph cache capacity must be an integer >= 1; got {value!r}")
 
 
 def _release(value: Any) -> None:

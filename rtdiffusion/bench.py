@@ -48,6 +48,8 @@ class BenchResult:
     flops_per_frame: float | None = None
     matmul_tflops: float | None = None
     floor_ms: float | None = None
+    device_ms: float | None = None  # GPU time per frame, steps enqueued back to back (no host round trip)
+    kernels: list[dict[str, Any]] = field(default_factory=list)  # top kernels of the frame (profiler)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -68,6 +70,12 @@ class BenchResult:
             p = self.prompt_change
             lines.append(f"prompt change every {int(p['every'])}: worst frame {p['worst_ms']:.3f} ms "
                          f"({p['worst_ms'] / f['median']:.2f}x median), median {p['median_ms']:.3f} ms")
+        if self.device_ms:
+            lines.append(f"device only    {self.device_ms:.3f} ms/frame (steps back to back, no host round trip)")
+        if self.kernels:
+            lines.append("top kernels per frame (torch.profiler over graph replays):")
+            lines += [f"  {k['ms_per_frame']:7.3f} ms  {k['calls_per_frame']:5.1f}x  {k['name'][:90]}"
+                      for k in self.kernels[:10]]
         if self.floor_ms:
             lines.append(f"FLOPs/frame {self.flops_per_frame / 1e9:.0f} G; floor at {self.matmul_tflops:.0f} "
                          f"TFLOP/s = {self.floor_ms:.3f} ms; measured/floor = {f['median'] / self.floor_ms:.1f}x")
@@ -188,8 +196,39 @@ def matmul_tflops(device: torch.device, n: int = 8192, dtype=torch.float16) -> f
     return 2 * n ** 3 * 10 / (start.elapsed_time(end) / 1e3) / 1e12
 
 
+def device_time(engine, n: int = 100) -> float:
+    """GPU ms per frame with steps enqueued back to back (what a pipelined caller gets)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    engine.step()
+    start.record(engine.stream)
+    for _ in range(n):
+        engine.step()
+    end.record(engine.stream)
+    end.synchronize()
+    return start.elapsed_time(end) / n
+
+
+def kernel_profile(engine, n: int = 20) -> list[dict[str, Any]]:
+    """The frame's kernels by total GPU time, from torch.profiler over ``n`` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            engine.step()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0 and e.count:
+            rows.append({"name": e.key, "ms_per_frame": t / 1e3 / n, "calls_per_frame": e.count / n})
+    rows.sort(key=lambda r: -r["ms_per_frame"])
+    return rows[:25]
+
+
 def run_bench(engine, *, frames: int = 300, warmup: int = 30, prompt_change_every: int | None = None,
-              profile: bool = True, flops: bool = True) -> BenchResult:
+              profile: bool = True, flops: bool = True, kernels: bool = False) -> BenchResult:
     cuda = engine.device.type == "cuda"
     src = synthetic_frames(min(frames + warmup, 64), engine.height, engine.width)
     for i in range(warmup):
@@ -238,6 +277,10 @@ def run_bench(engine, *, frames: int = 300, warmup: int = 30, prompt_change_ever
             ptimes.append((time.perf_counter() - t0) * 1e3)
         result.prompt_change = {"every": prompt_change_every, "worst_ms": max(ptimes),
                                 "median_ms": statistics.median(ptimes), "p99_ms": _percentile(ptimes, 99)}
+    if cuda:
+        result.device_ms = device_time(engine)
+    if kernels and cuda:
+        result.kernels = kernel_profile(engine)
     if profile:
         result.stages_ms = stage_profile(engine, src)
     if flops:

@@ -126,6 +126,8 @@ class StreamEngine:
         self._probe_host = torch.zeros(3, dtype=torch.float32, pin_memory=cuda)
         self._probe_event = torch.cuda.Event() if cuda else None
         self._out_event = torch.cuda.Event() if cuda else None
+        # a small ring of "output ready" events: a consumer may hold the last few results' events
+        self._ready_events = [torch.cuda.Event() for _ in range(4)] if cuda else []
         self._graphs = GraphCache(_graph_cache_capacity(graph_cache_size))
         self._layouts: dict[StreamLayout, LayoutState] = {}
         self._frame: CapturedFrame | None = None  # the active layout's captured graphs (graph backends)
@@ -180,9 +182,10 @@ class StreamEngine:
         return self._io.frame_u8[0] if self.config.frame_buffer_size == 1 else self._io.frame_u8
 
     @property
-    def graph_cache(self) -> GraphCache:
-        """Captured layouts (LRU): inspect with keys(), len(), `in`; control with remove(), purge()."""
-        return self._graphs
+    def graph_cache(self) -> "GraphCacheControl":
+        """Captured frame graphs (LRU): inspect with keys(), len(), `in`, capacity; control with remove(),
+        purge(n), capacity = N. Safe to use from another thread while frames run."""
+        return GraphCacheControl(self)
 
     # ------------------------------------------------------------------ control (any thread)
     def update_prompt(self, prompt: Any, method: Any = "linear", negative_prompt: str | None = None) -> None:
@@ -320,6 +323,8 @@ class StreamEngine:
         """
         with self._frame_lock:
             self._boundary()
+            if self.stream is not None:  # the caller's writes into input_buffer / its reads of the last
+                self.stream.wait_stream(torch.cuda.current_stream(self.device))  # output come first (GPU-side)
             result = self._run(consumer_done, use_graph)
             if result.ready is not None:
                 torch.cuda.current_stream(self.device).wait_event(result.ready)
@@ -329,7 +334,7 @@ class StreamEngine:
         """Make the caller's own device tensor the input buffer: step() then reads it in place, no copy.
 
         tensor: uint8 [H, W, 3] ([F, H, W, 3] with a frame buffer), contiguous, on the engine's device.
-        Graphs are captured against it on the next frame (those of the old buffer stay cached).
+        The active shape's graph is captured against it now (graphs of the old buffer stay cached).
         """
         F, H, W = self.config.frame_buffer_size, self.height, self.width
         want = (H, W, 3) if F == 1 else (F, H, W, 3)
@@ -339,7 +344,7 @@ class StreamEngine:
                    f"on {getattr(tensor, 'device', '?')}")
             raise FrameError(f"an input buffer must be a contiguous uint8 tensor of shape {list(want)} on "
                              f"{self._io.frame_u8.device}; got {got}")
-        with self._frame_lock:
+        with self._frame_lock, self._stream_ctx():
             self._io = FrameIO(tensor.view(F, H, W, 3), self._io.out_u8)
             for st in self._layouts.values():
                 st.buffers.io = self._io
@@ -347,6 +352,9 @@ class StreamEngine:
 
     def _run(self, consumer_done: torch.cuda.Event | None, use_graph: bool = True) -> FrameResult:
         st, executor = self._state, (self._executor if use_graph else self._eager)
+        if executor.captures and (self._frame is None or self._frame.released):
+            self._frame = self._captured(st)  # evicted or removed through graph_cache: capture again
+            executor = self._executor  # (capture may have fallen back to eager)
         skip = self._decide_skip()
         with self._stream_ctx():
             if self._settings.filter.enabled:
@@ -361,7 +369,7 @@ class StreamEngine:
                 self._temporal.after_frame()
             ready = None
             if self._out_event is not None:
-                ready = torch.cuda.Event()
+                ready = self._ready_events[self._frames % len(self._ready_events)]
                 ready.record()
         self._frames += 1
         now = time.perf_counter()
@@ -410,9 +418,9 @@ class StreamEngine:
         dst = self._io.frame_u8  # [F, H, W, 3]
         src = frame if frame.ndim == 4 else frame[None]
         if kind == "cuda":
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))  # GPU-side, not a host sync
             if src.data_ptr() == dst.data_ptr():
                 return  # the caller wrote into input_buffer: zero copy
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))
             with self._stream_ctx():
                 dst.copy_(src, non_blocking=True)
             return
@@ -487,9 +495,59 @@ def _graph_cache_capacity(default: int) -> int:
         return default
     if raw in ("off", "0"):
         return 1
-    if raw.isdigit():
+    if raw.isdigit() and int(raw) >= 1:
         return int(raw)
     raise ConfigError(f"{GRAPH_CACHE_ENV} must be 'on', 'off' or a capacity (a whole number); got {raw!r}")
+
+
+class GraphCacheControl:
+    """The engine's graph cache, as the Python API sees it.
+
+    Reads go straight to the cache (it has its own lock). Changes take the engine's frame lock, so they land
+    between frames; if they drop the graph of the shape now in use, the next frame captures it again.
+    Keys are (StreamLayout, input address, output address, KV-cache key) tuples, as keys() lists them.
+    """
+
+    def __init__(self, engine: "StreamEngine"):
+        self._engine, self._cache = engine, engine._graphs
+
+    def keys(self) -> list:
+        return self._cache.keys()
+
+    def describe(self) -> list[str]:
+        return [_key_str(k) for k in self._cache.keys()]
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self._cache
+
+    @property
+    def active_key(self) -> tuple | None:
+        e = self._engine
+        return e._graph_key(e._state.buffers.layout) if e._executor.captures else None
+
+    @property
+    def capacity(self) -> int:
+        return self._cache.capacity
+
+    @capacity.setter
+    def capacity(self, value: int) -> None:
+        try:
+            with self._engine._frame_lock:
+                self._cache.capacity = value
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+
+    def remove(self, key: Any) -> bool:
+        with self._engine._frame_lock:
+            return self._cache.remove(key)
+
+    def purge(self, n: int | None = None) -> int:
+        """Drop the n least recently used graphs (all when None); returns how many were dropped."""
+        with self._engine._frame_lock:
+            return self._cache.purge(n)
 
 
 class _NullCtx:

@@ -37,6 +37,10 @@ class CapturedFrame:
     probe: CapturedStep
     main: CapturedStep
 
+    @property
+    def released(self) -> bool:
+        return self.main.released
+
     def release(self) -> None:
         self.probe.release()
         self.main.release()

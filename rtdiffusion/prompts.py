@@ -55,7 +55,8 @@ class PromptEncoder:
     @torch.no_grad()
     def encode_texts(self, texts: list[str]) -> list[torch.Tensor]:
         """[1, T, D] per text; only texts not in the cache reach the text encoder (in one batch)."""
-        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        found = {t: self._cache[t] for t in texts if t in self._cache}
+        missing = [t for t in dict.fromkeys(texts) if t not in found]
         if missing:
             ids = self.tokenizer(missing).to(self.device)  # [N, T]
             if self._graph is not None:
@@ -68,12 +69,13 @@ class PromptEncoder:
                 out = self.text_encoder(ids, return_dict=False)[0].to(self.dtype)  # [N, T, D]
             self.encodes += 1
             for text, emb in zip(missing, out):
-                self._cache[text] = emb.unsqueeze(0)
-                while len(self._cache) > self.capacity:
-                    self._cache.popitem(last=False)
-        for t in texts:
+                found[text] = emb.unsqueeze(0)
+        for t in dict.fromkeys(texts):  # most recently used last; evict only after collecting the results
+            self._cache[t] = found[t]
             self._cache.move_to_end(t)
-        return [self._cache[t] for t in texts]
+        while len(self._cache) > self.capacity:
+            self._cache.popitem(last=False)
+        return [found[t] for t in texts]
 
     def embed(self, spec: PromptSpec) -> torch.Tensor:
         """The (blended) conditional embedding of ``spec``: [1, T, D]."""

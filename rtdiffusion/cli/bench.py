@@ -23,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also measure the worst frame while the prompt changes every N frames")
     p.add_argument("--no-profile", action="store_true", help="skip the per-stage profile")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
+    p.add_argument("--kernels", action="store_true", help="CUDA: also list the frame's top kernels (profiler)")
     p.add_argument("--json", default=None, metavar="PATH", help="append the record to PATH (JSON lines)")
     p.set_defaults(func=run)
 
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     engine = build_engine(args)
     result = run_bench(engine, frames=args.frames, warmup=args.warmup,
                        prompt_change_every=args.prompt_change_every, profile=not args.no_profile,
-                       flops=not args.no_flops)
+                       flops=not args.no_flops, kernels=args.kernels)
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps(json.loads(result.to_json())) + "\n")
