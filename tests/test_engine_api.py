@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import subprocess
 import sys
 import threading
@@ -166,8 +167,7 @@ def test_unknown_random_model_names_the_allowed_ones():
         assert name in str(e.value)
 
 
-def test_uncached_hub_id_with_local_files_only(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path))  # in case a child process reads it; the id is not cached anyway
+def test_uncached_hub_id_with_local_files_only():
     with pytest.raises(ModelNotFoundError, match="rtdiffusion-tests/no-such-model"):
         StreamEngine.from_pretrained("rtdiffusion-tests/no-such-model", device="cpu", local_files_only=True)
 
@@ -179,7 +179,7 @@ def test_uncached_hub_id_with_hf_hub_offline(tmp_path):
             "    StreamEngine.from_pretrained('rtdiffusion-tests/no-such-model', device='cpu')\n"
             "except ModelNotFoundError as exc:\n"
             "    print('MNF:', exc)\n")
-    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("MNF:") and "rtdiffusion-tests/no-such-model" in r.stdout
@@ -515,12 +515,14 @@ def _was_skipped(engine, frame):
     return out, engine.status()["skipped_frames"] - n
 
 
-def test_similar_filter_skips_near_identical_frames_up_to_max_skip(make_engine):
-    """Frames a few grey levels apart (cosine ~ 1 > threshold 0.5: skip probability ~ 1) are skipped, at
-    most max_skip in a row; a skipped frame returns the previous output, a processed one the real result."""
+@pytest.mark.parametrize("threshold", [0.0, 0.5])
+def test_similar_filter_skips_near_identical_frames_up_to_max_skip(make_engine, threshold):
+    """Frames a few grey levels apart (cosine ~ 1, so skip probability 1 - (1 - cos) / (1 - threshold) ~ 1)
+    are skipped, at most max_skip in a row; a skipped frame returns the previous output, a processed one
+    the real result."""
     base = rand_frame(3).clip(20, 230)
     frames = [base + np.uint8(2 * i) for i in range(12)]
-    engine = make_engine(similar_filter=True, similar_threshold=0.5, similar_max_skip=2)
+    engine = make_engine(similar_filter=True, similar_threshold=threshold, similar_max_skip=2)
     plain = make_engine()  # no filter: every frame's real result
     prev, run, skipped, differs = None, 0, 0, False
     for f in frames:
@@ -551,9 +553,10 @@ def test_similar_filter_never_skips_when_it_cannot(make_engine, update):
     assert engine.status()["skipped_frames"] == 0
 
 
-def test_similar_filter_does_not_skip_very_different_frames(make_engine):
+@pytest.mark.parametrize("threshold", [0.0, 0.5])
+def test_similar_filter_does_not_skip_very_different_frames(make_engine, threshold):
     """Alternating a frame and its negative: cosine -1, skip probability 0, never skipped."""
-    engine = make_engine(similar_filter=True, similar_threshold=0.5, similar_max_skip=10)
+    engine = make_engine(similar_filter=True, similar_threshold=threshold, similar_max_skip=10)
     a = rand_frame(4)
     for f in (a, 255 - a) * 3:
         engine(f)
