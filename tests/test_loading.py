@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -32,7 +31,8 @@ def _one_torch_thread():
 
 def _bytes_to_unicode() -> list[str]:
     """GPT-2 / CLIP byte-level alphabet: one printable character per byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -97,7 +97,7 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 # ------------------------------------------------------------------------------------------- local folder
 def test_local_folder_with_kl_vae(folders):
-    pipe, _, saved, vocab = folders
+    pipe, _, saved, _ = folders
     engine = StreamEngine.from_pretrained(str(pipe), vae="kl", device="cpu", width=W, height=H,
                                           prompt="a red cat", t_index_list=[20, 40])
     comps = engine.components
@@ -231,7 +231,8 @@ def test_published_sdxl_unet_and_taesd():
     assert sum(p.numel() for p in taesd.parameters()) == pytest.approx(2 * 1.22e6, rel=0.01)
 
 
-@pytest.mark.parametrize("name,millions", [("clip_vit_l14_text_sd15.json", 123), ("openclip_vit_h14_text_sd21.json", 340)])
+@pytest.mark.parametrize("name,millions", [("clip_vit_l14_text_sd15.json", 123),
+                                           ("openclip_vit_h14_text_sd21.json", 340)])
 def test_published_text_encoders(name, millions):
     from transformers import CLIPTextConfig, CLIPTextModel
 
