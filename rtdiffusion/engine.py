@@ -34,7 +34,7 @@ import torch
 from engines.graph import CaptureError, GraphCache
 
 from . import prepare
-from .backends import build_executor
+from .backends import build_executor, choose_backend
 from .buffers import FrameBuffers, FrameIO, StreamLayout
 from .config import (Backend, CacheSettings, EngineConfig, FilterSettings, PromptSpec, SchedulerKind, SeedSpec,
                      StreamSettings, VaeKind, apply_updates, parse_device, parse_dtype, parse_enum)
@@ -87,8 +87,8 @@ class StreamEngine:
         vk = parse_enum(VaeKind, vae, "vae")
         sk = None if scheduler is None else parse_enum(SchedulerKind, scheduler, "scheduler")
         # validate sizes early with a provisional config (the model may supply the default size)
-        EngineConfig(model, width or 512, height or 512, dev, dt, be, vk, frame_buffer_size,
-                     num_inference_steps, sk, max_vram_gb, engine_dir, kv_max_frames)
+        choose_backend(EngineConfig(model, width or 512, height or 512, dev, dt, be, vk, frame_buffer_size,
+                                    num_inference_steps, sk, max_vram_gb, engine_dir, kv_max_frames))
         settings = apply_updates(StreamSettings(
             prompt=PromptSpec.parse(prompt, prompt_method, negative_prompt), seed=SeedSpec.parse(seed),
             filter=FilterSettings(similar_filter, similar_threshold, similar_max_skip),
@@ -140,16 +140,19 @@ class StreamEngine:
         self._constants: dict[tuple[int, ...], SlotConstants] = {}
         self._lock = threading.Lock()  # guards _pending
         self._frame_lock = threading.RLock()  # one frame (or settings application) at a time
-        self._pending: StreamSettings | None = None
-        self._settings: StreamSettings | None = None
+        self._pending: StreamSettings | None = None  # accepted, not yet applied (guarded by _lock)
+        self._accepted: StreamSettings | None = None  # the newest accepted settings: updates build on it
+        self._settings: StreamSettings | None = None  # applied: what the frames run with
         self._state: LayoutState | None = None
         self._frames = 0
         self._skipped = 0
         self._skip_run = 0
         self._rng = random.Random(0)
+        self._host_probe_ref: np.ndarray | None = None
         self._frame_times: deque[float] = deque(maxlen=240)
         self._last_frame_at: float | None = None
-        self._apply((settings or StreamSettings()).validate(config.num_inference_steps))
+        self._accepted = (settings or StreamSettings()).validate(config.num_inference_steps)
+        self._apply(self._accepted)
         log.info("engine ready: %s, backend %s (%s)", config.model, self.backend, self.backend_reason)
 
     def _check_resolution(self) -> None:
@@ -191,23 +194,23 @@ class StreamEngine:
     def update_prompt(self, prompt: Any, method: Any = "linear", negative_prompt: str | None = None) -> None:
         """Set the prompt (a string or [(text, weight), ...]); unchanged text is never re-encoded."""
         with self._lock:
-            base = self._pending or self._settings
+            base = self._accepted
             neg = base.prompt.negative if negative_prompt is None else negative_prompt
             spec = PromptSpec.parse(prompt, method, neg)
-            self._pending = dataclasses.replace(base, prompt=spec)
+            self._pending = self._accepted = dataclasses.replace(base, prompt=spec)
 
     def update_seed(self, seed: Any) -> None:
         """Set the seed (an int or [(seed, weight), ...]); the noise is regenerated in place."""
         with self._lock:
-            base = self._pending or self._settings
-            self._pending = dataclasses.replace(base, seed=SeedSpec.parse(seed))
+            base = self._accepted
+            self._pending = self._accepted = dataclasses.replace(base, seed=SeedSpec.parse(seed))
 
     def update(self, **kw: Any) -> None:
         """Change settings: guidance_scale, delta, t_index_list, cfg, similar_filter, similar_threshold,
         similar_max_skip, cache_enabled, cache_maxframes, cache_interval, cache_reset, prompt, seed,
         negative_prompt. Validated now; applied at the next frame boundary."""
         with self._lock:
-            base = self._pending or self._settings
+            base = self._accepted
             if "prompt" in kw or "negative_prompt" in kw or "prompt_method" in kw:
                 neg = kw.pop("negative_prompt", base.prompt.negative)
                 method = kw.pop("prompt_method", base.prompt.method)
@@ -220,7 +223,7 @@ class StreamEngine:
                     base.cache, reset_token=base.cache.reset_token + 1))
             new = apply_updates(base, self.config.num_inference_steps, **kw)
             _check_cache_frames(new, self.config.kv_max_frames)
-            self._pending = new
+            self._pending = self._accepted = new
 
     # ------------------------------------------------------------------ settings application
     def _boundary(self) -> None:
@@ -310,8 +313,12 @@ class StreamEngine:
         arr, kind = self._check_frame(frame)
         with self._frame_lock:
             self._boundary()
+            skip = self._host_probe_skip(arr) if kind != "cuda" and self._settings.filter.enabled else None
+            if skip:
+                self._count_frame()
+                return self._download(self._result(None, skip=True), kind)
             self._upload(arr, kind)
-            result = self._run(None, use_graph)
+            result = self._run(None, use_graph, decided=skip is not None)
             return self._download(result, kind)
 
     def step(self, consumer_done: torch.cuda.Event | None = None, *, use_graph: bool = True) -> FrameResult:
@@ -350,14 +357,16 @@ class StreamEngine:
                 st.buffers.io = self._io
             self._frame = self._captured(self._state)
 
-    def _run(self, consumer_done: torch.cuda.Event | None, use_graph: bool = True) -> FrameResult:
+    def _run(self, consumer_done: torch.cuda.Event | None, use_graph: bool = True,
+             decided: bool = False) -> FrameResult:
+        """One frame on the device. ``decided``: the host already chose to process it (host probe)."""
         st, executor = self._state, (self._executor if use_graph else self._eager)
         if executor.captures and (self._frame is None or self._frame.released):
             self._frame = self._captured(st)  # evicted or removed through graph_cache: capture again
             executor = self._executor  # (capture may have fallen back to eager)
-        skip = self._decide_skip()
+        skip = False if decided else self._decide_skip()
         with self._stream_ctx():
-            if self._settings.filter.enabled:
+            if self._settings.filter.enabled and not decided:
                 executor.probe(st, self._frame)
                 self._probe_host.copy_(st.buffers.probe_dots, non_blocking=True)
                 if self._probe_event is not None:
@@ -367,24 +376,50 @@ class StreamEngine:
                     self.stream.wait_event(consumer_done)
                 executor.main(st, self._frame)
                 self._temporal.after_frame()
-            ready = None
-            if self._out_event is not None:
+            result = self._result(consumer_done, skip)
+        self._count_frame()
+        return result
+
+    def _result(self, consumer_done, skip: bool) -> FrameResult:
+        ready = None
+        if self._out_event is not None:
+            with self._stream_ctx():
                 ready = self._ready_events[self._frames % len(self._ready_events)]
                 ready.record()
+        out = self._io.out_u8[0] if self.config.frame_buffer_size == 1 else self._io.out_u8
+        return FrameResult(out, ready, self._frames, skip)
+
+    def _count_frame(self) -> None:
         self._frames += 1
         now = time.perf_counter()
         if self._last_frame_at is not None:
             self._frame_times.append(now - self._last_frame_at)
         self._last_frame_at = now
-        out = self._io.out_u8[0] if self.config.frame_buffer_size == 1 else self._io.out_u8
-        return FrameResult(out, ready, self._frames - 1, skip)
+
+    def _host_probe_skip(self, frame: Any) -> bool:
+        """Similar-frame filter for frames that come from the host: the same 8x-subsampled probe as the
+        GPU's, computed here on this very frame (tens of microseconds), so a scene cut is never skipped."""
+        f = frame if frame.ndim == 4 else frame[None]
+        p = np.asarray(f[:, ::8, ::8, :], dtype=np.float32).ravel() * (2.0 / 255.0) - 1.0
+        ref = self._host_probe_ref
+        skip = ref is not None and ref.shape == p.shape and self._skip_rule(float(p @ ref), float(p @ p),
+                                                                             float(ref @ ref))
+        if not skip:
+            self._host_probe_ref = p
+        return skip
 
     def _decide_skip(self) -> bool:
-        """Similar-frame filter, decided from the last probe the GPU has finished: never waits on it."""
+        """Similar-frame filter for frames already on the device (step(), CUDA frames): decided from the
+        last probe the GPU has finished, so one frame late, but it never waits on the GPU."""
         f = self._settings.filter
         if not f.enabled or (self._probe_event is not None and not self._probe_event.query()):
             return False
-        ab, aa, bb = self._probe_host.tolist()
+        return self._skip_rule(*self._probe_host.tolist())
+
+    def _skip_rule(self, ab: float, aa: float, bb: float) -> bool:
+        """StreamDiffusion's rule: skip with probability max(0, 1 - (1 - cos) / (1 - threshold)),
+        at most max_skip frames in a row."""
+        f = self._settings.filter
         cos = ab / math.sqrt(aa * bb) if aa > 0 and bb > 0 else 0.0
         skip_prob = 0.0 if f.threshold >= 1 else max(0.0, 1.0 - (1.0 - cos) / (1.0 - f.threshold))
         if self._skip_run < f.max_skip and self._rng.random() < skip_prob:

@@ -262,7 +262,9 @@ class CudaTransfer:
                 self.samples["ring_out"].append(time.perf_counter() - t0)
                 jj = self._prof_pending.popleft()
                 self.samples["readback"].append(self._t["rb0"][jj].elapsed_time(self._t["rb1"][jj]) * 1e-3)
-                self.samples["upload"].append(self._t["up0"][jj].elapsed_time(self._t["up1"][jj]) * 1e-3)
+                up0, up1 = self._t["up0"][jj], self._t["up1"][jj]
+                if up0.query() and up1.query():  # a newer upload may have re-recorded this slot's events
+                    self.samples["upload"].append(up0.elapsed_time(up1) * 1e-3)
             self._pending.popleft()
             self._on_published(n, source)
             done += 1

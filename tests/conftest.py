@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -33,3 +35,9 @@ def make_engine(tiny_components):
         return engine
 
     return make
+
+
+# One torch thread per process: the suite runs servers and bridges as real subprocesses next to pytest on
+# 2 cores, and oversubscribed torch threads slow the tiny model by 10x or more. Subprocesses inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)

@@ -222,8 +222,6 @@ def test_graph_backend_on_cpu_is_a_config_error(tiny_components):
         StreamEngine.from_pretrained("random:tiny", device="cpu", backend="graph", width=W, height=H)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: from_pretrained checks the backend against the device only after "
-                                       "loading the model (engine.py from_pretrained / backends.choose_backend)")
 def test_graph_backend_on_cpu_fails_before_loading():
     # from_pretrained promises every argument is checked before the model loads
     with pytest.raises(ConfigError, match="CUDA"):
@@ -405,9 +403,6 @@ def test_updates_from_a_control_thread_are_consistent_and_the_last_wins(make_eng
         assert (g, d, seed) == (1.0 + i / 20, i / 20, i), "a frame saw a mix of two updates"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an update made while _apply runs is based on the old settings "
-                                       "(engine.py _boundary/_apply vs update: base = _pending or _settings) "
-                                       "and silently reverts the update being applied")
 def test_update_during_settings_application_is_not_lost(make_engine, tiny_components):
     """Two control calls for different fields, the second arriving while the first is being applied:
     both must survive."""
@@ -563,9 +558,6 @@ def test_similar_filter_does_not_skip_very_different_frames(make_engine, thresho
     assert engine.status()["skipped_frames"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the skip decision for a frame uses the previous frame's probe "
-                                       "(engine.py _run: _decide_skip() before probe), so the first frame "
-                                       "after a scene cut is dropped")
 def test_similar_filter_does_not_skip_a_scene_cut(make_engine):
     engine = make_engine(similar_filter=True, similar_threshold=0.5, similar_max_skip=10)
     a = rand_frame(4)

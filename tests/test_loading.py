@@ -147,8 +147,6 @@ def test_local_folder_with_tiny_vae_from_a_local_taesd_folder(folders):
     assert not np.array_equal(engine(a), out)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: loading.py _pretrained_components sets default_size = "
-                                       "unet.config.sample_size * 8, ignoring the VAE's own scale factor")
 def test_local_folder_default_size_follows_the_vae(folders):
     pipe, taesd, _, _ = folders
     comps = load_components(str(pipe), torch.device("cpu"), torch.float32,
@@ -175,9 +173,6 @@ def test_folder_missing_a_part(folders, tmp_path, missing):
     assert path in str(e.value)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: loading.py _pretrained_components checks unet/, text_encoder/, "
-                                       "tokenizer/, scheduler/ but not vae/ for vae='kl': diffusers' OSError "
-                                       "escapes instead of ModelNotFoundError")
 def test_folder_missing_vae_with_kl(folders, tmp_path):
     pipe, _, _, _ = folders
     path = _copy_without(pipe, tmp_path / "broken", "vae")

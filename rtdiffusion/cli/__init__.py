@@ -13,6 +13,8 @@ import logging
 import sys
 from importlib.metadata import entry_points
 
+from ..errors import RtDiffusionError
+
 log = logging.getLogger(__name__)
 
 
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError) as exc:  # boundary errors: say what was expected, no traceback
+    except (ValueError, OSError, RtDiffusionError) as exc:  # boundary errors: say what was expected, no traceback
         log.error("%s", exc)
         return 2
 

@@ -67,13 +67,15 @@ class Components:
 
     @property
     def vae_scale_factor(self) -> int:
-        cfg = self.vae.config
-        blocks = cfg.get("encoder_block_out_channels") or cfg.get("block_out_channels")
-        return 2 ** (len(blocks) - 1)
+        return 2 ** (len(_vae_blocks(self.vae.config)) - 1)
 
     @property
     def latent_scaling(self) -> float:
         return float(self.vae.config.get("scaling_factor", 1.0))
+
+
+def _vae_blocks(cfg) -> list:
+    return cfg.get("encoder_block_out_channels") or cfg.get("block_out_channels")
 
 
 def load_components(model: str, device: torch.device, dtype: torch.dtype, vae: VaeKind = VaeKind.TINY,
@@ -184,7 +186,8 @@ def _pretrained_components(model: str, device: torch.device, dtype: torch.dtype,
     from transformers import CLIPTextModel, CLIPTokenizer
 
     root = resolve_model_folder(model, local_files_only=local_files_only)
-    for sub in ("unet", "text_encoder", "tokenizer", "scheduler"):
+    needed = ("unet", "text_encoder", "tokenizer", "scheduler") + (("vae",) if vae is VaeKind.KL and not vae_id else ())
+    for sub in needed:
         if not os.path.isdir(os.path.join(root, sub)):
             raise ModelNotFoundError(f"{root!r} is not a diffusers Stable Diffusion folder: it has no {sub}/ "
                                      f"(expected unet/, text_encoder/, tokenizer/, scheduler/, vae/)")
@@ -207,7 +210,8 @@ def _pretrained_components(model: str, device: torch.device, dtype: torch.dtype,
     return Components(
         unet=_ready(unet.to(unet_device), dtype), vae=_ready(vae_module.to(device), dtype),
         text_encoder=_ready(text_encoder.to(device), dtype), tokenizer=tokenizer, scheduler=kind,
-        scheduler_config=sched_cfg, default_size=int(unet.config.sample_size) * 8,
+        scheduler_config=sched_cfg,
+        default_size=int(unet.config.sample_size) * 2 ** (len(_vae_blocks(vae_module.config)) - 1),
         identity={"model": model, "folder": os.path.abspath(root), "vae": vae.value,
                   "vae_id": vae_id, "lora": [list(x) for x in lora]},
     )

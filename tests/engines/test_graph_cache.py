@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from rtdiffusion.engine import GraphCacheControl
+
 from engines.graph import GraphCache
 from rtdiffusion.errors import ConfigError
 
@@ -260,7 +262,7 @@ def test_concurrent_get_put_remove_purge_capacity_stay_consistent():
 def test_engine_exposes_its_graph_cache(make_engine, monkeypatch):
     monkeypatch.delenv("RTDIFFUSION_GRAPH_CACHE", raising=False)
     engine = make_engine()
-    assert isinstance(engine.graph_cache, GraphCache)
+    assert isinstance(engine.graph_cache, GraphCacheControl) and engine.graph_cache._cache is engine._graphs
     g = engine.status()["graph_cache"]
     assert g["capacity"] == 4 == engine.graph_cache.capacity  # the default
     assert g["size"] == 0 and g["keys"] == [] and g["captures"] == 0  # eager on the CPU: nothing captured
