@@ -39,6 +39,7 @@ def main() -> int:
     ap.add_argument("--only", nargs="+", default=list(SCENARIOS))
     ap.add_argument("--backends", nargs="+", default=["compiled"])
     ap.add_argument("--frames", type=int, default=300)
+    ap.add_argument("--presets", nargs="+", default=["default"], help="compile presets to compare (compiled)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     out = os.path.join(os.environ.get("OUT", "."), "scenarios.json")
@@ -46,10 +47,12 @@ def main() -> int:
     for name in args.only:
         spec = dict(SCENARIOS[name])
         model = spec.pop("model")
-        for backend in args.backends:
+        runs = [(b, p) for b in args.backends for p in (args.presets if b == "compiled" else ["default"])]
+        for backend, preset in runs:
             t0 = time.time()
             try:
-                engine = StreamEngine.from_pretrained(model, device="cuda", dtype="float16", backend=backend, **spec)
+                engine = StreamEngine.from_pretrained(model, device="cuda", dtype="float16", backend=backend,
+                                                      compile_preset=preset, **spec)
                 build_s = time.time() - t0
                 r = run_bench(engine, frames=args.frames, warmup=30,
                               prompt_change_every=10 if name == "S1" else None, kernels=name in ("S1", "S2"))
@@ -58,7 +61,7 @@ def main() -> int:
                 print(f"{name} {backend} FAILED: {exc}", flush=True)
                 continue
             rec = json.loads(r.to_json())
-            rec.update(scenario=name, build_s=round(build_s, 1))
+            rec.update(scenario=name, build_s=round(build_s, 1), preset=preset)
             records.append(rec)
             print(f"--- {name} ({backend}), engine built in {build_s:.0f} s\n{r.table()}\n", flush=True)
             with open(out, "w") as f:
@@ -71,7 +74,7 @@ def main() -> int:
             print(f"{r['scenario']} {r['backend']:9s} ERROR {r['error']}")
             continue
         f = r["frame_ms"]
-        line = (f"{r['scenario']} {r['settings']['backend']:9s} median {f['median']:.2f} ms ({r['fps']:.0f} fps) "
+        line = (f"{r['scenario']} {r['settings']['backend']:9s} {r.get('preset', ''):7s} median {f['median']:.2f} ms ({r['fps']:.0f} fps) "
                 f"p99 {f['p99']:.2f} ({f['p99'] / f['median']:.2f}x) device-only {r['device_ms']:.2f} ms "
                 f"allocs/frame {r['allocations_per_frame']:.1f} syncs/frame {r['host_syncs_per_frame']:.2f} "
                 f"floor {r['floor_ms']:.2f} ms ({f['median'] / r['floor_ms']:.1f}x)")

@@ -73,7 +73,7 @@ def build_executor(config: EngineConfig, comps: Components):
     if backend is Backend.COMPILED:
         from engines.compiled import CompiledNetworks
 
-        return GraphExecutor(CompiledNetworks(comps.unet, comps.vae), "compiled"), reason
+        return GraphExecutor(CompiledNetworks(comps.unet, comps.vae, config.compile_preset.value), "compiled"), reason
     return GraphExecutor(trt_networks(config, comps), "trt"), reason
 
 

@@ -47,6 +47,14 @@ class Backend(enum.Enum):
     TRT = "trt"
 
 
+class CompilePreset(enum.Enum):
+    """Inductor settings of the 'compiled' backend (engines/compiled.py PRESETS)."""
+
+    DEFAULT = "default"  # torch.compile's default mode: about a minute for an SD UNet
+    FAST = "fast"  # + frozen weights, 1x1 convs as matmuls, fused q/k/v: longer compile, faster frames
+    MAX = "max"  # + coordinate-descent kernel tuning: longest compile
+
+
 class VaeKind(enum.Enum):
     TINY = "tiny"  # TAESD (AutoencoderTiny): about 2 ms a pass on an H200, the default
     KL = "kl"  # the model's own AutoencoderKL: higher fidelity, about 20x the FLOPs
@@ -132,6 +140,7 @@ class EngineConfig:
     max_vram_gb: float | None = None
     engine_dir: str | None = None  # on-disk engine cache; None: the default under the user's cache
     kv_max_frames: int = 4  # temporal KV cache banks hold up to this many earlier frames (memory grows with it)
+    compile_preset: CompilePreset = CompilePreset.DEFAULT  # backend 'compiled' only
 
     def __post_init__(self) -> None:
         for name in ("width", "height"):
@@ -142,6 +151,8 @@ class EngineConfig:
             raise ConfigError(f"frame_buffer_size must be an integer from 1 to 16; got {self.frame_buffer_size!r}")
         if not isinstance(self.num_inference_steps, int) or not 1 <= self.num_inference_steps <= 1000:
             raise ConfigError(f"num_inference_steps must be an integer from 1 to 1000; got {self.num_inference_steps!r}")
+        if not isinstance(self.compile_preset, CompilePreset):
+            object.__setattr__(self, "compile_preset", parse_enum(CompilePreset, self.compile_preset, "compile_preset"))
         if not isinstance(self.kv_max_frames, int) or not 1 <= self.kv_max_frames <= 16:
             raise ConfigError(f"kv_max_frames must be an integer from 1 to 16; got {self.kv_max_frames!r}")
         if self.max_vram_gb is not None and not (_finite(self.max_vram_gb) and self.max_vram_gb > 0):

@@ -76,7 +76,7 @@ class StreamEngine:
                         lora: tuple = (), vae_id: str | None = None, local_files_only: bool | None = None,
                         model_seed: int = 0, graph_cache_size: int = 4, kv_max_frames: int = 4,
                         cache_enabled: bool = False, cache_maxframes: int = 1,
-                        cache_interval: int = 1) -> "StreamEngine":
+                        cache_interval: int = 1, compile_preset: str = "default") -> "StreamEngine":
         """Load ``model`` (hub id, local diffusers folder, or ``random:sd-turbo|sd15|tiny``) and prepare.
 
         Every argument is checked before the model loads, so a typo fails in milliseconds.
@@ -88,7 +88,8 @@ class StreamEngine:
         sk = None if scheduler is None else parse_enum(SchedulerKind, scheduler, "scheduler")
         # validate sizes early with a provisional config (the model may supply the default size)
         choose_backend(EngineConfig(model, width or 512, height or 512, dev, dt, be, vk, frame_buffer_size,
-                                    num_inference_steps, sk, max_vram_gb, engine_dir, kv_max_frames))
+                                    num_inference_steps, sk, max_vram_gb, engine_dir, kv_max_frames,
+                                    compile_preset))
         settings = apply_updates(StreamSettings(
             prompt=PromptSpec.parse(prompt, prompt_method, negative_prompt), seed=SeedSpec.parse(seed),
             filter=FilterSettings(similar_filter, similar_threshold, similar_max_skip),
@@ -101,7 +102,7 @@ class StreamEngine:
                                 unet_device=torch.device("cpu") if low_vram else None)
         size = comps.default_size
         config = EngineConfig(model, width or size, height or size, dev, dt, be, vk, frame_buffer_size,
-                              num_inference_steps, sk, max_vram_gb, engine_dir, kv_max_frames)
+                              num_inference_steps, sk, max_vram_gb, engine_dir, kv_max_frames, compile_preset)
         return cls(config, comps, settings, graph_cache_size=graph_cache_size)
 
     def __init__(self, config: EngineConfig, components: Components, settings: StreamSettings | None = None,
