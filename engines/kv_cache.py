@@ -337,6 +337,10 @@ class TemporalKVCache:
         procs.update(self.processors)
         self.unet.set_attn_processor(procs)
 
+    def reinstall(self) -> None:
+        """Put the cached-attention processors back after :meth:`uninstall` (same banks, same addresses)."""
+        self._install()
+
     def uninstall(self) -> None:
         """Put the UNet's original processors back (the buffers stay allocated until the cache is dropped)."""
         self.unet.set_attn_processor(dict(self._original))

@@ -133,6 +133,7 @@ class StreamEngine:
         self._layouts: dict[StreamLayout, LayoutState] = {}
         self._frame: CapturedFrame | None = None  # the active layout's captured graphs (graph backends)
         self._executor, self.backend_reason = build_executor(config, components)
+        self._base_nets = self._executor.nets  # the backend's networks, before any wrapping
         self._eager = EagerExecutor(self._executor.nets)  # per-call graph bypass (use_graph=False)
         if self._streamer is not None and self._executor.captures:
             self._executor.before_capture = self._streamer.join
@@ -265,8 +266,7 @@ class StreamEngine:
                 b.reset_stream()  # the frames in flight belong to the old layout
             if self._temporal.apply(s.cache, layout, switched):
                 self._graphs.purge()  # new banks: graphs captured against the old ones are stale
-                self._executor.nets = self._temporal.wrap(self._executor.nets)
-                self._eager.nets = self._executor.nets
+            self._executor.nets = self._eager.nets = self._temporal.nets_for(self._base_nets)
             self._frame = self._captured(st)
             self._state, self._settings = st, s
 
