@@ -50,16 +50,20 @@ class TorchNetworks:
         # AutoencoderTiny returns `.latents`; AutoencoderKL returns a distribution (we take its mode, as
         # StreamDiffusion's deterministic path does).
         self._tiny = hasattr(self.vae_module, "encoder") and not hasattr(self.vae_module, "quant_conv")
+        # the callables the three calls go through; CompiledNetworks swaps in compiled ones
+        self._unet_fn = self.unet_module  # through __call__: module hooks (weight streaming) must run
+        self._encode_fn = self.vae_module.encode
+        self._decode_fn = self.vae_module.decode
 
     @torch.no_grad()
     def encode(self, image: torch.Tensor) -> torch.Tensor:
-        out = self.vae_module.encode(image, return_dict=False)[0]
+        out = self._encode_fn(image, return_dict=False)[0]
         return out if self._tiny else out.mode()
 
     @torch.no_grad()
     def unet(self, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        return self.unet_module(sample, timestep, encoder_hidden_states=embeds, return_dict=False)[0]
+        return self._unet_fn(sample, timestep, encoder_hidden_states=embeds, return_dict=False)[0]
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        return self.vae_module.decode(latent, return_dict=False)[0]
+        return self._decode_fn(latent, return_dict=False)[0]

@@ -244,6 +244,20 @@ def _attach(name: str) -> shared_memory.SharedMemory:
     return shm
 
 
+def _attach_checked(name: str, expect: "RingLayout | None"):
+    """Attach to ring ``name`` and read its header; with ``expect``, its size and format must match."""
+    shm = _attach(name)
+    try:
+        layout, _ = parse_header(shm.buf, shm.size, name)
+        if expect is not None and (layout.width, layout.height, layout.pixel_format) != (
+                expect.width, expect.height, expect.pixel_format):
+            raise RingError(f"ring {name!r} is {layout.describe()}; expected {expect.describe()}")
+    except RingError:
+        shm.close()
+        raise
+    return shm, layout
+
+
 class _Ring:
     """Views over one mapped segment. Subclasses add the writer's or the reader's half of the protocol."""
 
@@ -354,15 +368,7 @@ class RingWriter(_Ring):
     @classmethod
     def attach(cls, name: str, expect: RingLayout | None = None) -> "RingWriter":
         """Write into a ring made by another process (the bridge's input ring)."""
-        shm = _attach(name)
-        try:
-            layout, _ = parse_header(shm.buf, shm.size, name)
-            if expect is not None and (layout.width, layout.height, layout.pixel_format) != (
-                    expect.width, expect.height, expect.pixel_format):
-                raise RingError(f"ring {name!r} is {layout.describe()}; expected {expect.describe()}")
-        except RingError:
-            shm.close()
-            raise
+        shm, layout = _attach_checked(name, expect)
         w = cls(shm, layout, owner=False)
         w._flags[0] &= ~np.uint32(FLAG_CLOSED)  # a writer is back
         return w
@@ -437,15 +443,7 @@ class RingReader(_Ring):
 
     @classmethod
     def attach(cls, name: str, expect: RingLayout | None = None) -> "RingReader":
-        shm = _attach(name)
-        try:
-            layout, _ = parse_header(shm.buf, shm.size, name)
-            if expect is not None and (layout.width, layout.height, layout.pixel_format) != (
-                    expect.width, expect.height, expect.pixel_format):
-                raise RingError(f"ring {name!r} is {layout.describe()}; expected {expect.describe()}")
-        except RingError:
-            shm.close()
-            raise
+        shm, layout = _attach_checked(name, expect)
         return cls(shm, layout, owner=False)
 
     @classmethod

@@ -21,13 +21,6 @@ from rtdiffusion.models.tokenizer import ClipTokenizer
 H = W = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _bytes_to_unicode() -> list[str]:
     """GPT-2 / CLIP byte-level alphabet: one printable character per byte."""
