@@ -33,6 +33,12 @@ def choose_backend(config: EngineConfig) -> tuple[Backend, str]:
     """The backend to use and why (for the log and status())."""
     requested = config.backend
     cuda = config.device.type == "cuda"
+    if config.max_vram_gb is not None and cuda:
+        if requested is Backend.AUTO:
+            return Backend.GRAPH, "auto: low-VRAM weight streaming (max_vram_gb) runs with the graph backend"
+        if requested in (Backend.COMPILED, Backend.TRT):
+            raise_config(f"max_vram_gb (low-VRAM weight streaming) works with backend 'eager' or 'graph'; "
+                         f"got {requested.value!r}")
     if requested is Backend.AUTO:
         if not cuda:
             return Backend.EAGER, "auto: no CUDA device, so eager (CUDA graphs, compile and TensorRT need one)"

@@ -559,3 +559,25 @@ def test_similar_filter_does_not_skip_a_scene_cut(make_engine):
     out, skipped = _was_skipped(engine, cut)
     assert skipped == 0
     assert not np.array_equal(out, prev)
+
+
+def test_backend_choice_follows_device_and_low_vram_mode():
+    """auto: eager on the CPU; with a CUDA device, low-VRAM streaming forces graph and rejects compiled/trt.
+
+    The CUDA cases are decided from the config alone, so they are checked here without a GPU."""
+    from rtdiffusion.backends import choose_backend
+
+    def cfg(backend, device="cpu", max_vram_gb=None):
+        c = EngineConfig("random:tiny", 64, 64, torch.device("cpu"), torch.float32, Backend(backend),
+                         max_vram_gb=max_vram_gb)
+        object.__setattr__(c, "device", torch.device(device))  # a CUDA config without building CUDA tensors
+        return c
+
+    assert choose_backend(cfg("auto"))[0] is Backend.EAGER
+    backend, reason = choose_backend(cfg("auto", "cuda", max_vram_gb=4.0))
+    assert backend is Backend.GRAPH and "low-VRAM" in reason
+    for bad in ("compiled", "trt"):
+        with pytest.raises(ConfigError, match="max_vram_gb .* 'eager' or 'graph'"):
+            choose_backend(cfg(bad, "cuda", max_vram_gb=4.0))
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        choose_backend(cfg("graph"))
