@@ -231,8 +231,19 @@ class StreamEngine:
     def _boundary(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, None
-        if pending is not None and pending != self._settings:
+        if pending is None or pending == self._settings:
+            return
+        try:
             self._apply(pending)
+        except Exception:
+            # out of memory for new banks, say: keep running on the settings we had, written afresh (the
+            # failed attempt may have written part of its constants), and build later updates on them
+            log.exception("could not apply new settings; keeping the previous ones")
+            with self._lock:
+                if self._pending is None:
+                    self._accepted = self._settings
+            self._apply(self._settings, force=True)
+            raise
 
     def _layout(self, s: StreamSettings) -> StreamLayout:
         c = self.config
@@ -242,7 +253,8 @@ class StreamEngine:
                             text_tokens=self._prompts.tokens, text_dim=self._prompts.dim, dtype=c.dtype,
                             device=self.device)
 
-    def _apply(self, s: StreamSettings) -> None:
+    def _apply(self, s: StreamSettings, force: bool = False) -> None:
+        """Write ``s`` into its layout's buffers (only what changed, or everything with ``force``)."""
         with self._frame_lock, self._stream_ctx():
             prev, prev_state = self._settings, self._state
             layout = self._layout(s)
@@ -253,6 +265,7 @@ class StreamEngine:
                                  layout.slots > 1)
                 self._layouts[layout] = st
             switched = st is not prev_state
+            fresh = fresh or force
             b = st.buffers
             if fresh or switched or (s.t_index_list, s.guidance_scale, s.delta) != (
                     prev.t_index_list, prev.guidance_scale, prev.delta):

@@ -581,3 +581,31 @@ def test_backend_choice_follows_device_and_low_vram_mode():
             choose_backend(cfg(bad, "cuda", max_vram_gb=4.0))
     with pytest.raises(ConfigError, match="needs a CUDA device"):
         choose_backend(cfg("graph"))
+
+
+def test_settings_that_fail_to_apply_leave_the_engine_running_on_the_old_ones(make_engine):
+    """If applying accepted settings fails between frames (out of memory for new buffers, say), that frame
+    reports the error, and the engine keeps running exactly as before on the settings it had."""
+    engine = make_engine(prompt="a quiet lake", t_index_list=[32])
+    before = engine(FRAME)
+    real_embed = engine._prompts.embed
+    calls = {"n": 0}
+
+    def failing_embed(spec):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated failure while encoding")
+        return real_embed(spec)
+
+    engine._prompts.embed = failing_embed
+    try:
+        engine.update(t_index_list=[20, 40], prompt="a storm")
+        with pytest.raises(RuntimeError, match="simulated failure"):
+            engine(FRAME)
+        assert engine.status()["t_index_list"] == [32] and engine.status()["prompt"] == [["a quiet lake", 1.0]]
+        np.testing.assert_array_equal(engine(FRAME), before)  # same settings, same buffers, same output
+        engine.update(seed=5)  # later updates build on what runs, not on the failed change
+        engine(FRAME)
+        assert engine.status()["t_index_list"] == [32] and engine.status()["seed"] == [[5, 1.0]]
+    finally:
+        engine._prompts.embed = real_embed
