@@ -330,7 +330,7 @@ class StreamEngine:
             skip = self._host_probe_skip(arr) if kind != "cuda" and self._settings.filter.enabled else None
             if skip:
                 self._count_frame()
-                return self._download(self._result(None, skip=True), kind)
+                return self._download(self._result(skip=True), kind)
             self._upload(arr, kind)
             result = self._run(None, use_graph, decided=skip is not None)
             return self._download(result, kind)
@@ -390,11 +390,11 @@ class StreamEngine:
                     self.stream.wait_event(consumer_done)
                 executor.main(st, self._frame)
                 self._temporal.after_frame()
-            result = self._result(consumer_done, skip)
+            result = self._result(skip)
         self._count_frame()
         return result
 
-    def _result(self, consumer_done, skip: bool) -> FrameResult:
+    def _result(self, skip: bool) -> FrameResult:
         ready = None
         if self._out_event is not None:
             with self._stream_ctx():
