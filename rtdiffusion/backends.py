@@ -47,8 +47,9 @@ def choose_backend(config: EngineConfig) -> tuple[Backend, str]:
         if importlib.util.find_spec("triton") is not None:
             return Backend.COMPILED, ("auto: CUDA device without TensorRT; torch.compile'd networks in a "
                                       "whole-frame CUDA graph are the fastest measured (H200 sd-turbo 512: "
-                                      "6.3 ms vs 9.7 ms for 'graph'), at the price of about a minute of "
-                                      "compile on first start (cached on disk after); use 'graph' to start fast")
+                                      "6.3 ms vs 9.7 ms for 'graph'), at the price of about 90 s of "
+                                      "compile on a first start (about 35 s on restarts, cached on disk); use "
+                                      "'graph' to start fast")
         return Backend.GRAPH, "auto: CUDA device without TensorRT or Triton; whole-frame CUDA graph"
     if requested is not Backend.EAGER and not cuda:
         raise_config(f"backend {requested.value!r} needs a CUDA device; use backend='eager' or 'auto' on the CPU")

@@ -228,3 +228,36 @@ def test_published_text_encoders(name, millions):
     with torch.device("meta"):
         model = CLIPTextModel(CLIPTextConfig(**cfg))
     assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(millions, rel=0.01)
+
+
+def test_lora_is_fused_into_the_unet(folders, tmp_path):
+    """An LCM-LoRA-style adapter file (diffusers format) is fused at load: W' = W + scale * up @ down."""
+    pytest.importorskip("peft", reason="LoRA fusing needs peft: pip install rtdiffusion[lora]")
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe, _, saved, _ = folders
+    donor = copy.deepcopy(saved["unet"])
+    donor.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    g = torch.Generator().manual_seed(7)
+    for name, p in donor.named_parameters():
+        if "lora" in name:  # peft starts B at zero; a real LoRA has both factors trained
+            p.data = torch.randn(p.shape, generator=g) * 0.2
+    lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(donor))
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=lora)
+
+    engine = StreamEngine.from_pretrained(str(pipe), vae="kl", device="cpu", width=W, height=H,
+                                          lora=[(str(tmp_path / "lora"), 0.5)])
+    key = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    base = saved["unet"].state_dict()[key + ".weight"]
+    expect = base + 0.5 * lora[key + ".lora.up.weight"] @ lora[key + ".lora.down.weight"]
+    fused = engine.components.unet.state_dict()[key + ".weight"]
+    assert not torch.allclose(fused, base) and torch.allclose(fused, expect, atol=1e-5)
+    assert not any("lora" in n for n, _ in engine.components.unet.named_parameters())  # fused, adapters gone
+    assert engine.components.identity["lora"] == [[str(tmp_path / "lora"), 0.5]]
+    out = engine(frames(1)[0])
+    assert out.shape == (H, W, 3)
