@@ -81,7 +81,12 @@ def build_executor(config: EngineConfig, comps: Components):
         from engines.compiled import CompiledNetworks
 
         return GraphExecutor(CompiledNetworks(comps.unet, comps.vae, config.compile_preset.value), "compiled"), reason
-    return GraphExecutor(trt_networks(config, comps), "trt"), reason
+    try:
+        return GraphExecutor(trt_networks(config, comps), "trt"), reason
+    except Exception as exc:  # a failed build must not take the engine down: fall back, loudly
+        log.warning("TensorRT engines could not be built or loaded (%s: %s); falling back to 'graph'",
+                    type(exc).__name__, exc)
+        return GraphExecutor(torch_nets, "graph"), f"{reason}; FALLBACK to graph: trt failed: {exc}"
 
 
 def trt_networks(config: EngineConfig, comps: Components, min_steps: int = 1, max_steps: int = 4):

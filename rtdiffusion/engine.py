@@ -137,7 +137,8 @@ class StreamEngine:
         self._eager = EagerExecutor(self._executor.nets)  # per-call graph bypass (use_graph=False)
         if self._streamer is not None and self._executor.captures:
             self._executor.before_capture = self._streamer.join
-        self.backend_fallback: str | None = None
+        self.backend_fallback: str | None = (self.backend_reason.split("FALLBACK ", 1)[1]
+                                             if "FALLBACK " in self.backend_reason else None)
         self._temporal = TemporalCache(components.unet, config.kv_max_frames)
         self._constants: dict[tuple[int, ...], SlotConstants] = {}
         self._lock = threading.Lock()  # guards _pending

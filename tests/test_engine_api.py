@@ -609,3 +609,23 @@ def test_settings_that_fail_to_apply_leave_the_engine_running_on_the_old_ones(ma
         assert engine.status()["t_index_list"] == [32] and engine.status()["seed"] == [[5, 1.0]]
     finally:
         engine._prompts.embed = real_embed
+
+
+def test_a_backend_that_cannot_capture_falls_back_to_eager_loudly(make_engine, caplog):
+    """Graph capture that fails (here for real: there is no CUDA device) switches the engine to eager,
+    says so in the log and in status(), and the frames keep coming, equal to an eager engine's."""
+    import logging
+
+    from rtdiffusion.executors import GraphExecutor
+
+    engine = make_engine(t_index_list=[32])
+    expect = make_engine(t_index_list=[32])
+    engine._executor = GraphExecutor(engine._base_nets, "graph")  # as build_executor makes it on a GPU
+    engine._frame = None
+    with caplog.at_level(logging.WARNING, logger="rtdiffusion.engine"):
+        out = engine(FRAME)
+    assert engine.backend == "eager"
+    assert engine.status()["backend_fallback"].startswith("graph -> eager: could not capture")
+    assert any("falling back to eager" in r.getMessage() for r in caplog.records)
+    np.testing.assert_array_equal(out, expect(FRAME))
+    np.testing.assert_array_equal(engine(FRAME), expect(FRAME))
