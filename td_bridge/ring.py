@@ -296,6 +296,10 @@ class _Ring:
                             f"{parse_header(self._buf, self._shm.size, self.name)[0].describe()}, opened as "
                             f"{self.layout.describe()})")
 
+    def clear_closed(self) -> None:
+        """Mark the ring open again (a bridge adopting a ring of the right geometry that it will serve)."""
+        self._flags[0] &= ~np.uint32(FLAG_CLOSED)
+
     def repair_header(self) -> None:
         """Owner only: write the geometry back after someone scribbled on it."""
         assert self._owner, "only the creator may rewrite a ring header"
@@ -367,10 +371,18 @@ class RingWriter(_Ring):
 
     @classmethod
     def attach(cls, name: str, expect: RingLayout | None = None) -> "RingWriter":
-        """Write into a ring made by another process (the bridge's input ring)."""
+        """Write into a ring made by another process (the bridge's input ring).
+
+        There is one writer per ring, so a slot left odd is one a previous writer died inside (between
+        ``begin()`` and ``commit()``): it is made even again, else its seqlock would read inverted forever.
+        The CLOSED flag is left as it is: it belongs to the ring's creator (see ``clear_closed``).
+        """
         shm, layout = _attach_checked(name, expect)
         w = cls(shm, layout, owner=False)
-        w._flags[0] &= ~np.uint32(FLAG_CLOSED)  # a writer is back
+        for k in range(layout.slot_count):
+            if int(w._seq[k]) & 1:
+                log.debug("ring %s: slot %d was left mid-write by a previous writer; repaired", name, k)
+                w._seq[k] += 1
         return w
 
     def begin(self) -> np.ndarray:

@@ -144,3 +144,42 @@ def test_fast_writer_in_another_process_never_tears(shm_name, checksum):
         reader.close()
     assert got == 40 and written > 2 * got, (got, written)  # the writer really lapped us
     print(f"read {got} of {written} frames, {retries} seqlock retries")
+
+
+def test_a_writer_that_died_mid_frame_leaves_no_stuck_slot(shm_name):
+    """A writer process killed between begin() and commit() leaves its slot's seq odd; the next writer to
+    attach must repair it, or that slot's seqlock stays inverted and reads fail forever."""
+    lay = RingLayout(16, 16, slot_count=3)
+    reader = RingReader.create(shm_name, lay)
+    code = ("import sys, time, numpy; from td_bridge.ring import RingWriter; w = RingWriter.attach(sys.argv[1]); "
+            "w.write(numpy.zeros((16, 16, 4), 'uint8')); w.begin(); print('begun', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, shm_name], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        assert proc.stdout.readline().strip() == "begun"
+        proc.kill()
+        proc.wait(timeout=10)
+        assert reader.published == 1 and int(reader._seq[1]) & 1  # slot 1 left mid-write
+        out = reader.empty_frame()
+        with RingWriter.attach(shm_name) as w:
+            for n in range(1, 8):
+                frame = np.full((16, 16, 4), n, np.uint8)
+                assert w.write(frame) == n
+                info = reader.read(out)  # no RingError, never a stale or torn frame
+                assert info is not None and info.index == n and (out == n).all()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=10)
+        reader.close()
+
+
+def test_attaching_a_writer_keeps_the_closed_flag(shm_name):
+    """CLOSED belongs to the creator: a writer attaching to a ring whose creator has gone must not clear it."""
+    creator = RingReader.create(shm_name, RingLayout(8, 8))
+    creator._flags[0] |= FLAG_CLOSED  # what close() does before unlinking
+    with RingWriter.attach(shm_name) as w:
+        assert w.closed
+        w.clear_closed()  # only on request (the bridge adopting a ring it will serve)
+        assert not w.closed and not creator.closed
+    creator.close()
