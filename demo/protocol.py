@@ -54,7 +54,7 @@ MAGIC = b"RTDF"
 VERSION = 1
 HEADER = struct.Struct("<4sBBHIdHHII")  # 32 bytes, the layout above
 HEADER_SIZE = HEADER.size
-MAX_TEXT_BYTES = 4096  # a text message longer than this is rejected unread
+MAX_TEXT_BYTES = 4096  # a text message longer than this (UTF-8 bytes) is rejected unread
 TEXT_TYPES = ("shown", "ping")
 
 assert HEADER_SIZE == 32
@@ -190,12 +190,16 @@ def encode_input(rgb: np.ndarray, fmt: Format, frame_id: int, timestamp_ms: floa
 
 def parse_text(message: str) -> dict[str, Any]:
     """Parse a client's text message; raise ProtocolError unless it is a known JSON object."""
-    if len(message) > MAX_TEXT_BYTES:
-        raise ProtocolError("too_large", f"text messages are at most {MAX_TEXT_BYTES} bytes; got {len(message)}")
+    size = len(message.encode("utf-8", "surrogatepass"))  # bytes, not characters
+    if size > MAX_TEXT_BYTES:
+        raise ProtocolError("too_large", f"text messages are at most {MAX_TEXT_BYTES} bytes; got {size}")
     try:
         obj = json.loads(message)
     except ValueError as exc:
         raise ProtocolError("json", f"text messages must be JSON objects; could not parse ({exc})") from None
+    except RecursionError:  # deeply nested arrays/objects: a RuntimeError that would otherwise drop the socket
+        raise ProtocolError("json", "text messages must be flat JSON objects such as {\"t\": \"ping\"}; "
+                                    "could not parse (nested too deeply)") from None
     if not isinstance(obj, dict) or obj.get("t") not in TEXT_TYPES:
         raise ProtocolError("type", f"a text message must be a JSON object whose 't' is one of "
                                     f"{', '.join(TEXT_TYPES)}; got {message[:80]!r}")

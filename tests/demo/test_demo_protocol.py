@@ -86,7 +86,11 @@ def test_bad_frames_are_rejected_with_a_clear_message(name):
     ('{"t": "shown", "id": "x"}', "integer 'id'"),
     ('{"t": "shown", "id": true}', "integer 'id'"),
     (json.dumps({"t": "ping", "pad": "x" * 5000}), "at most 4096"),
-], ids=["not_json", "array", "unknown_type", "string_id", "bool_id", "too_long"])
+    (json.dumps({"t": "ping", "pad": "\u00e9" * 2100}, ensure_ascii=False), "at most 4096 bytes"),
+    ("[" * 3000, "must be flat JSON objects"),
+    ('{"a":' * 3000, "nested too deeply"),
+], ids=["not_json", "array", "unknown_type", "string_id", "bool_id", "too_long", "too_many_bytes", "deep_array",
+        "deep_object"])
 def test_bad_text_messages(text, words):
     with pytest.raises(ProtocolError) as info:
         protocol.parse_text(text)

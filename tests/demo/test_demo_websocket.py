@@ -218,6 +218,20 @@ def test_bad_messages_are_rejected_and_everyone_keeps_being_served(demo, api):
     assert not viewer.errors
 
 
+def test_deeply_nested_json_is_an_error_and_the_socket_stays_open(demo):
+    # '[' * 3000 is under the 4096-byte text limit but too deep for json's recursion: before the fix the
+    # RecursionError (a RuntimeError) escaped and the server dropped the socket without a word
+    with WsClient(demo.ws_url, "control") as page:
+        for deep in ("[" * 3000, '{"t":' * 1500):
+            page.ws.send(deep)
+            err = page.recv_json(lambda m: m["t"] == "error")
+            assert err["code"] == "json" and "JSON object" in err["message"], err
+            page.send_frame(7)
+            assert page.recv_json(lambda m: m["t"] in ("ack", "error")) == {"t": "ack", "id": 7}
+        page.ws.send('{"t": "ping"}')
+        assert page.recv_json(lambda m: m["t"] in ("pong", "error"))["t"] == "pong"
+
+
 def test_a_message_over_the_hard_limit_closes_only_that_socket(demo):
     viewer = Viewer(demo.ws_url)
     viewer.start()
