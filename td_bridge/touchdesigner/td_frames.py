@@ -43,7 +43,11 @@ class InputSender:
             self.error = (f"the input TOP is {frame.shape[1]}x{frame.shape[0]} but the bridge runs at {wd}x{h}; "
                           f"set the TOP's resolution (or a Fit TOP before it) to {wd}x{h}")
             return False
-        w.write(frame, rows=RowOrder.BOTTOM_UP)
+        try:
+            w.write(frame, rows=RowOrder.BOTTOM_UP)
+        except RingError as exc:  # wrong channels or dtype: say why in .error, not a script error every cook
+            self.error = str(exc)
+            return False
         self.sent += 1
         self.error = None
         return True
@@ -57,10 +61,15 @@ class InputSender:
                 return None
             self._next_try = now + RETRY_S
             try:
-                self.writer = RingWriter.attach(name)
-                self._name = name
+                w = RingWriter.attach(name)
             except RingError as exc:
                 self.error = str(exc)
+                return None
+            if w.closed:  # its bridge has exited (the segment may be unlinked already): wait for the next one
+                w.close()
+                self.error = f"ring {name!r} is closed (its bridge has exited); waiting for the bridge to restart"
+                return None
+            self.writer, self._name = w, name
         return self.writer
 
     def close(self) -> None:

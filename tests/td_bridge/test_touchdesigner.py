@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import td_bridge.touchdesigner as td_pkg
-from td_bridge.ring import PixelFormat, RingLayout, RingReader, RingWriter, RowOrder, to_rgb
+from td_bridge.ring import FLAG_CLOSED, PixelFormat, RingLayout, RingReader, RingWriter, RowOrder, to_rgb
 from td_bridge.touchdesigner.td_frames import InputSender, OutputReceiver
 
 SCRIPTS = Path(td_pkg.__file__).parent
@@ -160,3 +160,36 @@ def test_controls_send_what_the_bridge_accepts():
     for address, values in sent:
         CONTROLS[address].parse(tuple(values))  # raises if the bridge would reject it
     assert [a for a, _ in sent] == ["/prompt", "/prompt_list", "/seed", "/guidance_scale", "/t_list"]
+
+
+def test_input_sender_does_not_write_into_a_closed_ring(shm_name):
+    """A ring whose bridge has exited (CLOSED, about to be unlinked) is refused, not re-opened and written
+    into forever; once a bridge serves it again the sender goes back to it."""
+    bridge_side = RingReader.create(shm_name, RingLayout(8, 8))
+    try:
+        s = InputSender()
+        assert s.send(shm_name, np.zeros((8, 8, 4), np.float32))
+        bridge_side._flags[0] |= FLAG_CLOSED  # the bridge exits (what close() does before unlinking)
+        assert not s.send(shm_name, np.zeros((8, 8, 4), np.float32))
+        s._next_try = 0.0
+        assert not s.send(shm_name, np.zeros((8, 8, 4), np.float32))  # retried: still refused
+        assert "closed" in s.error and s.writer is None and bridge_side.closed
+        assert bridge_side.published == 1
+        bridge_side.clear_closed()  # a bridge adopts the ring again
+        s._next_try = 0.0
+        assert s.send(shm_name, np.zeros((8, 8, 4), np.float32)) and s.error is None
+        assert bridge_side.published == 2
+        s.close()
+    finally:
+        bridge_side.close()
+
+
+def test_input_sender_reports_a_bad_frame_instead_of_raising(shm_name):
+    with RingReader.create(shm_name, RingLayout(8, 8)) as bridge_side:
+        s = InputSender()
+        for bad in (np.zeros((8, 8, 2), np.float32), np.zeros((8, 8, 4), np.float64)):
+            assert not s.send(shm_name, bad)
+            assert "takes [8, 8, 3|4] uint8 or float32 frames" in s.error
+        assert bridge_side.published == 0
+        assert s.send(shm_name, np.zeros((8, 8, 4), np.uint8)) and s.error is None
+        s.close()
