@@ -49,6 +49,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -303,7 +304,6 @@ class DemoServer:
         self.worker: InferenceWorker | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._controls_lock = threading.Lock()
-        self._status_cache: dict[str, Any] = {}
         self.presets: list[dict[str, Any] | None] = self._load_presets()
         self.app = self._build_app()
 
@@ -367,7 +367,6 @@ class DemoServer:
             except Exception:
                 log.exception("could not collect status")
                 continue
-            self._status_cache = status
             message = {"t": "status", "fps": status["server"].get("fps", 0.0),
                        "process_ms": status["server"].get("process_ms", 0.0),
                        "dropped_in": status["server"].get("dropped_in", 0),
@@ -381,9 +380,14 @@ class DemoServer:
                     pass
 
     # ---- controls (thread pool) ------------------------------------------------------------------------------
-    def _apply(self, change: dict[str, Any], engine_call) -> dict[str, Any]:
-        """Validate-then-commit: the engine call raises ConfigError and nothing changes, or both change."""
+    def _apply(self, change: dict[str, Any] | Callable[[Controls], dict[str, Any]], engine_call) -> dict[str, Any]:
+        """Validate-then-commit: the engine call raises ConfigError and nothing changes, or both change.
+
+        ``change`` may be a function of the current controls, called under the lock, for a change that
+        depends on them (so a concurrent commit is never overwritten with a stale value)."""
         with self._controls_lock:
+            if callable(change):
+                change = change(self.controls)
             trial = dataclasses.replace(self.controls, **change)
             try:
                 engine_call(trial)
@@ -411,10 +415,11 @@ class DemoServer:
         else:
             if body.steps is not None and body.steps > self.options.max_steps:
                 raise HttpError(422, f"steps: must be from 1 to {self.options.max_steps}; got {body.steps}")
-            strength = self.controls.strength if body.strength is None else body.strength
-            steps = self.controls.steps if body.steps is None else body.steps
-            change = {"strength": strength, "steps": steps,
-                      "t_index_list": t_index_for(strength, steps, self.num_inference_steps)}
+            def change(current: Controls) -> dict[str, Any]:  # called under the lock
+                strength = current.strength if body.strength is None else body.strength
+                steps = current.steps if body.steps is None else body.steps
+                return {"strength": strength, "steps": steps,
+                        "t_index_list": t_index_for(strength, steps, self.num_inference_steps)}
         return self._apply(change, lambda c: self.engine.update(t_index_list=c.t_index_list))
 
     def set_guidance(self, body: GuidanceBody) -> dict[str, Any]:

@@ -115,6 +115,37 @@ def test_steps_from_strength_and_count(api):
     ok(api.post("/api/steps", {"strength": 0.35, "steps": 1}))
 
 
+def test_concurrent_strength_and_steps_updates_are_both_kept(api):
+    # one client moves only strength while another moves only steps, released together each round: each request
+    # must keep the other's value as committed, so both updates hold (a stale read outside the lock lost one)
+    import threading
+
+    ok(api.post("/api/steps", {"strength": 0.5, "steps": 1}))
+    barrier = threading.Barrier(2)
+    errors: list[object] = []
+    rounds = [(round(0.2 + 0.01 * i, 2), 1 + i % 4) for i in range(30)]
+
+    def send(body):
+        try:
+            barrier.wait(10)
+            ok(api.post("/api/steps", body))
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    for strength, steps in rounds:
+        threads = [threading.Thread(target=send, args=({"strength": strength},)),
+                   threading.Thread(target=send, args=({"steps": steps},))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not errors, errors
+        c = api.status()["controls"]
+        assert (c["strength"], c["steps"]) == (strength, steps), c
+        assert c["t_index_list"] == t_index_for(strength, steps, 50)
+    ok(api.post("/api/steps", {"strength": 0.35, "steps": 1}))
+
+
 @pytest.mark.parametrize("body, status, words", [
     ({"t_index_list": [40, 10]}, 400, ["strictly increasing"]),  # the engine's own ConfigError
     ({"t_index_list": [60]}, 400, ["from 0 to 49"]),
