@@ -149,7 +149,10 @@ class Bridge:
         return StreamEngine.from_pretrained(c.model, width=c.width, height=c.height, **c.engine_options)
 
     def load(self) -> None:
-        """Load and warm up the engine, then open the rings and announce their names."""
+        """Load and warm up the engine, then open the rings and announce their names.
+
+        ``stop`` (set at once by /stop) is checked after the engine loads and after the warm-up frame; when
+        set, load returns early with the rings unopened and ``serve`` exits cleanly."""
         sender = self.sender
         handler = _BuildLog(sender)
         watched = [logging.getLogger(n) for n in ("rtdiffusion", "engines")]
@@ -158,11 +161,15 @@ class Bridge:
         try:
             sender.send("/stream-info/build-progress", 0.0)
             self.engine = self._factory()
+            if self.stop.is_set():  # /stop (or SIGTERM) arrived while the model loaded
+                return
             sender.send("/stream-info/build-progress", 0.6)
             self._set_state(State.BUILDING)
             sender.send("/stream-info/build-stage", "warm-up frame")
             e = self.engine
             self.engine(np.zeros((e.height, e.width, 3), np.uint8))  # captures / compiles what it needs
+            if self.stop.is_set():
+                return
             sender.send("/stream-info/build-progress", 0.9)
             self._open_rings(e.width, e.height)
             self.transfer = make_transfer(e, self.reader, self.writer, self._published)
@@ -183,6 +190,9 @@ class Bridge:
             if self.stop.is_set():
                 return 0
             self.load()
+            if self.stop.is_set():  # stopped while loading: load() returned at the next stage boundary
+                log.info("stopped while loading")
+                return 0
             self.run()
             return 0
         finally:
@@ -227,6 +237,7 @@ class Bridge:
                     layout.width, layout.height, layout.pixel_format, layout.row_order):
                 if isinstance(ring, RingReader):
                     ring.last_index = ring.published - 1  # frames from before we came are stale
+                ring.clear_closed()  # we serve it now (a ring of the wrong geometry keeps its flags)
                 log.info("using the existing ring %s (%s)", name, got.describe())
                 return ring
             ring.close()
@@ -234,8 +245,14 @@ class Bridge:
         except RingError as exc:
             reason = str(exc)
         fallback = f"{name[:20]}_{os.getpid()}"
+        try:
+            ring = kind.create(fallback, layout)
+        except RingError:  # the fallback name is taken too: let the OS pick a free one
+            ring = kind.create(None, layout)
+            self.sender.error(what, f"{reason}; {fallback!r} exists as well; using {ring.name!r} instead")
+            return ring
         self.sender.error(what, f"{reason}; using {fallback!r} instead")
-        return kind.create(fallback, layout)
+        return ring
 
     def _announce(self) -> None:
         s = self.sender
@@ -249,10 +266,13 @@ class Bridge:
     def run(self) -> None:
         tr, reader = self.transfer, self.reader
         step_budget = 0
-        error_at = 0.0
+        error_at = read_error_at = 0.0
         idle = 0
         while not self.stop.is_set():
-            step_budget += self._apply_controls()
+            steps = self._apply_controls()
+            # /process_frame steps only while paused; pulses that arrive while streaming are dropped, not
+            # saved up for the next /pause
+            step_budget = step_budget + steps if self.paused else 0
             if self.stop.is_set():
                 break
             tr.poll()
@@ -285,8 +305,12 @@ class Bridge:
                 tr.submit()
                 if self.state is not State.STREAMING:
                     self._set_state(State.STREAMING)
-            except RingError as exc:
-                self.sender.error("/ring/input", str(exc))
+            except RingError as exc:  # a slot stuck mid-write, a corrupt `published`: the same every loop
+                now = time.monotonic()
+                if now - read_error_at > 1.0:  # at most one report a second while it stays broken
+                    self.sender.error("/ring/input", str(exc))
+                    read_error_at = now
+                self.mailbox.changed.wait(0.05)  # back off instead of spinning on the broken ring
             except Exception as exc:  # a failed frame: say so, keep the loop (and the OSC port) alive
                 self.errors += 1
                 log.exception("frame failed")

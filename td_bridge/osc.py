@@ -261,7 +261,8 @@ class Mailbox:
     def __init__(self, stop: threading.Event | None = None) -> None:
         self._lock = threading.Lock()
         self._values: OrderedDict[Key, tuple[str, Any]] = OrderedDict()  # key -> (address, value)
-        self.stop = stop or threading.Event()  # set at once by /stop, so a loading bridge stops too
+        self.stop = stop or threading.Event()  # set at once by /stop; a loading bridge checks it
+        # between load stages (after the model loads, after the warm-up frame), not inside them
         self._actions: dict[Action, int] = {}
         self.changed = threading.Event()  # set on every put, so an idle frame loop can wake at once
 
