@@ -160,27 +160,26 @@ class InferenceWorker:
         return stats
 
     # ---- worker thread ----------------------------------------------------------------------------------------
-    def _take(self) -> InputFrame | None:
-        """Wait for work; None means stop."""
+    def _take(self) -> tuple[InputFrame | None, bool]:
+        """Wait for work: (frame, frozen), both decided under the lock; a None frame means stop."""
         with self._cond:
             while not self._stopping and (self._paused or (self._slot is None and
                                                            not (self._frozen and self._held is not None))):
                 self._cond.wait()
             if self._stopping:
-                return None
+                return None, False
             if self._frozen and self._held is not None:
-                return self._held
+                return self._held, True
             frame, self._slot = self._slot, None
             self._held = frame
-            return frame
+            return frame, False
 
     def _run(self) -> None:
         log.debug("inference worker started")
         while True:
-            frame = self._take()
+            frame, frozen = self._take()
             if frame is None:
                 break
-            frozen = frame is self._held and self._frozen
             t0 = time.monotonic()
             try:
                 out = self._engine(frame.image)  # [H, W, 3] uint8

@@ -111,6 +111,30 @@ def test_pause_stops_work_and_freeze_reprocesses_the_held_frame():
         w.stop()
 
 
+def test_a_freeze_right_after_a_live_frame_is_taken_does_not_label_it_frozen():
+    # the freeze lands between the worker taking live frame 1 (and releasing the lock) and labelling it:
+    # frame 1 is still a live frame with its own timestamp; only the re-runs after it are frozen
+    class FreezeAfterFirstTake(InferenceWorker):
+        def _take(self):
+            taken = super()._take()
+            if not getattr(self, "froze", False):
+                self.froze = True
+                self.set_playback(frozen=True)
+            return taken
+
+    out, publish, wait_for = collect()
+    w = FreezeAfterFirstTake(SlowInvert(5), publish, output_format=Format.RGB)
+    w.start()
+    try:
+        w.submit(frame(1))
+        wait_for(3)
+        assert (out[0].frozen, out[0].timestamp_ms) == (False, 1.0)
+        assert parse_header(out[0].message).timestamp_ms == 1.0
+        assert all(o.frozen and o.timestamp_ms == 0.0 for o in out[1:3])
+    finally:
+        w.stop()
+
+
 def test_an_engine_error_is_counted_and_the_worker_goes_on():
     out, publish, wait_for = collect()
     w = InferenceWorker(SlowInvert(1, fail_on=1), publish)
