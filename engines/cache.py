@@ -329,12 +329,18 @@ class EngineCache:
             manifest = json.loads(mpath.read_text())
         except (OSError, ValueError) as exc:
             raise CacheCorrupt(f"engine cache entry {path} has an unreadable manifest ({exc})") from exc
+        if not isinstance(manifest, dict):
+            raise CacheCorrupt(f"engine cache entry {path} has a manifest that is not a JSON object "
+                               f"(got {type(manifest).__name__})")
         if manifest.get("key") != key.to_dict() or manifest.get("digest") != key.digest:
             raise CacheCorrupt(f"engine cache entry {path} has a manifest for another key")
         arts = manifest.get("artifacts")
         if not isinstance(arts, dict) or not arts:
             raise CacheCorrupt(f"engine cache entry {path} lists no artifacts")
         for name, meta in arts.items():
+            if not isinstance(meta, dict):
+                raise CacheCorrupt(f"engine cache entry {path}: the manifest entry for artifact {name} is not a "
+                                   f"JSON object (got {type(meta).__name__})")
             f = path / name
             try:
                 size = f.stat().st_size

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import signal
 import subprocess
 import sys
@@ -146,6 +147,9 @@ def test_failed_build_publishes_nothing(tmp_path):
     ("flip", "does not match its sha256"),
     ("delete", "is missing"),
     ("manifest", "unreadable manifest"),
+    ("manifest_null", "manifest that is not a JSON object (got NoneType)"),
+    ("manifest_list", "manifest that is not a JSON object (got list)"),
+    ("artifact_entry", "artifact engine.plan is not a JSON object (got int)"),
 ])
 def test_corruption_is_detected_and_rebuilt(tmp_path, caplog, damage, expect):
     cache = EngineCache(tmp_path)
@@ -159,9 +163,17 @@ def test_corruption_is_detected_and_rebuilt(tmp_path, caplog, damage, expect):
         plan.write_bytes(bytes(b))
     elif damage == "delete":
         plan.unlink()
+    elif damage == "manifest_null":
+        (e.path / "manifest.json").write_text("null")  # valid JSON, but not an object
+    elif damage == "manifest_list":
+        (e.path / "manifest.json").write_text("[]")
+    elif damage == "artifact_entry":
+        m = json.loads((e.path / "manifest.json").read_text())
+        m["artifacts"]["engine.plan"] = 12000
+        (e.path / "manifest.json").write_text(json.dumps(m))
     else:
         (e.path / "manifest.json").write_text('{"key": ')
-    with pytest.raises(CacheCorrupt, match=expect):
+    with pytest.raises(CacheCorrupt, match=re.escape(expect)):
         cache.lookup(_key())
     calls = []
     with caplog.at_level(logging.WARNING, logger="engines.cache"):
