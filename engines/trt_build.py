@@ -162,6 +162,11 @@ class _Logger:
                 trt.ILogger.__init__(self)
                 self.last_error = ""
 
+            def clear(self) -> None:
+                """Forget the last error: call before each TensorRT call whose failure quotes it, so a
+                failure never quotes an older, unrelated error (the logger is process-wide)."""
+                self.last_error = ""
+
             def log(self, severity, msg: str) -> None:
                 level = levels.get(severity, logging.INFO)
                 if level >= logging.ERROR:
@@ -241,6 +246,7 @@ def build_engine(onnx_path: str | os.PathLike, spec: NetworkSpec, engine_path: s
              spec.name, onnx_path, ", ".join(k for k, v in options.key_fields().items() if v is True) or "fp32",
              len(spec.profiles))
     t0 = time.monotonic()
+    logger.clear()
     serialized = builder.build_serialized_network(network, config)
     seconds = time.monotonic() - t0
     if serialized is None:

@@ -80,19 +80,23 @@ class TrtEngine:
         self._logger = trt_logger(trt)
         with torch.cuda.device(device):
             self._runtime = trt.Runtime(self._logger)
-            self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
+            blob = self.path.read_bytes()
+            self._logger.clear()
+            self.engine = self._runtime.deserialize_cuda_engine(blob)
             if self.engine is None:
                 raise TrtEngineError(f"TensorRT could not deserialise {self.path}: "
                                      f"{self._logger.last_error or 'unknown error'} (built by another TensorRT "
                                      "version or for another GPU? delete it or run `rtdiffusion build` again)")
             self._check_io()
+            self._logger.clear()
             if shared_workspace:
                 strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
                 self.context = self.engine.create_execution_context(strategy)
             else:
                 self.context = self.engine.create_execution_context()
             if self.context is None:
-                raise TrtEngineError(f"{self.path}: could not create an execution context: {self._logger.last_error}")
+                raise TrtEngineError(f"{self.path}: could not create an execution context: "
+                                     f"{self._logger.last_error or 'unknown error'}")
         self.workspace_bytes = int(getattr(self.engine, "device_memory_size_v2", None)
                                    or self.engine.device_memory_size) if shared_workspace else 0
         # Outputs at the largest sizes of every profile, bound once.
@@ -169,6 +173,7 @@ class TrtEngine:
         return self._views[sizes]
 
     def _enqueue(self, stream: torch.cuda.Stream) -> None:
+        self._logger.clear()
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise TrtEngineError(f"TensorRT enqueue of {self.path} failed: {self._logger.last_error or 'unknown error'}")
 

@@ -249,3 +249,25 @@ def test_runtime_errors_name_the_engine_file(fake):
         TrtEngine(bad, fake.specs["unet"], torch.device("cpu"))
     with pytest.raises(TrtEngineError, match="tensors"):  # an engine for another spec
         TrtEngine(fake.files["vae_encoder"], fake.specs["unet"], torch.device("cpu"))
+
+
+def test_runtime_errors_never_quote_an_older_error(fake):
+    # the logger is process-wide: a failure must quote only what TensorRT said during that call
+    from engines.trt_runtime import TrtEngine, TrtEngineError
+
+    nets, engines = _load(fake)
+    bad = fake.tmp / "bad.plan"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(TrtEngineError, match="magic tag mismatch"):
+        TrtEngine(bad, fake.specs["unet"], torch.device("cpu"))
+    engines["vae_decoder"].context.fail = True  # fails without logging anything
+    with pytest.raises(TrtEngineError, match="vae_decoder.plan failed: unknown error") as info:
+        nets.decode(fake.specs["vae_decoder"].sample_inputs("cpu")[0])
+    assert "magic tag mismatch" not in str(info.value)
+    engines["vae_decoder"].context.fail = False
+    with pytest.raises(TrtEngineError, match="magic tag mismatch"):  # a fresh error is still quoted
+        TrtEngine(bad, fake.specs["unet"], torch.device("cpu"))
+    fake.registry[b"plan-unet"].create_execution_context = lambda strategy=None: None
+    with pytest.raises(TrtEngineError, match="execution context: unknown error") as info:
+        TrtEngine(fake.files["unet"], fake.specs["unet"], torch.device("cpu"))
+    assert "magic tag mismatch" not in str(info.value)
