@@ -5,9 +5,11 @@ The TorchScript exporter (``dynamo=False``) is tried first: it is the one Tensor
 and it exports the diffusers UNet in seconds; if it fails, the torch.export-based exporter is used with
 dynamic shapes taken from the same spec (the log says which one ran and why).
 
-Large models: a graph over 2 GB (the fp32 SD UNet is 3.4 GB) cannot live in one protobuf. After export,
-every weight is moved into one side file ``<name>.onnx.data`` next to ``<name>.onnx`` so that a cache entry
-is two files; TensorRT's parser and ONNX Runtime both read it from the same folder.
+Large models: a protobuf cannot exceed 2 GB (the fp32 SD UNet is 3.4 GB). After export, a model whose
+weights total at most ``_INLINE_LIMIT`` (1 GiB) is saved as one self-contained ``<name>.onnx``; above that,
+the weights (every tensor of 1 KiB or more) move into one side file ``<name>.onnx.data`` next to
+``<name>.onnx``, so such a cache entry is two files; TensorRT's parser and ONNX Runtime both read it from
+the same folder.
 
 Sizes run here: the tiny test models (CPU, fp32, seconds). Not run here: the 866 M-parameter SD UNet
 (needs about 10 GB host memory for fp32 export and 2-3 minutes), fp16 export on a GPU.
