@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
 
 from engines.weight_streaming import StreamingPlanError, StreamMode, WeightStreamer, plan_streaming
 

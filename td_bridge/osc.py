@@ -146,15 +146,19 @@ def _json(args: tuple, shape: str) -> Any:
         raise OscError(f"expected JSON {shape}; could not parse it: {str(exc)[:120]}") from None
 
 
-def _prompt_list(args: tuple) -> PromptSpec:
-    shape = '[["text", weight], ...]'
+def _pair_list(args: tuple, shape: str, parse):
+    """A JSON list of [value, weight] pairs, parsed by the engine's own PromptSpec / SeedSpec rules."""
     v = _json(args, shape)
     if not isinstance(v, list) or not v or len(v) > MAX_LIST_ITEMS:
         raise OscError(f"expected a JSON list of 1 to {MAX_LIST_ITEMS} pairs {shape}; got {_type(v)}")
     try:
-        return PromptSpec.parse([tuple(p) if isinstance(p, list) else p for p in v])
+        return parse([tuple(p) if isinstance(p, list) else p for p in v])
     except ConfigError as exc:
         raise OscError(str(exc)) from None
+
+
+def _prompt_list(args: tuple) -> PromptSpec:
+    return _pair_list(args, '[["text", weight], ...]', PromptSpec.parse)
 
 
 def _seed(args: tuple) -> SeedSpec:
@@ -162,14 +166,7 @@ def _seed(args: tuple) -> SeedSpec:
 
 
 def _seed_list(args: tuple) -> SeedSpec:
-    shape = "[[seed, weight], ...]"
-    v = _json(args, shape)
-    if not isinstance(v, list) or not v or len(v) > MAX_LIST_ITEMS:
-        raise OscError(f"expected a JSON list of 1 to {MAX_LIST_ITEMS} pairs {shape}; got {_type(v)}")
-    try:
-        return SeedSpec.parse([tuple(p) if isinstance(p, list) else p for p in v])
-    except ConfigError as exc:
-        raise OscError(str(exc)) from None
+    return _pair_list(args, "[[seed, weight], ...]", SeedSpec.parse)
 
 
 def _interpolation(args: tuple) -> PromptBlend:

@@ -3,18 +3,17 @@ and a small echo engine handed in through ``engine_factory`` (the bridge is unde
 real model is driven in test_bridge_process.py)."""
 
 import os
-import socket
 import threading
 import time
 from multiprocessing import shared_memory
 
 import numpy as np
 import pytest
-from pythonosc.osc_packet import OscPacket
 from pythonosc.udp_client import SimpleUDPClient
 
 from td_bridge.bridge import Bridge, BridgeConfig
 from td_bridge.ring import FLAG_CLOSED, RingError, RingLayout, RingReader, RingWriter
+from osc_inbox import Inbox  # noqa: E402
 
 
 class Echo:
@@ -35,49 +34,6 @@ class Echo:
 
     def status(self):
         return {}
-
-
-class Inbox:
-    def __init__(self):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.05)
-        self.port = self.sock.getsockname()[1]
-        self.messages, self.lock, self.running = [], threading.Lock(), True
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        while self.running:
-            try:
-                dgram = self.sock.recv(65536)
-            except (socket.timeout, OSError):
-                continue
-            with self.lock:
-                self.messages += [(m.message.address, tuple(m.message.params)) for m in OscPacket(dgram).messages]
-
-    def all(self, address, after=0):
-        with self.lock:
-            return [p for a, p in self.messages[after:] if a == address]
-
-    def mark(self):
-        with self.lock:
-            return len(self.messages)
-
-    def wait(self, address, pred=lambda p: True, timeout=10.0, after=0):
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            for p in self.all(address, after):
-                if pred(p):
-                    return p
-            time.sleep(0.01)
-        raise AssertionError(f"no {address} within {timeout}s")
-
-    def close(self):
-        self.running = False
-        self.thread.join()
-        self.sock.close()
 
 
 class Running:

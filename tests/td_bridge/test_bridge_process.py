@@ -9,68 +9,19 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from multiprocessing import shared_memory
 from pathlib import Path
 
 import numpy as np
 import pytest
-from pythonosc.osc_packet import OscPacket
 from pythonosc.udp_client import SimpleUDPClient
 
 from td_bridge.ring import RingError, RingReader, RingWriter, RowOrder
+from osc_inbox import Inbox  # noqa: E402
 
 WRITER = Path(__file__).with_name("_writer_proc.py")
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-
-
-class Inbox:
-    """Everything the bridge sends to its OSC out port, collected on a thread."""
-
-    def __init__(self):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.1)
-        self.port = self.sock.getsockname()[1]
-        self.messages = []
-        self.lock = threading.Lock()
-        self.running = True
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        while self.running:
-            try:
-                dgram = self.sock.recv(65536)
-            except (socket.timeout, OSError):
-                continue
-            with self.lock:
-                self.messages += [(m.message.address, tuple(m.message.params)) for m in OscPacket(dgram).messages]
-
-    def all(self, address):
-        with self.lock:
-            return [p for a, p in self.messages if a == address]
-
-    def wait(self, address, pred=lambda p: True, timeout=60.0, after=0):
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            with self.lock:
-                for a, p in self.messages[after:]:
-                    if a == address and pred(p):
-                        return p
-            time.sleep(0.02)
-        raise AssertionError(f"no {address} within {timeout}s; got {sorted({a for a, _ in self.messages})}")
-
-    def mark(self):
-        with self.lock:
-            return len(self.messages)
-
-    def close(self):
-        self.running = False
-        self.thread.join()
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")
