@@ -59,9 +59,22 @@ def test_build_export_only_fills_the_cache(tmp_path, caplog):
         assert "model.onnx" in m["artifacts"] and m["key"]["backend"] == "onnx"
         assert max(m["extra"]["parity"]["max_abs_diff"].values()) <= m["extra"]["parity"]["atol"]
     unet = json.loads((tmp_path / entries[0] / "manifest.json").read_text())
-    assert unet["key"]["shapes"]["profiles"] == [{"B": [1, 2, 2]}]
+    # default --guidance full, as the engine loads its TensorRT UNet: 1 row .. 2 steps x 2 (uncond rows)
+    assert unet["key"]["shapes"]["profiles"] == [{"B": [1, 4, 4]}]
     # a second run finds everything in the cache and builds nothing
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="engines.cache"):
         assert main(argv) == 0
     assert not any("built" in r.getMessage() for r in caplog.records)
+
+
+def test_build_defaults_are_the_profile_the_engine_loads():
+    """An ahead-of-time `build` with default flags must produce the UNet range the trt backend asks for,
+    or the engine would never find it in the cache."""
+    from engines.specs import unet_batch_range
+    from rtdiffusion.backends import TRT_GUIDANCE, TRT_MAX_STEPS, TRT_MIN_STEPS
+    from rtdiffusion.cli import build_parser
+
+    args = build_parser().parse_args(["build", "--model", "random:tiny"])
+    assert (args.min_steps, args.max_steps, args.guidance) == (TRT_MIN_STEPS, TRT_MAX_STEPS, TRT_GUIDANCE)
+    assert unet_batch_range(args.min_steps, args.max_steps, 1, args.guidance) == unet_batch_range(1, 4, 1, "full")

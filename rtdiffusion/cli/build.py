@@ -18,6 +18,8 @@ import logging
 import os
 from pathlib import Path
 
+from ..backends import TRT_GUIDANCE, TRT_MAX_STEPS, TRT_MIN_STEPS, prepare_cuda_modules
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("trt", "compiled")
@@ -32,11 +34,13 @@ def register(subparsers) -> None:
                    help="export the ONNX files into the cache and stop (no GPU or TensorRT needed)")
     p.add_argument("--width", type=int, default=None, help="pixels, multiple of 8 (default: the model's size)")
     p.add_argument("--height", type=int, default=None, help="pixels, multiple of 8 (default: the model's size)")
-    p.add_argument("--min-steps", type=int, default=1, help="fewest denoising steps the engine must run")
-    p.add_argument("--max-steps", type=int, default=4, help="most denoising steps the engine must run")
+    p.add_argument("--min-steps", type=int, default=TRT_MIN_STEPS, help="fewest denoising steps the engine "
+                   f"must run (default {TRT_MIN_STEPS}, as the engine loads)")
+    p.add_argument("--max-steps", type=int, default=TRT_MAX_STEPS, help="most denoising steps the engine must "
+                   f"run (default {TRT_MAX_STEPS}, as the engine loads)")
     p.add_argument("--frames", type=int, default=1, help="frames per UNet call (frame_buffer_size)")
-    p.add_argument("--guidance", default="self", help="most expensive guidance mode to cover: none, self, "
-                   "initialize, full (default self)")
+    p.add_argument("--guidance", default=TRT_GUIDANCE, help="most expensive guidance mode to cover: none, "
+                   f"self, initialize, full (default {TRT_GUIDANCE}, as the engine loads)")
     p.add_argument("--vae", default="tiny", help="tiny (TAESD) or kl")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA to fuse (repeatable)")
     p.add_argument("--dtype", default="auto", help="auto (float16 on a GPU, float32 on the CPU), float16, float32")
@@ -150,6 +154,7 @@ def _warm_compiled(comps, params, cache) -> Path:
 
     folder = cache.root / "inductor"
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder))
+    prepare_cuda_modules(comps)  # the same modules the engine compiles, or its cache would miss
     nets = CompiledNetworks(comps.unet, comps.vae)
     specs = make_specs(params)
     for b in range(params.batch[0].min, params.batch[-1].max + 1):
