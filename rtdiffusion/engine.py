@@ -155,8 +155,14 @@ class StreamEngine:
         self._frame_times: deque[float] = deque(maxlen=240)
         self._last_frame_at: float | None = None
         self._accepted = (settings or StreamSettings()).validate(config.num_inference_steps)
+        self._check_cache_backend(self._accepted)
         self._apply(self._accepted)
         log.info("engine ready: %s, backend %s (%s)", config.model, self.backend, self.backend_reason)
+
+    def _check_cache_backend(self, s: StreamSettings) -> None:
+        if s.cache.enabled and self._executor.name == "trt":
+            raise ConfigError("the temporal KV cache is not available with backend 'trt' yet (its banks are not "
+                              "bound into the TensorRT UNet); use backend 'compiled' or 'graph' for it")
 
     def _check_resolution(self) -> None:
         c, unet = self.config, self.components.unet
@@ -226,6 +232,7 @@ class StreamEngine:
                     base.cache, reset_token=base.cache.reset_token + 1))
             new = apply_updates(base, self.config.num_inference_steps, **kw)
             _check_cache_frames(new, self.config.kv_max_frames)
+            self._check_cache_backend(new)
             self._pending = self._accepted = new
 
     # ------------------------------------------------------------------ settings application

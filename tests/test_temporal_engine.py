@@ -79,3 +79,14 @@ def test_cache_reset_empties_the_bank(own_components):
     assert e._temporal.cache.bank_frames() == [True, False, False]  # only the frame after the reset
     e.update(cache_enabled=False)
     e(src[0])
+
+
+def test_cache_with_the_trt_backend_is_refused_not_ignored(own_components):
+    """TensorRT engines do not take the banks yet: asking for the cache there is an error, never a no-op."""
+    from rtdiffusion import ConfigError
+
+    e = engine_on(own_components)
+    e._executor.name = "trt"  # the check reads only the backend's name (TensorRT cannot run here)
+    with pytest.raises(ConfigError, match="not available with backend 'trt'"):
+        e.update(cache_enabled=True)
+    assert not e.settings.cache.enabled
