@@ -125,7 +125,8 @@
           const r = await fetch(route, { method, headers: { "Content-Type": "application/json" }, body: JSON.stringify(b) });
           const j = await r.json();
           if (!r.ok) say(j.error || `${route}: HTTP ${r.status}`);
-          else { say(""); if (j.seed !== undefined) $("seed").value = j.seed; }
+          // a random seed chosen by the server is shown, but never over a seed the user is typing
+          else { say(""); if (j.seed !== undefined && document.activeElement !== $("seed")) $("seed").value = j.seed; }
         } catch (e) { say(`${route}: ${e.message}`); } finally { p.busy = false; }
       }
     })();
@@ -138,7 +139,15 @@
   const sendGuidance = () => post("/api/guidance", { guidance_scale: num("guidance"), delta: num("delta"), cfg: $("cfg").value });
   const sendFilter = () => post("/api/filter", { enabled: $("filter").checked, threshold: num("threshold"), max_skip: num("maxSkip") });
   const sendCache = () => post("/api/cache", { enabled: $("cache").checked, maxframes: num("cacheFrames"), interval: num("cacheInterval") });
-  const sendSeed = () => post("/api/seed", { seed: num("seed") });
+  // An empty or half-typed seed field sends nothing (Number("") would be 0, a real seed).
+  const sendSeed = () => {
+    const raw = $("seed").value.trim();
+    if (!/^\d+$/.test(raw) || !Number.isSafeInteger(Number(raw))) {
+      if (raw) say(`seed: expected a whole number from 0 to ${Number.MAX_SAFE_INTEGER}`);
+      return;
+    }
+    post("/api/seed", { seed: Number(raw) });
+  };
 
   for (const id of ["promptA", "promptB", "negative"]) {
     $(id).addEventListener("keydown", (e) => { if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); sendPrompt(); } });

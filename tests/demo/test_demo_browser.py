@@ -104,9 +104,14 @@ def test_live_page_with_fake_camera_controls_and_projector_page(browser, demo, a
     prompt.send_keys("neon jellyfish", Keys.ENTER)
     engine_becomes(api, "prompt", [["neon jellyfish", 1.0]])
 
-    # seed: type a number and leave the field
+    # seed: an emptied field sends nothing (not seed 0); then type a number and leave the field
     seed = d.find_element(By.ID, "seed")
+    before = api.status()["engine"]["seed"]
     seed.clear()
+    seed.send_keys(Keys.TAB)
+    time.sleep(0.5)
+    assert api.status()["engine"]["seed"] == before
+    seed.clear()  # the page may have shown the engine's seed again meanwhile
     seed.send_keys("1234", Keys.TAB)
     engine_becomes(api, "seed", [[1234, 1.0]])
 
