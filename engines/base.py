@@ -34,6 +34,8 @@ class Networks(Protocol):
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor: ...
 
+    def describe(self) -> dict: ...  # for status(): what runs the networks (JSON-able)
+
 
 @dataclass
 class TorchNetworks:
@@ -67,3 +69,6 @@ class TorchNetworks:
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         return self._decode_fn(latent, return_dict=False)[0]
+
+    def describe(self) -> dict:
+        return {"runs": "torch modules"}

@@ -255,6 +255,9 @@ class TrtNetworks:
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         return self._dec.run(latent)[0]
 
+    def describe(self) -> dict:
+        return {"runs": "TensorRT engines", "engines": {k: str(p) for k, p in self.paths.items()}}
+
     def bind_extra(self, *tensors: torch.Tensor) -> None:
         """Persistent tensors for the UNet's extra inputs, in spec order (called once, not per frame)."""
         n = len(self._unet.spec.inputs) - 3

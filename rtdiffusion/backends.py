@@ -3,7 +3,9 @@
     backend    networks                          launch
     eager      torch modules                     Python, kernel by kernel (CPU or GPU)
     graph      torch modules                     one CUDA graph per layout, replayed
-    compiled   torch.compile'd UNet and VAE      one CUDA graph per layout, replayed
+    compiled   Inductor-compiled UNet and VAE    one CUDA graph per layout, replayed (Python on the CPU)
+               (torch.compile, or AOTInductor
+               packages in the engine cache)
     trt        TensorRT engines (engines/trt_*)  one CUDA graph per layout, replayed
 
 ``auto`` picks the fastest usable one and returns the reason, which the engine logs and reports.
@@ -18,7 +20,7 @@ import torch
 
 from engines.base import TorchNetworks
 
-from .config import Backend, EngineConfig
+from .config import Backend, CompileArtifacts, EngineConfig
 from .executors import EagerExecutor, GraphExecutor
 from .models.loading import Components
 
@@ -51,12 +53,20 @@ def choose_backend(config: EngineConfig) -> tuple[Backend, str]:
                                       "compile on a first start (about 35 s on restarts, cached on disk); use "
                                       "'graph' to start fast")
         return Backend.GRAPH, "auto: CUDA device without TensorRT or Triton; whole-frame CUDA graph"
-    if requested is not Backend.EAGER and not cuda:
-        raise_config(f"backend {requested.value!r} needs a CUDA device; use backend='eager' or 'auto' on the CPU")
+    if requested in (Backend.GRAPH, Backend.TRT) and not cuda:
+        raise_config(f"backend {requested.value!r} needs a CUDA device; use backend 'eager', 'compiled' or 'auto' "
+                     "on the CPU")
     if requested is Backend.TRT and not tensorrt_available():
         raise_config("backend 'trt' needs the tensorrt package (pip install 'rtdiffusion[tensorrt]'); "
                      "use 'graph' or 'compiled' without it")
     return requested, f"{requested.value}: asked for"
+
+
+def compile_artifacts(config: EngineConfig) -> CompileArtifacts:
+    """AUTO: torch.compile on CUDA (the measured path), AOTInductor packages on the CPU."""
+    if config.compile_artifacts is not CompileArtifacts.AUTO:
+        return config.compile_artifacts
+    return CompileArtifacts.JIT if config.device.type == "cuda" else CompileArtifacts.AOTI
 
 
 def raise_config(msg: str) -> None:
@@ -88,9 +98,17 @@ def build_executor(config: EngineConfig, comps: Components):
     if backend is Backend.GRAPH:
         return GraphExecutor(torch_nets, "graph"), reason
     if backend is Backend.COMPILED:
-        from engines.compiled import CompiledNetworks
+        from engines.cache import EngineCache
+        from engines.compiled import compiled_networks
 
-        return GraphExecutor(CompiledNetworks(comps.unet, comps.vae, config.compile_preset.value), "compiled"), reason
+        artifacts = compile_artifacts(config)
+        nets = compiled_networks(comps.unet, comps.vae, preset=config.compile_preset.value,
+                                 aoti=artifacts is CompileArtifacts.AOTI, cache=EngineCache(config.engine_dir),
+                                 model=config.model)
+        reason = f"{reason}; compile artifacts: {artifacts.value}"
+        if config.device.type != "cuda":  # no CUDA graphs: the compiled calls are launched from Python
+            return EagerExecutor(nets, "compiled"), reason
+        return GraphExecutor(nets, "compiled"), reason
     try:
         return GraphExecutor(trt_networks(config, comps), "trt"), reason
     except Exception as exc:  # a failed build must not take the engine down: fall back, loudly

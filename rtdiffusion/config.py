@@ -55,6 +55,14 @@ class CompilePreset(enum.Enum):
     MAX = "max"  # + coordinate-descent kernel tuning: longest compile
 
 
+class CompileArtifacts(enum.Enum):
+    """What the 'compiled' backend compiles into (engines/compiled.py, engines/aoti.py)."""
+
+    AUTO = "auto"  # JIT on CUDA (the measured path), AOTI on the CPU
+    JIT = "jit"  # torch.compile; Inductor's own on-disk caches shorten (not skip) a restart's compile
+    AOTI = "aoti"  # AOTInductor packages in the engine cache: a restart loads them and compiles nothing
+
+
 class VaeKind(enum.Enum):
     TINY = "tiny"  # TAESD (AutoencoderTiny): about 2 ms a pass on an H200, the default
     KL = "kl"  # the model's own AutoencoderKL: higher fidelity, about 20x the FLOPs
@@ -141,6 +149,7 @@ class EngineConfig:
     engine_dir: str | None = None  # on-disk engine cache; None: the default under the user's cache
     kv_max_frames: int = 4  # temporal KV cache banks hold up to this many earlier frames (memory grows with it)
     compile_preset: CompilePreset = CompilePreset.DEFAULT  # backend 'compiled' only
+    compile_artifacts: CompileArtifacts = CompileArtifacts.AUTO  # backend 'compiled' only
 
     def __post_init__(self) -> None:
         for name in ("width", "height"):
@@ -153,6 +162,9 @@ class EngineConfig:
             raise ConfigError(f"num_inference_steps must be an integer from 1 to 1000; got {self.num_inference_steps!r}")
         if not isinstance(self.compile_preset, CompilePreset):
             object.__setattr__(self, "compile_preset", parse_enum(CompilePreset, self.compile_preset, "compile_preset"))
+        if not isinstance(self.compile_artifacts, CompileArtifacts):
+            object.__setattr__(self, "compile_artifacts",
+                               parse_enum(CompileArtifacts, self.compile_artifacts, "compile_artifacts"))
         if not isinstance(self.kv_max_frames, int) or not 1 <= self.kv_max_frames <= 16:
             raise ConfigError(f"kv_max_frames must be an integer from 1 to 16; got {self.kv_max_frames!r}")
         if self.max_vram_gb is not None and not (_finite(self.max_vram_gb) and self.max_vram_gb > 0):

@@ -76,7 +76,8 @@ class StreamEngine:
                         lora: tuple = (), vae_id: str | None = None, local_files_only: bool | None = None,
                         model_seed: int = 0, graph_cache_size: int = 4, kv_max_frames: int = 4,
                         cache_enabled: bool = False, cache_maxframes: int = 1,
-                        cache_interval: int = 1, compile_preset: str = "default") -> "StreamEngine":
+                        cache_interval: int = 1, compile_preset: str = "default",
+                        compile_artifacts: str = "auto") -> "StreamEngine":
         """Load ``model`` (hub id, local diffusers folder, or ``random:sd-turbo|sd15|tiny``) and prepare.
 
         Every argument is checked before the model loads, so a typo fails in milliseconds.
@@ -89,7 +90,7 @@ class StreamEngine:
         # validate sizes early with a provisional config (the model may supply the default size)
         choose_backend(EngineConfig(model, width or 512, height or 512, dev, dt, be, vk, frame_buffer_size,
                                     num_inference_steps, sk, max_vram_gb, engine_dir, kv_max_frames,
-                                    compile_preset))
+                                    compile_preset, compile_artifacts))
         settings = apply_updates(StreamSettings(
             prompt=PromptSpec.parse(prompt, prompt_method, negative_prompt), seed=SeedSpec.parse(seed),
             filter=FilterSettings(similar_filter, similar_threshold, similar_max_skip),
@@ -102,7 +103,8 @@ class StreamEngine:
                                 unet_device=torch.device("cpu") if low_vram else None)
         size = comps.default_size
         config = EngineConfig(model, width or size, height or size, dev, dt, be, vk, frame_buffer_size,
-                              num_inference_steps, sk, max_vram_gb, engine_dir, kv_max_frames, compile_preset)
+                              num_inference_steps, sk, max_vram_gb, engine_dir, kv_max_frames, compile_preset,
+                              compile_artifacts)
         return cls(config, comps, settings, graph_cache_size=graph_cache_size)
 
     def __init__(self, config: EngineConfig, components: Components, settings: StreamSettings | None = None,
@@ -525,7 +527,7 @@ class StreamEngine:
                             "keys": [_key_str(k) for k in self._graphs.keys()],
                             "captures": getattr(self._executor, "captures_done", 0)},
             "temporal_cache": self._temporal.describe(), "text_encoder_graphed": self._prompts.graphed,
-            "low_vram": self.low_vram,
+            "low_vram": self.low_vram, "networks": self._base_nets.describe(),
         }
 
 

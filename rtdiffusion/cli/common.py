@@ -27,6 +27,9 @@ def add_engine_args(p: argparse.ArgumentParser, *, default_model: str | None = N
     g.add_argument("--backend", default="auto", choices=["auto", "eager", "graph", "compiled", "trt"])
     g.add_argument("--compile-preset", default="default", choices=["default", "fast", "max"],
                    help="backend compiled: Inductor settings (fast/max: frozen weights, longer compile)")
+    g.add_argument("--compile-artifacts", default="auto", choices=["auto", "jit", "aoti"],
+                   help="backend compiled: torch.compile (jit) or AOTInductor packages kept in the engine "
+                        "cache, loaded on restart without compiling (aoti); auto: jit on CUDA, aoti on the CPU")
     g.add_argument("--vae", default="tiny", choices=["tiny", "kl"], help="TAESD (default) or the full KL VAE")
     g.add_argument("--frame-buffer", type=int, default=1, help="frames per UNet call")
     g.add_argument("--max-vram-gb", type=float, default=None,
@@ -40,7 +43,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
               guidance_scale=args.guidance, delta=args.delta, prompt=args.prompt,
               negative_prompt=args.negative_prompt, seed=args.seed, device=args.device, dtype=args.dtype,
               backend=args.backend, vae=args.vae, frame_buffer_size=args.frame_buffer,
-              max_vram_gb=args.max_vram_gb, compile_preset=args.compile_preset)
+              max_vram_gb=args.max_vram_gb, compile_preset=args.compile_preset,
+              compile_artifacts=args.compile_artifacts)
     if args.similar_filter is not None:
         kw.update(similar_filter=True, similar_threshold=args.similar_filter)
     return kw

@@ -12,6 +12,8 @@ import argparse
 import importlib.util
 import json
 import logging
+import os
+import shutil
 import sys
 from typing import Any
 
@@ -38,8 +40,14 @@ def collect(engine_dir: str | None = None) -> dict[str, Any]:
         "graph": (cuda, "CUDA device found" if cuda else "needs a CUDA device"),
     }
     triton = importlib.util.find_spec("triton") is not None
-    backends["compiled"] = (cuda and triton, "CUDA device and triton found" if cuda and triton else
-                            "needs a CUDA device and triton (ships with CUDA builds of torch)")
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++") or shutil.which("clang++")
+    if cuda:
+        backends["compiled"] = (triton and bool(cxx), "CUDA device, triton and a C++ compiler found"
+                                if triton and cxx else "needs triton (ships with CUDA builds of torch) and a "
+                                "C++ compiler (g++) for AOTInductor packages")
+    else:
+        backends["compiled"] = (bool(cxx), "no CUDA device: AOTInductor packages for the CPU (C++ compiler found)"
+                                if cxx else "needs a C++ compiler (g++) on the CPU")
     trt_ok, trt_why = _tensorrt_status(versions.get("tensorrt"), cuda)
     backends["trt"] = (trt_ok, trt_why)
     onnx_ok = versions.get("onnx") is not None and importlib.util.find_spec("onnxscript") is not None
