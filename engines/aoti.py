@@ -5,13 +5,13 @@ dtypes) exports it with ``torch.export`` and compiles it ahead of time with AOTI
 (``model.pt2``) stored through :meth:`EngineCache.get_or_build`; later calls, and later processes, load that
 package instead of compiling (about a second instead of a minute or more).
 
-The package holds generated code only. The weights stay in the loaded modules and are bound to the package
-at load time as user-managed constants (no copy), so packages for several UNet batch sizes share one copy
-of the weights, and a fine-tune or fused LoRA of the same architecture reuses the packages. Hence the key
-(:func:`package_key`) holds no weight hash: it holds what the generated code depends on, namely the
-module's config, its attention processor classes, every constant's name, shape, stride and dtype, the input
-signature, the Inductor options, the torch / diffusers / triton versions and the GPU (or CPU vector ISA).
-The constants table is also kept in the manifest and checked against the module at load.
+The package holds the generated code, not the weights: they stay in the loaded modules and are bound to the
+package at load time as user-managed constants (no copy), so packages for several UNet batch sizes share
+one copy of the weights. Inductor still folds a few derived constants into the code (a TAESD conv bias, for
+one), so a package is only valid for the weights it was built from: the key (:func:`package_key`) holds the
+weights' fingerprint, the module's config and attention processor classes, every constant's name, shape,
+stride and dtype, the input signature, the Inductor options, the torch / diffusers / triton versions and the
+GPU (or the CPU's vector ISA). The constants table is also kept in the manifest and checked at load.
 
 What a package cannot hold falls back, loudly (log and :meth:`AotiNetworks.describe`), to ``fallback``:
 torch.compile on CUDA, the plain module on the CPU. That covers a UNet with the temporal KV cache's
@@ -35,7 +35,7 @@ from typing import Any, Callable
 import torch
 
 from .cache import CacheEntry, CacheKey, EngineCache, _canon
-from .versions import gpu_capability, library_versions, package_version
+from .versions import gpu_capability, library_versions, package_version, weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,8 @@ def target(device: torch.device) -> str:
 
 
 def package_key(kind: NetworkKind, wrapper: torch.nn.Module, sig: Signature, *, model: str,
-                device: torch.device, options: dict[str, Any]) -> CacheKey:
+                device: torch.device, options: dict[str, Any], weights: str | None = None) -> CacheKey:
+    """``weights``: ``versions.weights_fingerprint(wrapper)``, when the caller has it already."""
     net = wrapper.net
     # diffusers' bookkeeping entries ("_use_default_values" is a list in set order, "_name_or_path" a path)
     config = {k: v for k, v in dict(getattr(net, "config", {}) or {}).items() if not k.startswith("_")}
@@ -141,7 +142,7 @@ def package_key(kind: NetworkKind, wrapper: torch.nn.Module, sig: Signature, *, 
     versions = library_versions()
     return CacheKey(
         model=model,
-        weights="not in the package: bound at load",
+        weights=weights or weights_fingerprint(wrapper),
         lora=(),
         network=kind.value,
         shapes={"inputs": sig, "module": type(net).__qualname__, "config": _digest(config),
@@ -229,6 +230,8 @@ class AotiNetwork:
         self._runners: dict[Signature, Callable[..., torch.Tensor]] = {}
         self.built = self.loaded = 0
         self.fallbacks: dict[str, str] = {}  # signature (as text) -> why the fallback runs it
+        self.folders: list[str] = []  # cache entries in use
+        self._weights: str | None = None  # fingerprint, taken at the first package (weights are fixed then)
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         if not self.exportable():  # e.g. the temporal KV cache's processors: stateful, run by the fallback
@@ -241,7 +244,9 @@ class AotiNetwork:
 
     def _prepare(self, sig: Signature, args: tuple[torch.Tensor, ...]) -> Callable[..., torch.Tensor]:
         ctx = self.ctx
-        key = package_key(self.kind, self.wrapper, sig, model=ctx.model, device=ctx.device, options=ctx.options)
+        self._weights = self._weights or weights_fingerprint(self.wrapper)
+        key = package_key(self.kind, self.wrapper, sig, model=ctx.model, device=ctx.device, options=ctx.options,
+                          weights=self._weights)
         shapes = " ".join("x".join(map(str, s[0])) for s in sig)
         built: list[bool] = []
 
@@ -260,6 +265,7 @@ class AotiNetwork:
                         raise
                     ctx.cache.invalidate(key, f"AOTInductor could not load it: {type(exc).__name__}: {exc}")
                     continue
+                self.folders.append(entry.path.name)
                 self.built += bool(built)
                 self.loaded += not built
                 log.info("AOTInductor: %s %s for %s (%s)", "built" if built else "loaded", self.kind.value,
@@ -274,7 +280,7 @@ class AotiNetwork:
         raise AssertionError("unreachable")
 
     def describe(self) -> dict[str, Any]:
-        return {"packages": len(self._runners) - len(self.fallbacks), "built": self.built, "loaded": self.loaded,
+        return {"packages": list(self.folders), "built": self.built, "loaded": self.loaded,
                 "fallbacks": dict(self.fallbacks), "exportable": self.exportable()}
 
 

@@ -581,6 +581,15 @@ def test_backend_choice_follows_device_and_low_vram_mode():
             choose_backend(cfg(bad, "cuda", max_vram_gb=4.0))
     with pytest.raises(ConfigError, match="needs a CUDA device"):
         choose_backend(cfg("graph"))
+    # compiled runs on the CPU too (AOTInductor packages, launched from Python); auto artifacts follow the device
+    from rtdiffusion.backends import compile_artifacts
+    from rtdiffusion.config import CompileArtifacts
+
+    assert choose_backend(cfg("compiled"))[0] is Backend.COMPILED
+    assert compile_artifacts(cfg("compiled")) is CompileArtifacts.AOTI
+    assert compile_artifacts(cfg("compiled", "cuda")) is CompileArtifacts.JIT
+    with pytest.raises(ConfigError, match="compile_artifacts must be one of 'auto', 'jit', 'aoti'; got 'pt2'"):
+        EngineConfig("random:tiny", 64, 64, torch.device("cpu"), torch.float32, compile_artifacts="pt2")
 
 
 def test_settings_that_fail_to_apply_leave_the_engine_running_on_the_old_ones(make_engine):

@@ -3,7 +3,8 @@
     rtdiffusion build --model stabilityai/sd-turbo --backend trt --width 512 --height 512 \
         --min-steps 1 --max-steps 4                     # ONNX export + three TensorRT engines
     rtdiffusion build --model random:tiny --export-only # ONNX only (works without a GPU or TensorRT)
-    rtdiffusion build --model M --backend compiled      # Inductor compile warm-up into the cache folder
+    rtdiffusion build --model M --backend compiled --compile-artifacts aoti   # AOTInductor packages
+    rtdiffusion build --model M --backend compiled      # jit on CUDA: warms Inductor's on-disk caches
 
 The UNet engine covers every stream batch from min-steps x frames to max-steps x frames (x2 with
 --guidance full), so switching steps or guidance at run time never needs a rebuild. Everything that
@@ -53,6 +54,11 @@ def register(subparsers) -> None:
     p.add_argument("--fp8", action="store_true", help="TensorRT: allow FP8 kernels (sm_89+, Q/DQ graphs)")
     p.add_argument("--int8", action="store_true", help="TensorRT: allow INT8 kernels (Q/DQ graphs)")
     p.add_argument("--workspace-gb", type=float, default=None, help="TensorRT builder workspace cap")
+    p.add_argument("--compile-preset", default="default", choices=["default", "fast", "max"],
+                   help="backend compiled: Inductor settings, as the engine's --compile-preset")
+    p.add_argument("--compile-artifacts", default="auto", choices=["auto", "jit", "aoti"],
+                   help="backend compiled: aoti stores AOTInductor packages in the cache (a restart loads "
+                        "them); jit warms Inductor's caches; auto: jit on CUDA, aoti on the CPU")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime parity check of CPU exports")
     p.set_defaults(func=run)
 
@@ -103,9 +109,10 @@ def run(args: argparse.Namespace) -> int:
         options = TrtBuildOptions(fp16=not args.no_fp16, bf16=args.bf16, fp8=args.fp8, int8=args.int8,
                                   optimization_level=args.opt_level, workspace_gb=args.workspace_gb)
     device = parse_device(args.device)
-    if args.backend == "compiled" and not args.export_only and device.type != "cuda":
-        raise ValueError("--backend compiled builds for a CUDA device; torch sees none (use --export-only "
-                         "for ONNX files, or build on the GPU machine)")
+    aoti = args.compile_artifacts == "aoti" or (args.compile_artifacts == "auto" and device.type != "cuda")
+    if args.backend == "compiled" and not aoti and device.type != "cuda":
+        raise ValueError("--backend compiled --compile-artifacts jit warms Inductor's caches for a CUDA device; "
+                         "torch sees none (use --compile-artifacts aoti, or build on the GPU machine)")
     if args.backend == "trt" and not args.export_only and device.type != "cuda":
         raise ValueError("--backend trt needs a CUDA device; torch sees none")
     dtype = parse_dtype(args.dtype, device)
@@ -134,34 +141,40 @@ def run(args: argparse.Namespace) -> int:
         entries = ensure_trt_engines(comps.unet, comps.vae, params, cache, model=args.model, lora=lora_ids,
                                      options=options, weights=weights, device=device)
     else:
-        entries = {"compiled": _warm_compiled(comps, params, cache)}
+        entries = _build_compiled(comps, params, cache, model=args.model, preset=args.compile_preset, aoti=aoti)
     for name, entry in entries.items():
         size = sum(a["size"] for a in entry.manifest["artifacts"].values()) if hasattr(entry, "manifest") else 0
         log.info("%-12s %s (%.1f MB)", name, entry.path if hasattr(entry, "path") else entry, size / 1e6)
     return 0
 
 
-def _warm_compiled(comps, params, cache) -> Path:
-    """Compile the networks for every batch size in range so Inductor's on-disk cache is warm.
-
-    Inductor's artifacts live in its own cache (TORCHINDUCTOR_CACHE_DIR, set here under the engine cache
-    root when unset); a later run with the same setting finds them. Not run here: needs a CUDA device.
+def _build_compiled(comps, params, cache, *, model: str, preset: str, aoti: bool) -> dict:
+    """Run the compiled networks once for every UNet batch size in range, and the VAE once, at the shapes
+    the engine uses: with ``aoti`` each call builds (or finds) its AOTInductor package in the engine cache;
+    otherwise (jit, CUDA only) the calls warm Inductor's on-disk caches (TORCHINDUCTOR_CACHE_DIR, set under
+    the engine cache root when unset), which a later run finds.
     """
     import torch
 
-    from engines.compiled import CompiledNetworks
+    from engines.compiled import compiled_networks
     from engines.specs import make_specs
 
-    folder = cache.root / "inductor"
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder))
-    prepare_cuda_modules(comps)  # the same modules the engine compiles, or its cache would miss
-    nets = CompiledNetworks(comps.unet, comps.vae)
+    if comps.unet.device.type == "cuda":
+        prepare_cuda_modules(comps)  # the same modules the engine compiles, or its cache would miss
+    nets = compiled_networks(comps.unet, comps.vae, preset=preset, aoti=aoti, cache=cache, model=model)
     specs = make_specs(params)
-    for b in range(params.batch[0].min, params.batch[-1].max + 1):
-        args = specs["unet"].sample_inputs(comps.unet.device, {"B": b})
-        nets.unet(*args)
-        log.info("compiled UNet for batch %d", b)
-    enc = specs["vae_encoder"].sample_inputs(comps.unet.device)
-    nets.decode(nets.encode(*enc))
-    torch.cuda.synchronize()
-    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    with torch.no_grad():
+        for b in range(params.batch[0].min, params.batch[-1].max + 1):
+            nets.unet(*specs["unet"].sample_inputs(comps.unet.device, {"B": b}))
+            log.info("compiled UNet for batch %d", b)
+        nets.decode(nets.encode(*specs["vae_encoder"].sample_inputs(comps.unet.device)))
+    if comps.unet.device.type == "cuda":
+        torch.cuda.synchronize()
+    if not aoti:
+        return {"inductor cache": Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])}
+    described = nets.describe()
+    failed = {k: v["fallbacks"] for k, v in described.items() if isinstance(v, dict) and v.get("fallbacks")}
+    if failed:
+        raise RuntimeError(f"AOTInductor could not package every network: {failed}")
+    used = {name for v in described.values() if isinstance(v, dict) for name in v.get("packages", ())}
+    return {e.path.name: e for e in cache.entries() if e.path.name in used}
