@@ -9,6 +9,7 @@ weights get other keys: Inductor folds a few derived constants into a package.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,9 @@ import torch
 from engines import aoti
 from engines.cache import EngineCache
 from rtdiffusion import StreamEngine
+
+pytestmark = pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")),
+                                reason="AOTInductor compiles C++ on the CPU: needs g++ (apt-get install g++)")
 
 SIZE = 64
 ENGINE = dict(width=SIZE, height=SIZE, device="cpu", dtype="float32", prompt="a lighthouse", seed=7)
