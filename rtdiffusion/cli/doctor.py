@@ -42,9 +42,11 @@ def collect(engine_dir: str | None = None) -> dict[str, Any]:
     triton = importlib.util.find_spec("triton") is not None
     cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++") or shutil.which("clang++")
     if cuda:
-        backends["compiled"] = (triton and bool(cxx), "CUDA device, triton and a C++ compiler found"
-                                if triton and cxx else "needs triton (ships with CUDA builds of torch) and a "
-                                "C++ compiler (g++) for AOTInductor packages")
+        why = ("CUDA device and triton found" if triton else
+               "needs triton (ships with CUDA builds of torch)")
+        why += "; AOTInductor packages (--compile-artifacts aoti) " + (
+            "can be built (C++ compiler found)" if cxx else "need a C++ compiler (g++)")
+        backends["compiled"] = (triton, why)
     else:
         backends["compiled"] = (bool(cxx), "no CUDA device: AOTInductor packages for the CPU (C++ compiler found)"
                                 if cxx else "needs a C++ compiler (g++) on the CPU")
