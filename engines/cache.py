@@ -19,7 +19,9 @@ Protocol for one key (two processes may run it at once):
 
     1. lookup: entry folder exists and verifies (manifest parses, key matches, every artifact has the
        manifest's size, and with Verify.SHA256 its sha256)          -> return it, no lock taken
-    2. take the key's lock (blocks; logs who it waits for)
+    2. take the key's lock (blocks; logs who it waits for; gives up with LockTimeout, naming the holder's
+       pid, when the holder stays stopped (SIGSTOP, Ctrl-Z) for ``stopped_grace_s`` or the wait passes
+       ``lock_timeout_s``)
     3. lookup again (another process may have finished meanwhile)    -> return it
        a corrupt entry is moved to .trash-* with a warning naming what is wrong
     4. build_fn(tmp folder) writes the artifacts; hashes and sizes go into manifest.json; files and the
@@ -44,7 +46,9 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
+
+from .locks import LockTimeout, file_lock  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +181,15 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
             h.update(b)
 
 
+def _safe_artifact_name(name: str) -> bool:
+    """An artifact name is a relative POSIX path of plain parts (what _build writes): no '..', no '.', no
+    empty part, not absolute, no backslash or drive letter; anything else could point outside the entry."""
+    if not isinstance(name, str) or not name or "\\" in name or "\x00" in name or ":" in name:
+        return False
+    parts = name.split("/")
+    return all(p not in ("", ".", "..") for p in parts)
+
+
 def _fsync_dir(path: Path) -> None:
     if os.name != "posix":
         return
@@ -203,67 +216,15 @@ def write_atomic(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
-@contextlib.contextmanager
-def file_lock(path: Path, what: str, poll_s: float = 0.2, timeout_s: float | None = None) -> Iterator[None]:
-    """Exclusive advisory lock on ``path`` (created if needed); released when the holder exits or dies."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        start = time.monotonic()
-        said = False
-        while not _try_lock(fd):
-            if not said:
-                log.info("waiting for another process building %s (lock %s)", what, path)
-                said = True
-            if timeout_s is not None and time.monotonic() - start > timeout_s:
-                raise TimeoutError(f"gave up after {timeout_s:.0f} s waiting for the lock {path} ({what})")
-            time.sleep(poll_s)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        try:
-            yield
-        finally:
-            _unlock(fd)
-    finally:
-        os.close(fd)
-
-
-if os.name == "posix":
-    import fcntl
-
-    def _try_lock(fd: int) -> bool:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            return False
-
-    def _unlock(fd: int) -> None:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-else:  # pragma: no cover - Windows
-    import msvcrt
-
-    def _try_lock(fd: int) -> bool:
-        try:
-            os.lseek(fd, 0, os.SEEK_SET)
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-            return True
-        except OSError:
-            return False
-
-    def _unlock(fd: int) -> None:
-        os.lseek(fd, 0, os.SEEK_SET)
-        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
-
-
 class EngineCache:
     """A folder of cache entries. Safe for several threads and processes (see the module docstring)."""
 
     def __init__(self, root: str | os.PathLike | None = None, verify: Verify = Verify.SHA256,
-                 lock_timeout_s: float | None = None) -> None:
+                 lock_timeout_s: float | None = None, stopped_grace_s: float | None = None) -> None:
         self.root = Path(root).expanduser() if root is not None else default_root()
         self.verify = verify
-        self.lock_timeout_s = lock_timeout_s
+        self.lock_timeout_s = lock_timeout_s  # None: LOCK_TIMEOUT_S
+        self.stopped_grace_s = stopped_grace_s  # None: STOPPED_GRACE_S
 
     def entry_path(self, key: CacheKey) -> Path:
         return self.root / key.folder_name
@@ -289,7 +250,7 @@ class EngineCache:
                 return hit
         self.root.mkdir(parents=True, exist_ok=True)
         what = f"{key.network} ({key.backend}) for {key.model}"
-        with file_lock(self.root / ".locks" / f"{key.digest[:16]}.lock", what, timeout_s=self.lock_timeout_s):
+        with self._lock(key, what):
             try:
                 hit = self.lookup(key)
             except CacheCorrupt as exc:
@@ -305,7 +266,7 @@ class EngineCache:
         """Move an entry aside (e.g. it verified but TensorRT could not deserialise it) so the next
         ``get_or_build`` rebuilds it."""
         path = self.entry_path(key)
-        with file_lock(self.root / ".locks" / f"{key.digest[:16]}.lock", key.network, timeout_s=self.lock_timeout_s):
+        with self._lock(key, key.network):
             if path.exists():
                 log.warning("engine cache entry %s is unusable (%s); it will be rebuilt", path, reason)
                 self._discard(path)
@@ -323,6 +284,10 @@ class EngineCache:
         return out
 
     # ---- internals ---------------------------------------------------------------------------------
+    def _lock(self, key: CacheKey, what: str):
+        return file_lock(self.root / ".locks" / f"{key.digest[:16]}.lock", what, timeout_s=self.lock_timeout_s,
+                         stopped_grace_s=self.stopped_grace_s)
+
     def _verify(self, path: Path, key: CacheKey) -> CacheEntry:
         mpath = path / MANIFEST
         try:
@@ -338,6 +303,9 @@ class EngineCache:
         if not isinstance(arts, dict) or not arts:
             raise CacheCorrupt(f"engine cache entry {path} lists no artifacts")
         for name, meta in arts.items():
+            if not _safe_artifact_name(name):
+                raise CacheCorrupt(f"engine cache entry {path}: artifact name {name!r} is not a relative path inside "
+                                   "the entry (absolute, '..', or empty parts)")
             if not isinstance(meta, dict):
                 raise CacheCorrupt(f"engine cache entry {path}: the manifest entry for artifact {name} is not a "
                                    f"JSON object (got {type(meta).__name__})")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import signal
 import subprocess
@@ -222,6 +223,27 @@ def test_other_key_manifest_is_corrupt(tmp_path):
         cache.lookup(_key())
 
 
+@pytest.mark.parametrize("name", ["../outside.bin", "{abs}", "sub/../../outside.bin", "./engine.plan", "a//b", ""])
+def test_artifact_names_outside_the_entry_are_corrupt(tmp_path, name):
+    """A manifest naming a file outside its folder is corrupt, even when that file has the listed size and
+    sha256 (else a tampered manifest could make the engine load any file on the machine)."""
+    from engines.cache import sha256_file
+
+    cache = EngineCache(tmp_path / "cache")
+    e = cache.get_or_build(_key(), _build())
+    outside = tmp_path / "cache" / "outside.bin"
+    outside.write_bytes(b"not an engine")
+    name = name.format(abs=str(outside))
+    m = json.loads((e.path / "manifest.json").read_text())
+    m["artifacts"][name] = {"size": outside.stat().st_size, "sha256": sha256_file(outside)}
+    (e.path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CacheCorrupt, match="is not a relative path inside the entry"):
+        cache.lookup(_key())
+    calls = []
+    assert cache.get_or_build(_key(), _build(calls=calls)).artifact("engine.plan").is_file()
+    assert len(calls) == 1 and outside.read_bytes() == b"not an engine"  # rebuilt; the outside file untouched
+
+
 # ---- two real processes ------------------------------------------------------------------------------
 
 _WORKER = textwrap.dedent("""
@@ -288,3 +310,50 @@ def test_builder_killed_mid_build_leaves_no_entry_and_the_next_builds(tmp_path):
     assert ok.returncode == 0, err
     assert not [p for p in cache_dir.iterdir() if p.name.startswith(".tmp-")]
     assert len((tmp_path / "builds.log").read_text().split()) == 2
+
+
+_HOLDER = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {root!r})
+    from engines.cache import CacheKey, EngineCache
+    key = CacheKey(model="m", weights="w", lora=(), network="unet", shapes={{"B": [1, 2, 4]}}, dtype="float16",
+                   backend="trt", backend_version="t", gpu="sm_90")
+    def build(folder):
+        print("building", flush=True)
+        while True:  # a build that never ends by itself: the test stops, then kills, this process
+            time.sleep(0.05)
+    EngineCache(sys.argv[1]).get_or_build(key, build)
+""")
+
+
+def test_a_stopped_lock_holder_is_not_waited_for_forever(tmp_path):
+    """Another process holds the key's build lock and is then stopped (SIGSTOP): a second builder gives up
+    with an error naming the holder's pid instead of waiting forever; once the holder is gone it builds."""
+    from engines.locks import LockTimeout, process_stopped
+
+    script = tmp_path / "holder.py"
+    script.write_text(_HOLDER.format(root=str(ROOT)))
+    holder = subprocess.Popen([sys.executable, str(script), str(tmp_path / "cache")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "building"  # it holds the lock now
+        os.kill(holder.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 60
+        while not process_stopped(holder.pid):  # the kernel marks it stopped; wait for that, not a guess
+            assert time.monotonic() < deadline, "the holder never showed as stopped"
+            time.sleep(0.01)
+        key = CacheKey(model="m", weights="w", lora=(), network="unet", shapes={"B": [1, 2, 4]}, dtype="float16",
+                       backend="trt", backend_version="t", gpu="sm_90")
+        cache = EngineCache(tmp_path / "cache", stopped_grace_s=0.5)
+        calls = []
+        with pytest.raises(LockTimeout, match=rf"held by pid {holder.pid}, which is stopped.*kill -CONT {holder.pid}"):
+            cache.get_or_build(key, _build(calls=calls))
+        assert calls == []
+        # the overall bound (here 0 s, and a grace longer than it) names the holder too
+        with pytest.raises(LockTimeout, match=rf"gave up after 0 s waiting for the lock .* held by pid {holder.pid}"):
+            EngineCache(tmp_path / "cache", lock_timeout_s=0.0, stopped_grace_s=3600).get_or_build(key, _build())
+    finally:
+        holder.kill()  # SIGKILL ends a stopped process too
+        holder.communicate(timeout=60)
+    assert cache.get_or_build(key, _build(calls=calls)).artifact("engine.plan").is_file()
+    assert len(calls) == 1  # the lock died with its holder
