@@ -50,6 +50,7 @@ class BenchResult:
     floor_ms: float | None = None
     device_ms: float | None = None  # GPU time per frame, steps enqueued back to back (no host round trip)
     kernels: list[dict[str, Any]] = field(default_factory=list)  # top kernels of the frame (profiler)
+    baseline: dict[str, Any] | None = None  # compare_baseline(): StreamDiffusion's loop, compiled, same run
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -76,6 +77,11 @@ class BenchResult:
             lines.append("top kernels per frame (torch.profiler over graph replays):")
             lines += [f"  {k['ms_per_frame']:7.3f} ms  {k['calls_per_frame']:5.1f}x  {k['name'][:90]}"
                       for k in self.kernels[:10]]
+        if self.baseline:
+            b = self.baseline
+            lines.append(f"baseline       {b['name']}: median {b['frame_ms']['median']:.3f} ms  p99 "
+                         f"{b['frame_ms']['p99']:.3f} -> {1e3 / b['frame_ms']['median']:.1f} fps; "
+                         f"ours is {b['ratio']:.2f}x faster (median / median)")
         if self.floor_ms:
             lines.append(f"FLOPs/frame {self.flops_per_frame / 1e9:.0f} G; floor at {self.matmul_tflops:.0f} "
                          f"TFLOP/s = {self.floor_ms:.3f} ms; measured/floor = {f['median'] / self.floor_ms:.1f}x")
@@ -225,6 +231,36 @@ def kernel_profile(engine, n: int = 20) -> list[dict[str, Any]]:
             rows.append({"name": e.key, "ms_per_frame": t / 1e3 / n, "calls_per_frame": e.count / n})
     rows.sort(key=lambda r: -r["ms_per_frame"])
     return rows[:25]
+
+
+def compare_baseline(engine, result: BenchResult, *, frames: int = 300, warmup: int = 30,
+                     compile: bool | None = None) -> dict[str, Any]:
+    """Time StreamDiffusion's plain loop (rtdiffusion/baseline.py) on the same model, settings and frames,
+    in this process, right after ``engine``; store it and the speed ratio in ``result.baseline``.
+
+    compile: torch.compile(mode="reduce-overhead") on the UNet and both TAESD halves (default: on CUDA)."""
+    from .baseline import build_baseline, time_baseline
+    from .models.loading import load_components
+
+    c = engine.config
+    compile = (engine.device.type == "cuda") if compile is None else compile
+    comps = load_components(c.model, engine.device, c.dtype, c.vae,
+                            seed=int(engine.components.identity.get("seed", 0)))
+    stream = build_baseline(engine, comps)
+    if compile:
+        stream.compile()
+    t0 = time.perf_counter()
+    src = synthetic_frames(min(frames + warmup, 64), engine.height, engine.width)
+    stream(torch.from_numpy(src[0]).to(engine.device))  # first call: compiles (not timed)
+    first_s = time.perf_counter() - t0
+    stats = _stats(time_baseline(stream, src, frames, warmup))
+    name = "StreamDiffusion loop" + (", torch.compile reduce-overhead" if compile else ", eager")
+    result.baseline = {"name": name, "frame_ms": stats, "fps": 1e3 / stats["median"], "first_call_s": first_s,
+                       "ratio": stats["median"] / result.frame_ms["median"]}
+    del stream, comps
+    if engine.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result.baseline
 
 
 def run_bench(engine, *, frames: int = 300, warmup: int = 30, prompt_change_every: int | None = None,

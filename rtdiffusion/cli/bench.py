@@ -24,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-profile", action="store_true", help="skip the per-stage profile")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
     p.add_argument("--kernels", action="store_true", help="CUDA: also list the frame's top kernels (profiler)")
+    p.add_argument("--compare-baseline", action="store_true",
+                   help="also time StreamDiffusion's plain loop (torch.compile reduce-overhead on CUDA) on the "
+                        "same model and settings in this process, and print how much faster the engine is")
     p.add_argument("--json", default=None, metavar="PATH", help="append the record to PATH (JSON lines)")
     p.set_defaults(func=run)
 
@@ -39,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
     result = run_bench(engine, frames=args.frames, warmup=args.warmup,
                        prompt_change_every=args.prompt_change_every, profile=not args.no_profile,
                        flops=not args.no_flops, kernels=args.kernels)
+    if args.compare_baseline:
+        from ..bench import compare_baseline
+
+        compare_baseline(engine, result, frames=args.frames, warmup=args.warmup)
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps(json.loads(result.to_json())) + "\n")
