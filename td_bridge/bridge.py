@@ -4,29 +4,31 @@ Threads::
 
     main (frame loop)                     osc-receive                    osc-heartbeat
     -----------------                     -----------                    -------------
-    load engine, warm up, open rings      from the start: validate,      from the start, every second:
-    loop until stop:                        mailbox.put / act,             /server_active 1, state, fps,
-      drain mailbox -> engine.update*       /error, /status                framecount, ring names, VRAM
-      (between frames only)
+    load engine, warm up, open rings      from the start: validate,      4 times a second: ring heartbeats
+    loop until stop:                        mailbox.put / act,           (clients tell a live bridge by them)
+      drain mailbox -> engine.update*       /error, /status              every second: /server_active 1,
+      (between frames only)                                                state, fps, framecount, ring
+      check both rings (size, header,                                      names, VRAM
+        flags): repair / recreate
       transfer.poll()  (publish results)
-      check the input ring's header
       transfer.read() -> submit() -> /frame_ready
 
 States sent as ``/stream-info/state``: loading -> building -> ready -> streaming <-> paused; error when a
 frame fails (the loop keeps going and returns to streaming with the next good frame).
 
-Rings: the bridge creates both (``--input-name`` / ``--output-name``, default ``rtd_in_<pid>`` /
-``rtd_out_<pid>``) and unlinks them at exit. If a segment of that name already exists and is a ring of the
-same geometry (say TouchDesigner made it, or a crashed bridge left it), the bridge uses it and leaves it in
-place at exit. If it exists but is something else, the bridge says why in ``/error`` and the log, creates
-its own under ``<name>_<pid>`` and announces that name.
+Rings (see served_rings.py): the bridge creates both (``--input-name`` / ``--output-name``, default
+``rtd_in_<pid>`` / ``rtd_out_<pid>``) and unlinks them at exit. If a segment of that name already exists and
+is a ring of the same geometry (say TouchDesigner made it, or a crashed bridge left it), the bridge serves it
+under a new session id and leaves it in place at exit, marked CLOSED. If it exists but is something else, the
+bridge says why in ``/error`` and the log, creates its own under ``<name>_<pid>`` and announces that name. A
+ring truncated under the bridge is replaced by a new one of the same name; a scribbled header or flags word
+is rewritten; both are reported (``/error``, ``/stream-info/ring-event``, the log, ``/status``).
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,10 +37,14 @@ from typing import Any, Callable
 import numpy as np
 
 from .osc import Action, Key, Mailbox, OscReceiver, OscSender, status_json
-from .ring import PixelFormat, RingError, RingLayout, RingReader, RingWriter, RowOrder
+from .ring import PixelFormat, RingError, RingReader, RingWriter, RowOrder
+from .served_rings import ServedRings
 from .transfer import make_transfer
 
 log = logging.getLogger(__name__)
+
+RING_BEAT_S = 0.25  # ring heartbeat period; the OSC heartbeat goes out every 4th beat (once a second)
+RING_BEATS_PER_OSC_BEAT = 4
 
 
 class State(enum.Enum):
@@ -114,8 +120,7 @@ class Bridge:
         self.mailbox = Mailbox(self.stop)
         self.state = State.LOADING
         self.engine = None
-        self.reader: RingReader | None = None
-        self.writer: RingWriter | None = None
+        self.rings: ServedRings | None = None
         self.transfer = None
         self.sender: OscSender | None = None
         self.receiver: OscReceiver | None = None
@@ -128,6 +133,14 @@ class Bridge:
         self._heartbeat: threading.Thread | None = None
         self._started_at = time.monotonic()
 
+    @property
+    def reader(self) -> RingReader | None:
+        return self.rings.reader if self.rings is not None else None
+
+    @property
+    def writer(self) -> RingWriter | None:
+        return self.rings.writer if self.rings is not None else None
+
     # ------------------------------------------------------------------------------------------ lifecycle
     def start(self) -> "Bridge":
         """OSC in and out, and the heartbeat, from the first moment (before the model loads)."""
@@ -135,6 +148,7 @@ class Bridge:
         self.sender = OscSender(c.osc_host, c.osc_out_port)
         self.receiver = OscReceiver(c.osc_listen, c.osc_in_port, self.mailbox, self.sender, self.status_text)
         self.receiver.start()
+        self.rings = ServedRings(c, self.sender)
         self._heartbeat = threading.Thread(target=self._beat, name="osc-heartbeat", daemon=True)
         self._heartbeat.start()
         log.info("OSC: listening on %s:%d, sending to %s:%d", c.osc_listen, self.receiver.port, c.osc_host,
@@ -171,7 +185,7 @@ class Bridge:
             if self.stop.is_set():
                 return
             sender.send("/stream-info/build-progress", 0.9)
-            self._open_rings(e.width, e.height)
+            self.rings.open(e.width, e.height)
             self.transfer = make_transfer(e, self.reader, self.writer, self._published)
         finally:
             for lg in watched:
@@ -205,9 +219,8 @@ class Bridge:
                 self.transfer.close()
             except Exception as exc:  # the device may be gone; still unlink the rings below
                 log.warning("flushing the last frames failed: %s", exc)
-        for ring in (self.reader, self.writer):
-            if ring is not None:
-                ring.close()
+        if self.rings is not None:
+            self.rings.close()
         if self.receiver is not None:
             self.receiver.close()
         if self._heartbeat is not None:
@@ -216,44 +229,9 @@ class Bridge:
             self._set_state(State.STOPPED)
             self.sender.send("/server_active", 0)
             self.sender.close()
-        self.reader = self.writer = self.transfer = self.receiver = self.sender = None  # type: ignore[assignment]
+        self.transfer = self.receiver = self.sender = None  # type: ignore[assignment]
 
     # ------------------------------------------------------------------------------------------ rings
-    def _open_rings(self, width: int, height: int) -> None:
-        c, pid = self.config, os.getpid()
-        layout = RingLayout(width, height, c.pixel_format, c.row_order, c.slots, c.checksum)
-        self.reader = self._open(RingReader, c.input_name or f"rtd_in_{pid}", layout, "/ring/input")
-        self.writer = self._open(RingWriter, c.output_name or f"rtd_out_{pid}", layout, "/ring/output")
-
-    def _open(self, kind, name: str, layout: RingLayout, what: str):
-        try:
-            return kind.create(name, layout)
-        except RingError:
-            pass  # exists: adopt it if it is a ring of the same geometry
-        try:
-            ring = kind.attach(name)
-            got = ring.layout
-            if (got.width, got.height, got.pixel_format, got.row_order) == (
-                    layout.width, layout.height, layout.pixel_format, layout.row_order):
-                if isinstance(ring, RingReader):
-                    ring.last_index = ring.published - 1  # frames from before we came are stale
-                ring.clear_closed()  # we serve it now (a ring of the wrong geometry keeps its flags)
-                log.info("using the existing ring %s (%s)", name, got.describe())
-                return ring
-            ring.close()
-            reason = f"shared memory {name!r} exists as a {got.describe()} ring; expected {layout.describe()}"
-        except RingError as exc:
-            reason = str(exc)
-        fallback = f"{name[:20]}_{os.getpid()}"
-        try:
-            ring = kind.create(fallback, layout)
-        except RingError:  # the fallback name is taken too: let the OS pick a free one
-            ring = kind.create(None, layout)
-            self.sender.error(what, f"{reason}; {fallback!r} exists as well; using {ring.name!r} instead")
-            return ring
-        self.sender.error(what, f"{reason}; using {fallback!r} instead")
-        return ring
-
     def _announce(self) -> None:
         s = self.sender
         if self.reader is not None:
@@ -264,27 +242,21 @@ class Bridge:
 
     # ------------------------------------------------------------------------------------------ frame loop
     def run(self) -> None:
-        tr, reader = self.transfer, self.reader
+        tr, rings = self.transfer, self.rings
         step_budget = 0
-        error_at = read_error_at = 0.0
+        read_error_at = 0.0
         idle = 0
         while not self.stop.is_set():
             steps = self._apply_controls()
-            # /process_frame steps only while paused; pulses that arrive while streaming are dropped, not
-            # saved up for the next /pause
+            # /process_frame steps only while paused (counted in _apply_controls); pulses that arrive while
+            # streaming are dropped, not saved up for the next /pause
             step_budget = step_budget + steps if self.paused else 0
             if self.stop.is_set():
                 break
+            if rings.check():  # before touching either ring: a shrunk one was replaced, headers repaired
+                tr.reader, tr.writer = rings.reader, rings.writer
+                self._announce()
             tr.poll()
-            try:
-                reader.check_header()
-            except RingError as exc:
-                now = time.monotonic()
-                if now - error_at > 1.0:  # at most one report a second while it stays broken
-                    self.sender.error("/ring/input", f"{exc}; the bridge rewrote the header")
-                    error_at = now
-                reader.repair_header()
-                continue
             try:
                 if self.paused:
                     if step_budget <= 0:
@@ -356,13 +328,16 @@ class Bridge:
                     e.update(**value)
             except (ValueError, TypeError) as exc:  # ConfigError is a ValueError; state unchanged
                 self.sender.error(address, str(exc))
-        if actions.get(Action.STOP):
-            self.stop.set()
-        if actions.get(Action.PAUSE) or actions.get(Action.PLAY):
-            # both in one gap between frames: the later one is unknown, so pause wins (the safe choice)
-            self.paused = bool(actions.get(Action.PAUSE))
-            self._set_state(State.PAUSED if self.paused else State.STREAMING)
-        return actions.get(Action.PROCESS_FRAME, 0)
+        steps = 0
+        for action, count in actions:  # in arrival order
+            if action is Action.STOP:
+                self.stop.set()
+            elif action in (Action.PAUSE, Action.PLAY):
+                self.paused = action is Action.PAUSE
+                self._set_state(State.PAUSED if self.paused else State.STREAMING)
+            elif action is Action.PROCESS_FRAME and self.paused:
+                steps += count  # a step that arrived while streaming is dropped, not saved up
+        return steps
 
     # ------------------------------------------------------------------------------------------ status
     def _set_state(self, state: State) -> None:
@@ -382,8 +357,19 @@ class Bridge:
         return (total - free) / 2**30, total / 2**30
 
     def _beat(self) -> None:
+        """Ring heartbeats four times a second (clients tell a live bridge from a dead one by them); the OSC
+        heartbeat every fourth tick."""
         last_n, last_t = self.frames_out, time.monotonic()
+        tick = 0
         while True:
+            rings = self.rings
+            if rings is not None:
+                rings.beat()
+            tick += 1
+            if tick % RING_BEATS_PER_OSC_BEAT != 1:
+                if self.stop.wait(RING_BEAT_S):
+                    return
+                continue
             s = self.sender
             if s is None:
                 return
@@ -402,7 +388,7 @@ class Bridge:
                 self._announce()
             except Exception as exc:  # the socket closed under us at shutdown
                 log.debug("heartbeat: %s", exc)
-            if self.stop.wait(1.0):
+            if self.stop.wait(RING_BEAT_S):
                 return
 
     def status(self) -> dict[str, Any]:
@@ -421,6 +407,7 @@ class Bridge:
                     "rejected": self.receiver.rejected if self.receiver else 0,
                     "recv_buffer": self.receiver.recv_buffer if self.receiver else 0},
             "input_retries": self.reader.retries if self.reader else 0,
+            "rings": self.rings.status() if self.rings is not None else None,
         }
         if self.engine is not None:
             try:

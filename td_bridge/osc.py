@@ -9,7 +9,7 @@ Threads and who touches what::
     parse (python-osc OscPacket)                apply each to the engine, in the      state, fps, names
     validate (CONTROLS table below)             order the keys last arrived
       bad   -> /error address reason          actions (pause, play, step, stop)
-      value -> mailbox.put(key, value)          are counted, not overwritten
+      value -> mailbox.put(key, value)          are kept in arrival order, not overwritten
       /get_status -> /status JSON at once
 
 The mailbox is the only state the receive thread shares with the frame loop; it is guarded by one lock held
@@ -253,14 +253,20 @@ def _action_fires(args: tuple) -> bool:
 
 # -------------------------------------------------------------------------------------------------- mailbox
 class Mailbox:
-    """Latest value per key, in the order keys last arrived; actions counted. Thread-safe."""
+    """Latest value per key, in the order keys last arrived; actions kept in arrival order. Thread-safe.
+
+    Actions come back from ``drain`` as runs ``[(action, count), ...]`` in the order they arrived, so the frame
+    loop can tell "/process_frame then /pause" (the step came while streaming: dropped) from "/pause then
+    /process_frame" (one step) even when both arrive between the same two frames."""
+
+    MAX_RUNS = 256  # a flood of alternating actions between two frames keeps only the newest runs
 
     def __init__(self, stop: threading.Event | None = None) -> None:
         self._lock = threading.Lock()
         self._values: OrderedDict[Key, tuple[str, Any]] = OrderedDict()  # key -> (address, value)
         self.stop = stop or threading.Event()  # set at once by /stop; a loading bridge checks it
         # between load stages (after the model loads, after the warm-up frame), not inside them
-        self._actions: dict[Action, int] = {}
+        self._actions: list[tuple[Action, int]] = []
         self.changed = threading.Event()  # set on every put, so an idle frame loop can wake at once
 
     def put(self, key: Key, address: str, value: Any) -> None:
@@ -271,16 +277,22 @@ class Mailbox:
 
     def act(self, action: Action) -> None:
         with self._lock:
-            self._actions[action] = self._actions.get(action, 0) + 1
+            runs = self._actions
+            if runs and runs[-1][0] is action:
+                runs[-1] = (action, runs[-1][1] + 1)
+            else:
+                runs.append((action, 1))
+                if len(runs) > self.MAX_RUNS:
+                    del runs[0]
         if action is Action.STOP:
             self.stop.set()
         self.changed.set()
 
-    def drain(self) -> tuple[list[tuple[Key, tuple[str, Any]]], dict[Action, int]]:
+    def drain(self) -> tuple[list[tuple[Key, tuple[str, Any]]], list[tuple[Action, int]]]:
         with self._lock:
             values, actions = list(self._values.items()), self._actions
             self._values.clear()
-            self._actions = {}
+            self._actions = []
             self.changed.clear()
         return values, actions
 

@@ -22,7 +22,10 @@ Segment layout::
         28     4  u32    owner_pid      process that created the segment
         32     8  u64    slot_stride    bytes from one slot's pixels to the next (frame bytes rounded up to 64)
         40     8  u64    published      frames published so far; the newest is in slot (published - 1) % slot_count
-        48    16  -      reserved       zero
+        48     8  u64    session        random id of the bridge serving the ring, new on every create or adopt
+                                        (0: nobody has served it yet)
+        56     8  u64    heartbeat      the serving bridge adds 1 about four times a second, from a thread of
+                                        its own (a slow frame does not stop it)
         64  64*S         slot table, one 64-byte entry per slot:
                            +0  u64 seq           seqlock: odd while the writer is inside the slot, even when
                                                  stable, 0 = never written
@@ -50,6 +53,22 @@ silicon, other ARM64) create rings with ``checksum=True``: the crc32 check then 
 fence-less seqlock could miss, at about 0.3 ms a 512x512 RGBA frame.
 
 The writer never waits for readers; readers never block the writer.
+
+Who serves a ring, and how clients notice a new bridge::
+
+    bridge (the server of both rings)               client (TouchDesigner's InputSender / OutputReceiver)
+    ---------------------------------------------   -------------------------------------------------------
+    create, or adopt a ring of the right geometry   attach by name; remember its session
+      left by a bridge that crashed: new session,   once a second: heartbeat unchanged for STALE_S -> say
+      owner_pid, CLOSED cleared                       "not responding"; the segment now under the name
+    heartbeat += 1 four times a second                (``probe``) has another session, or is gone -> let go
+    every loop: size, geometry and flags checked      and attach to what is there now
+      against what it made; flags and geometry      before every frame: the segment's size (a truncated
+      rewritten, a truncated segment recreated        segment would raise SIGBUS on access)
+    at exit: CLOSED set, unlinked (if it made it)   CLOSED seen -> let go, wait for the next bridge
+
+Everyone follows the CHECKSUM flag as it is now (the server keeps it right), so a writer that attached while
+the flag was wrong recovers as soon as the server repairs it.
 """
 
 from __future__ import annotations
@@ -57,8 +76,10 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import secrets
 import struct
 import sys
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -83,15 +104,24 @@ FLAG_CHECKSUM = 2
 _HEADER = struct.Struct("<8sHHIIBBBBIIQQ")
 assert _HEADER.size == 48
 _OFF_FLAGS = 24
+_OFF_PID = 28
 _OFF_PUBLISHED = 40
+_OFF_SESSION = 48
+_OFF_HEARTBEAT = 56
+_KNOWN_FLAGS = FLAG_CLOSED | FLAG_CHECKSUM
 # seq, frame_index, timestamp_ns, source_index, crc32 (one slot-table entry); _META is the same without seq
 _ENTRY = struct.Struct("<QQQQI")
 _META = struct.Struct("<QQQI")
 _RETRIES = 16
+_FAILURES = ("lapped", "mid-write", "unwritten", "older", "crc")  # why an attempt of RingReader.read failed
 
 
 class RingError(ValueError):
     """A ring segment is missing, of the wrong size, or has a header that is not a valid ring header."""
+
+
+class RingTruncated(RingError):
+    """The segment is now smaller than its ring: touching the missing part would raise SIGBUS."""
 
 
 class PixelFormat(enum.Enum):
@@ -224,24 +254,72 @@ def parse_header(buf: memoryview | bytes, size: int, name: str = "?") -> tuple[R
 
 
 _CREATED: set[str] = set()  # segments this process created (and whose tracker registration it keeps)
+_TRACKER_LOCK = threading.Lock()
+
+
+def _open_untracked(name: str) -> shared_memory.SharedMemory:
+    """``SharedMemory(name)`` without registering with multiprocessing's resource tracker.
+
+    Python < 3.13 registers every attached segment on POSIX, which (a) starts a tracker process with
+    ``sys.executable`` (inside TouchDesigner on macOS that is TouchDesigner itself) and (b) lets that tracker
+    unlink the segment when this process exits. The registration call is skipped for this one segment.
+    """
+    if sys.version_info >= (3, 13):
+        return shared_memory.SharedMemory(name=name, create=False, track=False)
+    if os.name != "posix":  # Windows has no resource tracker for shared memory
+        return shared_memory.SharedMemory(name=name, create=False)
+    from multiprocessing import resource_tracker
+
+    with _TRACKER_LOCK:
+        real = resource_tracker.register
+
+        def register(rname, rtype):
+            if rtype == "shared_memory" and rname.lstrip("/") == name:
+                return None
+            return real(rname, rtype)
+
+        resource_tracker.register = register
+        try:
+            return shared_memory.SharedMemory(name=name, create=False)
+        finally:
+            resource_tracker.register = real
 
 
 def _attach(name: str) -> shared_memory.SharedMemory:
-    """Open an existing segment without letting this process's resource tracker unlink it at exit."""
+    """Open an existing segment, untracked; every failure is a RingError that says what was seen."""
     try:
-        if sys.version_info >= (3, 13):
-            return shared_memory.SharedMemory(name=name, create=False, track=False)
-        shm = shared_memory.SharedMemory(name=name, create=False)
+        return _open_untracked(name)
     except FileNotFoundError:
         raise RingError(f"no shared memory named {name!r}; is the writer (the bridge) running?") from None
-    if os.name == "posix" and name not in _CREATED:  # Python < 3.13 registers attached segments too
-        from multiprocessing import resource_tracker
+    except PermissionError as exc:
+        raise RingError(f"no permission to open shared memory {name!r} ({exc.strerror or exc}): the bridge "
+                        f"runs as another user or elevated (Windows: run both elevated or neither)") from None
+    except (OSError, ValueError) as exc:  # e.g. an empty segment: "cannot mmap an empty file"
+        raise RingError(f"cannot open shared memory {name!r}: {exc}") from None
 
-        try:
-            resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-        except Exception:  # pragma: no cover - tracker not running
-            log.debug("could not unregister %s from the resource tracker", name)
-    return shm
+
+def _unlink_name(name: str) -> None:
+    """Remove a segment's name that this process did not create (no tracker registration to end)."""
+    if os.name == "posix":
+        import _posixshmem
+
+        _posixshmem.shm_unlink("/" + name)
+    # Windows: a section goes when its last handle closes; there is no name to remove
+
+
+def probe(name: str) -> tuple[int, int]:
+    """(session, heartbeat) of the ring now under ``name``; RingError if there is none or it is not a ring.
+
+    Clients call it about once a second to find out whether the name still means the segment they hold."""
+    shm = _attach(name)
+    try:
+        parse_header(shm.buf, shm.size, name)
+        return _SESSION.unpack_from(shm.buf, _OFF_SESSION)
+    finally:
+        shm.close()
+
+
+_SESSION = struct.Struct("<QQ")  # session, heartbeat
 
 
 def _attach_checked(name: str, expect: "RingLayout | None"):
@@ -259,26 +337,33 @@ def _attach_checked(name: str, expect: "RingLayout | None"):
 
 
 class _Ring:
-    """Views over one mapped segment. Subclasses add the writer's or the reader's half of the protocol."""
+    """Views over one mapped segment. Subclasses add the writer's or the reader's half of the protocol.
+
+    ``owner``: this process created the segment and unlinks it at close. ``serving`` (see ``serve``): this
+    process is the bridge behind the ring; it keeps the header right and marks the ring CLOSED at close."""
 
     def __init__(self, shm: shared_memory.SharedMemory, layout: RingLayout, owner: bool) -> None:
         self._shm = shm
         self.layout = layout
         self.name = shm.name
         self._owner = owner
+        self.serving = False
         buf = shm.buf
         self._buf = buf
+        self._fd = getattr(shm, "_fd", -1)  # POSIX: the segment's descriptor, for fstat; Windows: -1
         # [S] u64 views, one element per slot entry; each write is one aligned 8-byte store
         self._seq = np.ndarray((layout.slot_count,), dtype="<u8", buffer=buf, offset=HEADER_FIXED,
                                strides=(SLOT_ENTRY,))
         self._published = np.ndarray((1,), dtype="<u8", buffer=buf, offset=_OFF_PUBLISHED)
         self._flags = np.ndarray((1,), dtype="<u4", buffer=buf, offset=_OFF_FLAGS)
+        self._session = np.ndarray((2,), dtype="<u8", buffer=buf, offset=_OFF_SESSION)  # [session, heartbeat]
         # [S, H, W, C] uint8 pixel views, one per slot
         self._slots = [np.ndarray(layout.shape, dtype=np.uint8, buffer=buf,
                                   offset=layout.header_bytes + k * layout.slot_stride)
                        for k in range(layout.slot_count)]
         # the geometry fields (magic .. slot_count, and slot_stride) as this process opened them
         self._geometry = (bytes(buf[:24]), bytes(buf[32:40]))
+        self._want_flags = FLAG_CHECKSUM if layout.checksum else 0  # what a serving bridge keeps in `flags`
 
     @property
     def published(self) -> int:
@@ -288,33 +373,85 @@ class _Ring:
     def closed(self) -> bool:
         return bool(self._flags[0] & FLAG_CLOSED)
 
+    @property
+    def session(self) -> int:
+        return int(self._session[0])
+
+    @property
+    def heartbeat(self) -> int:
+        return int(self._session[1])
+
+    @property
+    def owner_pid(self) -> int:
+        return int.from_bytes(bytes(self._buf[_OFF_PID:_OFF_PID + 4]), "little")
+
+    def serve(self, checksum: bool | None = None) -> int:
+        """Become the bridge behind this ring: a new session id, our pid, the flags as we want them (CLOSED
+        cleared; CHECKSUM as ``checksum``, default as the ring has it). Returns the session id."""
+        if checksum is not None:
+            self._want_flags = FLAG_CHECKSUM if checksum else 0
+        self._buf[_OFF_PID:_OFF_PID + 4] = (os.getpid() & 0xFFFFFFFF).to_bytes(4, "little")
+        self._flags[0] = self._want_flags
+        self._session[0] = _new_session()
+        self.serving = True
+        return self.session
+
+    def beat(self) -> None:
+        """Server: one heartbeat (clients call the ring dead when it stops). Checks the size first."""
+        self.check_size()
+        self._session[1] += 1
+
+    def segment_size(self) -> int:
+        """The segment's size now (POSIX: fstat; it can shrink under us). Windows sections cannot shrink."""
+        return os.fstat(self._fd).st_size if self._fd >= 0 else self._shm.size
+
+    def check_size(self) -> None:
+        """Raise RingTruncated if the segment is smaller than the ring now; call before touching it."""
+        size = self.segment_size()
+        if size < self.layout.total_bytes:
+            raise RingTruncated(f"shared memory {self.name!r} was truncated to {size} bytes under this process "
+                                f"(the {self.layout.describe()} ring needs {self.layout.total_bytes}); its pages "
+                                f"are not touched again")
+
     def check_header(self) -> None:
-        """Raise RingError if the header's geometry changed since this process opened the ring."""
+        """Raise RingError naming what changed since this process opened the ring: the segment's size, its
+        geometry, and (on the serving side) the flags. ``repair_header`` puts geometry and flags back."""
+        self.check_size()
         if (bytes(self._buf[:24]), bytes(self._buf[32:40])) != self._geometry:
-            parse_header(self._buf, self._shm.size, self.name)  # names the broken field if it can
-            raise RingError(f"ring {self.name!r} header changed while in use (now "
-                            f"{parse_header(self._buf, self._shm.size, self.name)[0].describe()}, opened as "
-                            f"{self.layout.describe()})")
+            try:
+                now = parse_header(self._buf, self._shm.size, self.name)[0].describe()
+            except RingError as exc:  # names the broken field
+                raise RingError(f"corrupt header: {exc}") from None
+            raise RingError(f"ring {self.name!r} header changed while in use: now {now}, opened as "
+                            f"{self.layout.describe()}")
+        if self.serving:
+            flags = int(self._flags[0])
+            if flags != self._want_flags:
+                raise RingError(f"ring {self.name!r}: {describe_flags(flags, self._want_flags)}")
 
     def clear_closed(self) -> None:
         """Mark the ring open again (a bridge adopting a ring of the right geometry that it will serve)."""
         self._flags[0] &= ~np.uint32(FLAG_CLOSED)
 
     def repair_header(self) -> None:
-        """Owner only: write the geometry back after someone scribbled on it."""
-        assert self._owner, "only the creator may rewrite a ring header"
+        """Server only: write the geometry and the flags back after someone scribbled on them."""
+        assert self._owner or self.serving, "only the ring's bridge may rewrite its header"
+        self.check_size()
         self._buf[:24], self._buf[32:40] = self._geometry
+        self._flags[0] = self._want_flags
 
-    def close(self) -> None:
-        """Unmap; the creator also marks the ring CLOSED and unlinks it."""
+    def close(self, unlink: bool | None = None) -> None:
+        """Unmap; the server also marks the ring CLOSED, and (by default only its creator) unlinks it."""
         if self._shm is None:
             return
-        if self._owner:
+        unlink = self._owner if unlink is None else unlink
+        if self._owner or self.serving:
             try:
-                self._flags[0] |= FLAG_CLOSED
-            except (ValueError, TypeError):  # pragma: no cover
+                if self.segment_size() >= HEADER_FIXED:
+                    self._flags[0] |= FLAG_CLOSED
+            except (ValueError, TypeError, OSError):  # pragma: no cover
                 pass
-        self._seq = self._published = self._flags = None  # type: ignore[assignment]
+        self._seq = self._published = self._flags = self._session = None  # type: ignore[assignment]
         self._slots = []
         self._buf = None  # type: ignore[assignment]
         shm, self._shm = self._shm, None
@@ -322,10 +459,13 @@ class _Ring:
             shm.close()
         except BufferError:  # a caller still holds a view; the mapping goes when it is collected
             log.warning("ring %s still has views in use; it stays mapped until they are released", self.name)
-        if self._owner:
+        if unlink:
             _CREATED.discard(self.name)
             try:
-                shm.unlink()
+                if self._owner:
+                    shm.unlink()  # also ends the resource tracker's registration
+                else:
+                    _unlink_name(self.name)
             except FileNotFoundError:
                 pass
 
@@ -334,6 +474,26 @@ class _Ring:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _new_session() -> int:
+    return secrets.randbits(63) | 1  # never 0 (0: an old bridge that does not write sessions)
+
+
+def describe_flags(flags: int, want: int) -> str:
+    """What is wrong with a ``flags`` word whose server expects ``want``, and what it does to clients."""
+    parts = []
+    if flags & FLAG_CLOSED and not want & FLAG_CLOSED:
+        parts.append("the CLOSED flag was set while the bridge serves it (clients stop writing into a ring "
+                     "marked closed)")
+    if want & FLAG_CHECKSUM and not flags & FLAG_CHECKSUM:
+        parts.append("the CHECKSUM flag was cleared (writers stop adding crc32 and the bridge, which checks "
+                     "it, rejects their frames)")
+    if flags & FLAG_CHECKSUM and not want & FLAG_CHECKSUM:
+        parts.append("the CHECKSUM flag was set on a ring without checksums (readers reject every frame)")
+    if flags & ~_KNOWN_FLAGS:
+        parts.append(f"unknown flag bits 0x{flags & ~_KNOWN_FLAGS:x} were set")
+    return "; ".join(parts) or f"flags are 0x{flags:x}, expected 0x{want:x}"
 
 
 class RingWriter(_Ring):
@@ -365,6 +525,7 @@ class RingWriter(_Ring):
         _HEADER.pack_into(buf, 0, MAGIC, VERSION, layout.header_bytes, layout.width, layout.height,
                           layout.channels, layout.pixel_format.code, layout.row_order.value, layout.slot_count,
                           flags, os.getpid() & 0xFFFFFFFF, layout.slot_stride, 0)
+        _SESSION.pack_into(buf, _OFF_SESSION, _new_session(), 0)  # every segment made has its own id
         _CREATED.add(shm.name)
         log.debug("created ring %s: %s, %d bytes", shm.name, layout.describe(), layout.total_bytes)
         return cls(shm, layout, owner=True)
@@ -398,7 +559,7 @@ class RingWriter(_Ring):
         """Publish the slot filled since ``begin()``; returns its frame index."""
         k, n = self._k, self._next
         assert k >= 0, "commit() without begin()"
-        crc = zlib.crc32(self._slots[k].data) if self.layout.checksum else 0
+        crc = zlib.crc32(self._slots[k].data) if self._flags[0] & FLAG_CHECKSUM else 0  # the flag as it is now
         _META.pack_into(self._buf, HEADER_FIXED + k * SLOT_ENTRY + 8, n, self._begun_ns,
                         n if source_index is None else source_index, crc)
         self._seq[k] += 1
@@ -415,6 +576,7 @@ class RingWriter(_Ring):
         none. ``rows`` is the frame's row order; it is flipped when the ring's differs.
         """
         self.check_frame(frame)  # after this nothing below can fail, so the slot is always left even
+        self.check_size()  # a truncated segment would raise SIGBUS, not an exception
         dst = self.begin()
         src = frame if rows is self.layout.row_order else frame[::-1]
         if src.dtype != np.uint8:
@@ -471,9 +633,17 @@ class RingReader(_Ring):
 
     def read(self, out: np.ndarray) -> FrameInfo | None:
         """Copy the newest frame into ``out`` ([H, W, C] uint8 in the ring's layout) if it is newer than the
-        last one read. Returns its FrameInfo, or None when there is nothing new. Never returns a torn frame:
-        raises RingError only if the writer keeps lapping the reader (a slot rewritten during every copy)."""
+        last one read. Returns its FrameInfo, or None when there is nothing new. Never returns a torn frame.
+
+        Raises RingTruncated when the segment shrank (checked first: touching it would raise SIGBUS), and
+        RingError when every one of ``_RETRIES`` attempts failed, naming what was seen on them: the writer
+        rewrote the slot during each copy (it laps this reader: more slots help), the slot stayed mid-write
+        (its writer died or hangs inside a frame), the slot was never written or holds an older frame than
+        ``published`` says (a corrupt ``published`` counter), or the crc32 did not match a stable slot."""
+        self.check_size()
         slots = self.layout.slot_count
+        seen = dict.fromkeys(_FAILURES, 0)
+        p = k = s1 = index = 0
         for _ in range(_RETRIES):
             p = int(self._published[0])
             if p - 1 <= self.last_index:
@@ -481,6 +651,7 @@ class RingReader(_Ring):
             k = (p - 1) % slots
             s1 = int(self._seq[k])
             if s1 == 0 or s1 & 1:
+                seen["unwritten" if s1 == 0 else "mid-write"] += 1
                 self.retries += 1
                 time.sleep(0)
                 continue
@@ -488,20 +659,43 @@ class RingReader(_Ring):
             self._entry[:] = self._buf[HEADER_FIXED + k * SLOT_ENTRY:HEADER_FIXED + k * SLOT_ENTRY + _ENTRY.size]
             s2 = int(self._seq[k])
             if s1 != s2:
+                seen["lapped"] += 1
                 self.retries += 1
                 continue
             _, index, ts, source, crc = _ENTRY.unpack_from(self._entry, 0)
-            if self.layout.checksum and zlib.crc32(out.data) != crc:
+            if self._flags[0] & FLAG_CHECKSUM and zlib.crc32(out.data) != crc:  # the flag as it is now
+                seen["crc"] += 1
                 self.checksum_failures += 1
                 self.retries += 1
                 continue
             if index <= self.last_index:  # a slot still holding an older frame: the writer is re-entering
+                seen["older"] += 1
                 self.retries += 1
                 continue
             self.last_index = index
             return FrameInfo(index, ts, source)
-        raise RingError(f"ring {self.name!r}: the writer rewrote the newest slot during {_RETRIES} reads in a row; "
-                        f"give the ring more slots")
+        raise RingError(self._failure(seen, p, k, s1, index))
+
+    def _failure(self, seen: dict[str, int], p: int, k: int, seq: int, index: int) -> str:
+        """The message for a read whose every attempt failed: the cause seen most, in words."""
+        cause = max(_FAILURES, key=lambda c: seen[c])
+        tally = ", ".join(f"{seen[c]} {c}" for c in _FAILURES if seen[c])
+        head = f"ring {self.name!r}: {_RETRIES} reads of the newest slot failed ({tally}): "
+        if cause == "lapped":
+            return head + ("the writer rewrote the slot during every copy (it laps this reader); give the ring "
+                           "more slots (--slots) or read more often")
+        if cause == "mid-write":
+            return head + (f"slot {k} stayed mid-write (seq {seq}, odd): its writer died or hangs inside a "
+                           f"frame; a writer attaching again repairs the slot")
+        if cause == "unwritten":
+            return head + (f"the published counter says {p} frames, but slot {k} was never written: the "
+                           f"published counter is corrupt; the next frame written sets it right")
+        if cause == "older":
+            return head + (f"the published counter says frame {p - 1} is in slot {k}, but the slot holds frame "
+                           f"{index} (this reader already has frame {self.last_index}): the published counter "
+                           f"is corrupt or a second writer reset it; the next frame written sets it right")
+        return head + (f"slot {k} is stable but its crc32 does not match its pixels: its writer does not write "
+                       f"checksums, or something outside the ring protocol overwrote the pixels")
 
     def wait(self, out: np.ndarray, timeout: float) -> FrameInfo | None:
         """``read`` with polling until a new frame arrives or ``timeout`` seconds pass."""

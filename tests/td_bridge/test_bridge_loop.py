@@ -37,14 +37,17 @@ class Echo:
 
 
 class Running:
-    """A Bridge serving on a thread; ``stop()`` sends /stop over OSC and returns serve()'s exit code."""
+    """A Bridge serving on a thread; ``stop()`` sends /stop over OSC and returns serve()'s exit code.
 
-    def __init__(self, factory=Echo, **config):
+    ``factory(bridge)`` makes the engine; it is handed the Bridge (made before its thread starts), so a
+    factory never reads state that the test assigns after the thread is running."""
+
+    def __init__(self, factory=lambda bridge: Echo(), **config):
         self.inbox = Inbox()
         self.engine = None
 
         def make():
-            self.engine = factory()
+            self.engine = factory(self.bridge)
             return self.engine
 
         cfg = BridgeConfig(osc_in_port=0, osc_out_port=self.inbox.port, **config)
@@ -52,7 +55,7 @@ class Running:
         self.result = []
         self.thread = threading.Thread(target=lambda: self.result.append(self.bridge.serve()), daemon=True)
         self.thread.start()
-        end = time.monotonic() + 10
+        end = time.monotonic() + 60
         while self.bridge.receiver is None or self.bridge.receiver.port == 0:
             assert time.monotonic() < end, "the bridge did not start"
             time.sleep(0.005)
@@ -69,9 +72,16 @@ class Running:
         self.send("/stop")
         self.thread.join(timeout=10)
         assert not self.thread.is_alive(), "the bridge did not stop"
-        self.inbox.wait("/server_active", lambda p: p == (0,), timeout=2)  # its last message is in
+        self.inbox.wait("/server_active", lambda p: p == (0,), timeout=30)  # its last message is in
         self.inbox.close()
         return self.result[0]
+
+
+def wait_until(cond, what, timeout=60.0):
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.005)
 
 
 def test_process_frame_while_streaming_is_not_saved_up_for_the_next_pause(shm_name):
@@ -80,18 +90,15 @@ def test_process_frame_while_streaming_is_not_saved_up_for_the_next_pause(shm_na
         with RingWriter.attach(shm_name + "i") as w:
             w.write(np.zeros((16, 16, 3), np.uint8))
             b.inbox.wait("/frame_ready")
+            n = b.bridge.frames_out  # no new input frame: streaming makes nothing more
             for _ in range(3):  # pulses while streaming: nothing to step, so they must not count
                 b.send("/process_frame")
-            time.sleep(0.3)
-            n = b.bridge.frames_out  # no new input frame: streaming makes nothing more
-            b.send("/pause")
+            b.send("/pause")  # the pulses and the pause may reach the frame loop in the same gap
             b.inbox.wait("/stream-info/state", lambda p: p[0] == "paused")
-            time.sleep(0.4)
+            time.sleep(0.4)  # room for a wrongly saved-up step to show
             assert b.bridge.frames_out == n  # before the fix: three queued steps ran here
             b.send("/process_frame")
-            end = time.monotonic() + 5
-            while b.bridge.frames_out == n and time.monotonic() < end:
-                time.sleep(0.01)
+            wait_until(lambda: b.bridge.frames_out > n, "the step")
             time.sleep(0.2)
             assert b.bridge.frames_out == n + 1  # exactly one step
     finally:
@@ -106,10 +113,13 @@ def test_an_unreadable_input_ring_is_reported_at_a_bounded_rate_and_streaming_re
             b.inbox.wait("/frame_ready")
             mark = b.inbox.mark()
             w._published[0] = 1001  # corrupt: points at a slot holding an older frame, every read fails
-            time.sleep(1.0)
+            first = b.inbox.wait("/error", lambda p: p[0] == "/ring/input", after=mark)
+            assert "published counter is corrupt" in first[1] and "more slots" not in first[1]
+            t0 = time.monotonic()
+            time.sleep(1.0)  # the loop keeps failing on every read meanwhile
+            window = time.monotonic() - t0
             errors = [p for p in b.inbox.all("/error", mark) if p[0] == "/ring/input"]
-            assert 1 <= len(errors) <= 2, len(errors)  # before the fix: thousands a second
-            assert "rewrote the newest slot" in errors[0][1]
+            assert len(errors) <= window / 1.0 + 2, len(errors)  # at most one a second (before: thousands)
             assert b.thread.is_alive()
             mark = b.inbox.mark()
             w.write(np.zeros((16, 16, 3), np.uint8))  # a good frame: published is sane again
@@ -120,19 +130,17 @@ def test_an_unreadable_input_ring_is_reported_at_a_bounded_rate_and_streaming_re
 
 def test_stop_while_loading_exits_before_warm_up_and_opens_no_rings(shm_name):
     loading = threading.Event()
-    holder = {}
+    woken_by_stop = []
 
-    def slow_load():  # a model load that takes a while; /stop arrives in the middle of it
+    def slow_load(bridge):  # a model load that lasts until /stop arrives in the middle of it
         loading.set()
-        holder["bridge"].stop.wait(5)
+        woken_by_stop.append(bridge.stop.wait(120))
         return Echo()
 
     b = Running(slow_load, input_name=shm_name + "i", output_name=shm_name + "o")
-    holder["bridge"] = b.bridge
-    assert loading.wait(5)
-    t0 = time.monotonic()
+    assert loading.wait(60)
     assert b.stop() == 0
-    assert time.monotonic() - t0 < 5  # stopped at once, not after the 5 s "load"
+    assert woken_by_stop == [True]  # the load was still running when /stop came, and /stop ended it
     assert b.engine.calls == 0  # no warm-up frame
     states = [p[0] for p in b.inbox.all("/stream-info/state")]
     assert "ready" not in states and "building" not in states and states[-1] == "stopped"

@@ -1,0 +1,195 @@
+"""The bridge's two rings, served: opened (made, or adopted after a crash), kept right, recreated, closed.
+
+Who calls what::
+
+    frame loop (bridge.Bridge.run)             heartbeat thread (bridge.Bridge._beat)
+    ---------------------------------------    ---------------------------------------
+    open(width, height) once, after warm-up    beat() four times a second: heartbeat += 1 on both rings
+    check() before every read / publish:         (skips a ring whose segment shrank; check() handles it)
+      size, geometry, flags of both rings
+      - shrunk (truncated): the mapping is
+        dropped untouched, the name unlinked
+        and a new ring made under it (new
+        session); returns True: re-point
+        the transfer
+      - geometry / flags scribbled on:
+        rewritten; reported at most once a
+        second per ring
+    close() at exit: CLOSED set, unlinked when made here
+
+``lock`` guards replacing and closing the rings against the heartbeat thread. Every event is logged, sent as
+``/stream-info/ring-event <what> <text>`` (problems also as ``/error <what> <text>``) and kept (the last few)
+for ``/status``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from .ring import RingError, RingLayout, RingReader, RingTruncated, RingWriter
+
+log = logging.getLogger(__name__)
+
+REPORT_EVERY_S = 1.0  # a problem that stays (a header rewritten every loop) is reported at most this often
+
+
+class ServedRings:
+    """The input ring (the bridge reads) and the output ring (the bridge writes) of one bridge."""
+
+    def __init__(self, config, sender) -> None:
+        self.config = config  # bridge.BridgeConfig
+        self.sender = sender  # osc.OscSender
+        self.reader: RingReader | None = None
+        self.writer: RingWriter | None = None
+        self.layout: RingLayout | None = None
+        self.lock = threading.Lock()
+        self.events: deque[str] = deque(maxlen=8)
+        self.recreated = 0
+        self.repaired = 0
+        self._reported_at: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------------ opening
+    def open(self, width: int, height: int) -> None:
+        c, pid = self.config, os.getpid()
+        self.layout = RingLayout(width, height, c.pixel_format, c.row_order, c.slots, c.checksum)
+        self.reader = self._open(RingReader, c.input_name or f"rtd_in_{pid}", "/ring/input")
+        self.writer = self._open(RingWriter, c.output_name or f"rtd_out_{pid}", "/ring/output")
+
+    def _open(self, kind, name: str, what: str):
+        layout = self.layout
+        try:
+            ring = kind.create(name, layout)
+        except RingError:
+            ring = self._adopt(kind, name, what)
+            if ring is not None:
+                return ring
+        else:
+            self._serve(ring, what, f"made ring {name!r} ({layout.describe()})")
+            return ring
+        fallback = f"{name[:20]}_{os.getpid()}"
+        try:
+            ring = kind.create(fallback, layout)
+        except RingError:  # the fallback name is taken too: let the OS pick a free one
+            ring = kind.create(None, layout)
+            self.sender.error(what, f"{self._reason}; {fallback!r} exists as well; using {ring.name!r} instead")
+        else:
+            self.sender.error(what, f"{self._reason}; using {fallback!r} instead")
+        self._serve(ring, what, f"made ring {ring.name!r} ({layout.describe()})")
+        return ring
+
+    def _adopt(self, kind, name: str, what: str):
+        """A segment of that name exists: serve it if it is a ring of the same geometry (say a bridge that
+        crashed left it); else None, with the reason in ``self._reason``."""
+        layout = self.layout
+        try:
+            ring = kind.attach(name)
+        except RingError as exc:
+            self._reason = str(exc)
+            return None
+        got = ring.layout
+        if (got.width, got.height, got.pixel_format, got.row_order) != (
+                layout.width, layout.height, layout.pixel_format, layout.row_order):
+            ring.close()
+            self._reason = f"shared memory {name!r} exists as a {got.describe()} ring; expected {layout.describe()}"
+            return None
+        if isinstance(ring, RingReader):
+            ring.last_index = ring.published - 1  # frames from before we came are stale
+        if ring.closed:
+            how = "left by a bridge that exited"
+        else:
+            how = (f"left open by process {ring.owner_pid}, a bridge that did not exit cleanly (crashed or "
+                   f"killed); its clients switch to this bridge within a second or two")
+        self._serve(ring, what, f"adopted the existing ring {name!r} ({got.describe()}), {how}")
+        return ring
+
+    def _serve(self, ring, what: str, text: str) -> None:
+        session = ring.serve(self.config.checksum)
+        self.note(what, f"{text}; session {session:016x}")
+
+    # ------------------------------------------------------------------------------------------ checking
+    def check(self) -> bool:
+        """Size, geometry and flags of both rings; True when a ring was replaced (re-point the transfer)."""
+        replaced = False
+        for what in ("/ring/input", "/ring/output"):
+            ring = self.reader if what == "/ring/input" else self.writer
+            try:
+                ring.check_header()
+            except RingTruncated as exc:
+                self._recreate(what, ring, exc)
+                replaced = True
+            except RingError as exc:
+                self.repaired += 1
+                ring.repair_header()
+                if self._due(what):
+                    self.problem(what, f"{exc}; the bridge rewrote the header")
+        return replaced
+
+    def _recreate(self, what: str, old, exc: RingError) -> None:
+        kind, name = type(old), old.name
+        last = getattr(old, "last_index", -1)
+        with self.lock:
+            old.close(unlink=True)  # marks it CLOSED if the header page is still there; pixels untouched
+            try:
+                ring = kind.create(name, self.layout)
+            except RingError:  # somebody made the name again in between: let the OS pick one
+                ring = kind.create(None, self.layout)
+            if isinstance(ring, RingReader):
+                ring.last_index = last
+            session = ring.serve(self.config.checksum)
+            if what == "/ring/input":
+                self.reader = ring
+            else:
+                self.writer = ring
+        self.recreated += 1
+        self.problem(what, f"{exc}; the bridge made a new ring {ring.name!r} (session {session:016x}); "
+                           f"clients re-attach to it within a second or two")
+
+    def _due(self, what: str) -> bool:
+        now = time.monotonic()
+        if now - self._reported_at.get(what, -1e9) < REPORT_EVERY_S:
+            return False
+        self._reported_at[what] = now
+        return True
+
+    # ------------------------------------------------------------------------------------------ reporting
+    def note(self, what: str, text: str) -> None:
+        log.info("%s: %s", what, text)
+        self.events.append(f"{what}: {text}")
+        self.sender.send("/stream-info/ring-event", what, text[:1000])
+
+    def problem(self, what: str, text: str) -> None:
+        self.events.append(f"{what}: {text}")
+        self.sender.send("/stream-info/ring-event", what, text[:1000])
+        self.sender.error(what, text)
+
+    def status(self) -> dict[str, Any]:
+        r, w = self.reader, self.writer
+        return {
+            "input_session": f"{r.session:016x}" if r is not None and r.serving else None,
+            "output_session": f"{w.session:016x}" if w is not None and w.serving else None,
+            "recreated": self.recreated, "repaired": self.repaired, "events": list(self.events),
+        }
+
+    # ------------------------------------------------------------------------------------------ lifetime
+    def beat(self) -> None:
+        """Heartbeat thread: one beat on each ring (a shrunk ring is skipped; the frame loop replaces it)."""
+        with self.lock:
+            for ring in (self.reader, self.writer):
+                if ring is None:
+                    continue
+                try:
+                    ring.beat()
+                except RingError:
+                    pass
+
+    def close(self) -> None:
+        with self.lock:
+            for ring in (self.reader, self.writer):
+                if ring is not None:
+                    ring.close()
+            self.reader = self.writer = None
