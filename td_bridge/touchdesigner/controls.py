@@ -1,11 +1,33 @@
-# Helpers for sending controls through an OSC Out DAT (port 8247). Put in a Text DAT named `controls` and
-# call e.g. op('controls').module.prompt(op('oscout1'), 'a watercolor city'). sendOSC() is the OSC Out
-# DAT's documented method: sendOSC(address, [values]).
+"""Controls sent through an OSC Out DAT (the bridge's control port, 8247), and which component parameter
+sends what.
+
+Each helper takes the OSC Out DAT and calls its documented method ``sendOSC(address, [values])``, e.g.
+``controls.prompt(op('oscout1'), 'a watercolor city')``. Works as an imported module or pasted into a Text
+DAT named ``controls`` (``op('controls').module.prompt(...)``). Needs only the standard library (no dataclasses: a pasted DAT is not in sys.modules).
+
+``PARAMETERS`` maps the built component's custom parameters to these messages (see build_component.py);
+``send_parameter`` is what its Parameter Execute DAT calls on every change.
+
+Extension point for ControlNet: the bridge has no ControlNet address yet. When it does, add one entry per
+scale to ``CONTROLNET`` below, e.g. ``Control("Cnscale1", "ControlNet 1 Scale", "float", 1.0, (0.0, 2.0),
+lambda v: ("/controlnet_scale", [0, float(v)]))``: the builder then adds the parameter to the Controls page
+and the Parameter Execute DAT sends it, with no other change.
+"""
+
+from __future__ import annotations
+
 import json
+from typing import Any, Callable, NamedTuple
+
+NUM_INFERENCE_STEPS = 50  # the bridge's scheduler length: /t_list indices are < this
 
 
 def prompt(osc_out, text):
     osc_out.sendOSC("/prompt", [str(text)])
+
+
+def negative_prompt(osc_out, text):
+    osc_out.sendOSC("/negative_prompt", [str(text)])
 
 
 def prompt_list(osc_out, pairs):
@@ -25,6 +47,11 @@ def t_list(osc_out, steps):
     osc_out.sendOSC("/t_list", [int(s) for s in steps])
 
 
+def strength_steps(osc_out, strength, steps, num_inference_steps=NUM_INFERENCE_STEPS):
+    """Strength (0 keeps the input, 1 restyles fully) and steps per frame, sent as the /t_list they mean."""
+    t_list(osc_out, t_index_for(strength, steps, num_inference_steps))
+
+
 def pause(osc_out):
     osc_out.sendOSC("/pause", [])
 
@@ -39,3 +66,86 @@ def step(osc_out):
 
 def status(osc_out):
     osc_out.sendOSC("/get_status", [])
+
+
+def stop(osc_out):
+    osc_out.sendOSC("/stop", [])
+
+
+def t_index_for(strength: float, steps: int, num_inference_steps: int = NUM_INFERENCE_STEPS) -> list[int]:
+    """The same mapping as the web app's strength/steps controls (demo/server.py ``t_index_for``; a test
+    keeps the two equal). The first (noisiest) index is ``round((1 - strength) * (N - 1))``, kept low enough
+    that ``steps`` distinct indices fit below N; the others are spread evenly between it and N."""
+    n = num_inference_steps
+    strength = min(max(float(strength), 0.0), 1.0)
+    steps = max(1, min(int(steps), n, 16))
+    first = min(round((1.0 - strength) * (n - 1)), n - steps)
+    out = [first + round(i * (n - first) / steps) for i in range(steps)]
+    for i in range(1, steps):  # rounding may repeat an index: keep them strictly increasing
+        out[i] = max(out[i], out[i - 1] + 1)
+    return out
+
+
+# ------------------------------------------------------------------------- component parameters -> messages
+class Control(NamedTuple):
+    """One custom parameter on the component's Controls page and the OSC message it sends.
+
+    kind: str | int | float | toggle | pulse.  message(value, pars) -> (address, [values]) or None; ``pars``
+    is the component's parameter collection, for controls sent together (Strength and Steps).
+    """
+
+    name: str
+    label: str
+    kind: str
+    default: Any
+    limits: tuple[float, float] | None
+    message: Callable[[Any, Any], tuple[str, list] | None]
+
+
+def _t_list_message(_value, pars):
+    return "/t_list", t_index_for(pars.Strength.eval(), pars.Steps.eval())
+
+
+PARAMETERS: tuple[Control, ...] = (
+    Control("Prompt", "Prompt", "str", "", None, lambda v, p: ("/prompt", [str(v)])),
+    Control("Negative", "Negative Prompt", "str", "", None, lambda v, p: ("/negative_prompt", [str(v)])),
+    Control("Seed", "Seed", "int", 2, (0, 2**31 - 1), lambda v, p: ("/seed", [int(v)])),
+    Control("Strength", "Strength", "float", 0.35, (0.0, 1.0), _t_list_message),
+    Control("Steps", "Steps per Frame", "int", 1, (1, 4), _t_list_message),
+    Control("Guidance", "Guidance Scale", "float", 1.2, (0.0, 30.0), lambda v, p: ("/guidance_scale", [float(v)])),
+    Control("Pause", "Pause", "toggle", False, None, lambda v, p: ("/pause" if v else "/play", [])),
+    Control("Step", "Step One Frame", "pulse", None, None, lambda v, p: ("/process_frame", [])),
+)
+
+# ControlNet scales go here once the bridge has an address for them (see the module docstring).
+CONTROLNET: tuple[Control, ...] = ()
+
+BY_NAME: dict[str, Control] = {c.name: c for c in (*PARAMETERS, *CONTROLNET)}
+
+
+def send_parameter(osc_out, pars, name: str) -> tuple[str, list] | None:
+    """Send what parameter ``name`` means (None if it is not a control). Returns (address, values) sent."""
+    control = BY_NAME.get(name)
+    if control is None:
+        return None
+    value = None if control.kind == "pulse" else getattr(pars, name).eval()
+    msg = control.message(value, pars)
+    if msg is not None:
+        osc_out.sendOSC(msg[0], msg[1])
+    return msg
+
+
+def send_all(osc_out, pars) -> list[tuple[str, list]]:
+    """Send every control's current value (pulses excepted; Strength and Steps once), e.g. when the engine
+    has just become ready, so it matches the panel."""
+    sent, seen = [], set()
+    for control in (*PARAMETERS, *CONTROLNET):
+        if control.kind == "pulse":
+            continue
+        msg = control.message(getattr(pars, control.name).eval(), pars)
+        if msg is None or (msg[0], tuple(msg[1])) in seen:
+            continue
+        seen.add((msg[0], tuple(msg[1])))
+        osc_out.sendOSC(msg[0], msg[1])
+        sent.append(msg)
+    return sent

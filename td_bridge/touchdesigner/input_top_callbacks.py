@@ -1,9 +1,15 @@
 # Script TOP callbacks: send the TOP wired into this Script TOP's first input to the bridge's input ring.
-# Paste into the Script TOP's callbacks DAT. The ring name comes from the component's Inputname parameter,
-# which osc_in_callbacks.py fills from /stream-info/input-name. Uses only TouchDesigner's documented Python:
+# Paste into the Script TOP's callbacks DAT. The ring name is this Script TOP's Ringname parameter, which
+# osc_in_callbacks.py fills from /stream-info/input-name. Uses only TouchDesigner's documented Python:
 # TOP.numpyArray() and scriptOp.copyNumpyArray().
+# numpyArray() gives [H, W, 4] float32 0..1, bottom row first; channel order RGBA on the machines we know of,
+# but check it with the component's red test frame (Checkorder): if it says BGRA, turn Swaprb on.
+# This TOP is a sink: something must cook it every frame (the component's Execute DAT does, and on
+# TouchDesigner 2025+ onGetCookLevel asks for ALWAYS), or it sends only while its viewer is visible.
+# A ring that cannot be opened (missing, closed, no permission) is shown as a warning on this TOP, not raised.
 import numpy as np
 
+from td_bridge.touchdesigner.channel_order import as_rgb_view
 from td_bridge.touchdesigner.td_frames import InputSender
 
 _sender = InputSender()
@@ -12,10 +18,15 @@ _blank = np.zeros((1, 1, 4), np.uint8)
 
 def onSetupParameters(scriptOp):
     page = scriptOp.appendCustomPage("Bridge")
-    page.appendStr("Ringname", label="Input ring name")
-    page.appendToggle("Delayed", label="Delayed readback (one frame late, no GPU stall)")
+    page.appendStr("Ringname", label="Input Ring Name")
+    page.appendToggle("Delayed", label="Delayed Readback")  # one frame late, no GPU stall
+    page.appendToggle("Swaprb", label="Swap R and B (BGRA)")
     scriptOp.par.Delayed = True
     return
+
+
+def onGetCookLevel(scriptOp):
+    return CookLevel.ALWAYS  # noqa: F821 - TouchDesigner 2025+; older builds never call this
 
 
 def onPulse(par):
@@ -25,9 +36,11 @@ def onPulse(par):
 def onCook(scriptOp):
     name = scriptOp.par.Ringname.eval() if hasattr(scriptOp.par, "Ringname") else ""
     delayed = bool(scriptOp.par.Delayed.eval()) if hasattr(scriptOp.par, "Delayed") else True
+    swap = bool(scriptOp.par.Swaprb.eval()) if hasattr(scriptOp.par, "Swaprb") else False
     if scriptOp.inputs:
         frame = scriptOp.inputs[0].numpyArray(delayed=delayed)  # [H, W, 4] float32 0..1, bottom row first
-        _sender.send(name, frame)
+        if frame is not None:  # delayed=True gives None on the very first frame
+            _sender.send(name, as_rgb_view(frame, swap))
     scriptOp.copyNumpyArray(_blank)  # this TOP is only a sink; show a 1x1 pixel
     if _sender.error:
         scriptOp.addWarning(_sender.error)

@@ -1,7 +1,10 @@
 # OSC In DAT callbacks (port 8248): keep the bridge's announcements where the Script TOPs can read them.
-# Paste into the OSC In DAT's callbacks DAT. `targets` maps addresses to (operator path, parameter name);
-# adjust the paths to your component. Everything else the bridge sends (fps, framecount, /status JSON,
-# /error) is kept in the component's storage under the address, for a Text/Table DAT or a panel to show.
+# In the built component this is the callbacks DAT of oscin1. `targets` maps addresses to (operator path,
+# parameter name); adjust the paths if your operators have other names. Everything else the bridge sends
+# (fps, framecount, /status JSON, /error) is kept in the component's storage under the address
+# (parent().fetch('/stream-info/fps')), with a startup value of None so a saved project never shows the last
+# session's values; a component with the status parameters (built by build_component.py) also shows them
+# there (State, Fps, Frames, Buildstage, Error).
 
 targets = {
     "/stream-info/input-name": ("input_top", "Ringname"),
@@ -21,10 +24,19 @@ def handle(address, args, store, set_par):
 
 
 def onReceiveOSC(dat, rowIndex, message, bytes, timeStamp, address, args, peer):
+    comp = parent()  # noqa: F821 - parent() exists inside TouchDesigner
+
     def set_par(path, par, value):
-        target = op(path)  # noqa: F821 - op() exists inside TouchDesigner
+        target = comp.op(path)
         if target is not None and getattr(target.par, par).eval() != value:
             setattr(target.par, par, value)
 
-    handle(address, list(args), parent().store, set_par)  # noqa: F821 - parent() exists inside TouchDesigner
+    def store(key, value):
+        comp.store(key, value)
+        comp.storeStartupValue(key, None)  # reset when the project is next opened: no stale status
+
+    handle(address, list(args), store, set_par)
+    if hasattr(comp.par, "State"):  # the built component: status parameters too
+        from td_bridge.touchdesigner import component
+        component.on_osc(comp, address, list(args))
     return

@@ -1,15 +1,25 @@
 # Script TOP callbacks: show the newest frame of the bridge's output ring. Paste into the Script TOP's
-# callbacks DAT; set Ringname (osc_in_callbacks.py fills it from /stream-info/output-name). Make the
-# Script TOP cook every frame (e.g. keep its viewer on, or reference it from a Null TOP that is displayed).
+# callbacks DAT; the ring name is this Script TOP's Ringname parameter (osc_in_callbacks.py fills it from
+# /stream-info/output-name). This TOP has no inputs, so TouchDesigner cooks it once and then shows a frozen
+# frame unless something cooks it every frame: the component's Execute DAT force-cooks it in onFrameStart,
+# and on TouchDesigner 2025+ onGetCookLevel asks for ALWAYS. Swaprb: hand copyNumpyArray() BGRA instead of
+# RGBA (turn on only if the component's red test frame says numpyArray() is BGRA on this machine).
+from td_bridge.touchdesigner.channel_order import SwapOut
 from td_bridge.touchdesigner.td_frames import OutputReceiver
 
 _receiver = OutputReceiver()
+_swap = SwapOut()
 
 
 def onSetupParameters(scriptOp):
     page = scriptOp.appendCustomPage("Bridge")
-    page.appendStr("Ringname", label="Output ring name")
+    page.appendStr("Ringname", label="Output Ring Name")
+    page.appendToggle("Swaprb", label="Swap R and B (BGRA)")
     return
+
+
+def onGetCookLevel(scriptOp):
+    return CookLevel.ALWAYS  # noqa: F821 - TouchDesigner 2025+; older builds never call this
 
 
 def onPulse(par):
@@ -18,9 +28,10 @@ def onPulse(par):
 
 def onCook(scriptOp):
     name = scriptOp.par.Ringname.eval() if hasattr(scriptOp.par, "Ringname") else ""
+    swap = bool(scriptOp.par.Swaprb.eval()) if hasattr(scriptOp.par, "Swaprb") else False
     frame = _receiver.receive(name)  # [H, W, 4] uint8 RGBA, bottom-up like every TOP
     if frame is not None:
-        scriptOp.copyNumpyArray(frame)
+        scriptOp.copyNumpyArray(_swap(frame, swap))
     if _receiver.error:
         scriptOp.addWarning(_receiver.error)
     return

@@ -1,0 +1,169 @@
+"""What the built component's DATs do, kept in one importable module (so it is tested, and survives DAT
+recompiles). Each function takes the component (the Base COMP that build_component.py makes) and uses only
+TouchDesigner's documented Python: ``comp.op(name)``, ``comp.par.<Name>`` (``eval()``, assignment),
+``OP.cook(force=True)``, ``TOP.numpyArray()``, ``oscoutDAT.sendOSC()``, ``store()`` / ``storeStartupValue()``.
+
+Who calls what::
+
+    frame_exec  (Execute DAT)            onStart/onCreate -> on_start   onFrameStart -> force_cook
+                                         onExit -> stop(wait=True)
+    par_exec    (Parameter Execute DAT)  onValueChange/onPulse -> on_parameter
+    oscin1      (OSC In DAT, callbacks)  onReceiveOSC -> osc_in_callbacks.handle + on_osc
+
+Live status (State, Fps, Frames, ...) is written to read-only parameters and cleared by ``on_start``:
+parameter values are saved with the project, so without the clearing the next open would show the last
+session's "streaming". Storage written by the OSC callbacks gets a startup value of None for the same reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from td_bridge.touchdesigner import controls, launcher
+from td_bridge.touchdesigner.channel_order import check_red
+
+log = logging.getLogger(__name__)
+
+SCRIPT_TOPS = ("input_top", "output_top")
+ACTIONS = ("Start", "Stop", "Sendall", "Checkorder")
+LIVE_STATES = {"ready", "streaming", "paused"}
+# address -> status parameter
+STATUS = {"/stream-info/state": "State", "/stream-info/fps": "Fps", "/framecount": "Frames",
+          "/stream-info/build-stage": "Buildstage", "/server_active": "Active"}
+# status parameter -> value it has when nothing is known (at start, and after clear_status)
+CLEARED = {"State": "", "Fps": 0.0, "Frames": 0, "Buildstage": "", "Active": False, "Error": "",
+           "Enginepid": 0, "Logfile": "", "Channelorder": ""}
+
+
+def _set(comp, name: str, value) -> None:
+    par = getattr(comp.par, name, None)
+    if par is not None and par.eval() != value:
+        par.val = value
+
+
+def add_repo_to_path(comp) -> None:
+    """The repository root (parameter Repo) on TouchDesigner's sys.path: all td_bridge needs there."""
+    repo = str(comp.par.Repo.eval()).strip() if hasattr(comp.par, "Repo") else ""
+    if repo and repo not in sys.path:
+        sys.path.insert(0, repo)
+
+
+def clear_status(comp) -> None:
+    """Forget every live value (a saved project must not show a stale state); keep a running engine's pid."""
+    for name, value in CLEARED.items():
+        _set(comp, name, value)
+    engine = launcher.get(comp.path)
+    if engine is not None and engine.running():
+        _set(comp, "Enginepid", engine.pid)
+        _set(comp, "Logfile", engine.log_file)
+        _set(comp, "State", "starting")
+    for name in SCRIPT_TOPS:  # announced ring names are per run; a running bridge repeats them every second
+        top = comp.op(name)
+        if top is not None and hasattr(top.par, "Ringname"):
+            top.par.Ringname = ""
+
+
+def on_start(comp) -> None:
+    add_repo_to_path(comp)
+    clear_status(comp)
+
+
+def force_cook(comp) -> None:
+    """Cook both Script TOPs this frame. Without it the output TOP (no inputs) cooks once and freezes and the
+    input TOP (a sink) cooks only while its viewer is visible: not in Perform mode, not in a closed COMP."""
+    for name in SCRIPT_TOPS:
+        top = comp.op(name)
+        if top is not None:
+            top.cook(force=True)
+
+
+# --------------------------------------------------------------------------------------------- launcher
+def settings(comp) -> launcher.LaunchSettings:
+    p = comp.par
+    return launcher.LaunchSettings(
+        python=str(p.Python.eval()), model=str(p.Model.eval()), width=int(p.Width.eval()),
+        height=int(p.Height.eval()), control_port=int(p.Controlport.eval()), status_port=int(p.Statusport.eval()),
+        host=str(p.Host.eval()) or "127.0.0.1", input_name=str(p.Inputname.eval()),
+        output_name=str(p.Outputname.eval()), prompt=str(p.Prompt.eval()), seed=int(p.Seed.eval()),
+        extra_args=str(p.Extraargs.eval()), repo=str(p.Repo.eval()), log_file="")
+
+
+def start(comp):
+    """Start the engine process; a misconfiguration is shown in State/Error, never raised."""
+    try:
+        engine = launcher.start(comp.path, settings(comp))
+    except (launcher.LaunchError, OSError) as exc:
+        _set(comp, "State", "not started")
+        _set(comp, "Error", str(exc))
+        log.warning("rtdiffusion: %s", exc)
+        return None
+    _set(comp, "Error", "")
+    _set(comp, "State", "starting")
+    _set(comp, "Enginepid", engine.pid)
+    _set(comp, "Logfile", engine.log_file)
+    return engine
+
+
+def stop(comp, wait: bool = False):
+    """/stop, then terminate/kill if the engine does not exit (on a thread unless ``wait``)."""
+    osc_out = comp.op("oscout1")
+    engine = launcher.stop(comp.path, send_stop=(lambda: controls.stop(osc_out)) if osc_out is not None else None,
+                           wait=wait)
+    if engine is not None:
+        _set(comp, "State", "stopped" if not engine.running() else "stopping")
+        _set(comp, "Enginepid", 0)
+    return engine
+
+
+# ----------------------------------------------------------------------------------------------- controls
+def on_parameter(comp, par) -> None:
+    """A custom parameter changed or was pulsed (the Parameter Execute DAT's callbacks)."""
+    name = par.name
+    if name == "Start":
+        start(comp)
+    elif name == "Stop":
+        stop(comp)
+    elif name == "Sendall":
+        controls.send_all(comp.op("oscout1"), comp.par)
+    elif name == "Checkorder":
+        check_channels(comp)
+    else:
+        controls.send_parameter(comp.op("oscout1"), comp.par, name)
+
+
+def on_osc(comp, address: str, args: list) -> None:
+    """Status from the bridge into the read-only parameters; on becoming ready, send every control."""
+    if not args or not hasattr(comp.par, "State"):
+        return
+    if address == "/error":
+        _set(comp, "Error", ": ".join(str(a) for a in args if str(a)) or "error")
+        return
+    name = STATUS.get(address)
+    if name is None:
+        return
+    value = args[0]
+    if name == "State":
+        previous = comp.par.State.eval()
+        _set(comp, "State", str(value))
+        if value in LIVE_STATES and previous not in LIVE_STATES:
+            controls.send_all(comp.op("oscout1"), comp.par)  # the engine now matches the panel
+        if value == "stopped":
+            _set(comp, "Enginepid", 0)
+    elif name == "Active":
+        _set(comp, "Active", bool(value))
+    elif name == "Fps":
+        _set(comp, "Fps", float(value))
+    elif name == "Frames":
+        _set(comp, "Frames", int(value))
+    else:
+        _set(comp, name, str(value))
+
+
+# ----------------------------------------------------------------------------------------- channel order
+def check_channels(comp) -> str:
+    """Read the red Constant TOP back with numpyArray() and say which channel order this machine returns."""
+    red = comp.op("check_red")
+    order, text = check_red(red.numpyArray() if red is not None else None)
+    _set(comp, "Channelorder", text)
+    return order
