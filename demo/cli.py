@@ -44,7 +44,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output-format", default="jpeg", choices=["jpeg", "rgb"],
                    help="frames to the browser: jpeg (small) or rgb (raw, no encode cost; loopback)")
     p.add_argument("--jpeg-quality", type=int, default=90, help="1..100 (default 90)")
-    p.add_argument("--presets", default=None, help="JSON file for the nine prompt presets (loaded and saved)")
+    p.add_argument("--presets", default=None, help="JSON file for the nine presets (loaded and saved)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer to this Host name (repeatable; default: only localhost, 127.0.0.1, [::1] "
+                        "and the --host address); any extra name makes a token required")
+    p.add_argument("--token", default=None,
+                   help="every request must carry this token (made and logged at start when --allow-host is "
+                        "given without one); open the page as /?token=TOKEN")
+    p.add_argument("--record-dir", default=None,
+                   help="folder for recordings made with the page's Record button (default: a new temp folder)")
     p.set_defaults(func=run)
 
 
@@ -89,7 +97,9 @@ def run(args: argparse.Namespace) -> int:
 
     options = DemoOptions(min_frame_ms=args.min_frame_ms,
                           output_format=Format.JPEG if args.output_format == "jpeg" else Format.RGB,
-                          jpeg_quality=args.jpeg_quality, max_steps=args.max_steps, presets_path=args.presets)
+                          jpeg_quality=args.jpeg_quality, max_steps=args.max_steps, presets_path=args.presets,
+                          bound_host=args.host, allowed_hosts=tuple(args.allow_host), token=args.token,
+                          recordings_dir=args.record_dir)
     sock = _bind(args.host, args.port)  # first: a busy port fails before the model loads
     host, port = sock.getsockname()[:2]
     try:

@@ -12,7 +12,10 @@ the worker thread owns every ``engine(frame)`` call. Cross-thread protocol::
       ignored += 1                              publish(out) --> loop.call_soon_       its next frame boundary
                                                                 threadsafe(hub.publish)
 
-    Condition variable ``_cond`` guards: _slot, _held, _paused, _frozen, _stopping and the counters.
+    Condition variable ``_cond`` guards: _slot, _held, _paused, _frozen, _stopping, _busy_since and the counters.
+    ``_busy_since`` is set when a frame is taken and cleared when its output is published (or it failed):
+    ``stats()["busy_ms"]`` is how long the current frame has taken so far, which tells a slow engine (busy)
+    from a stalled pipeline (idle while the page waits).
     The worker waits on it while paused, or while the slot is empty and nothing is frozen.
     ``_latest`` (the last OutputFrame) is replaced by one reference assignment; readers take it without a lock.
 
@@ -96,6 +99,7 @@ class InferenceWorker:
         self._errors = 0
         self._last_error = ""
         self._last_process_ms = 0.0
+        self._busy_since: float | None = None  # monotonic start of the frame the worker is on; None = idle
         self._out_times: collections.deque[float] = collections.deque(maxlen=30)
         self._latest: OutputFrame | None = None
         self._thread = threading.Thread(target=self._run, name="rtdiffusion-demo-worker", daemon=True)
@@ -152,6 +156,7 @@ class InferenceWorker:
                 "frames_out": self._processed, "errors": self._errors, "last_error": self._last_error,
                 "process_ms": round(self._last_process_ms, 2), "paused": self._paused, "frozen": self._frozen,
                 "min_frame_ms": self._min_frame_s * 1000.0,
+                "busy_ms": 0 if self._busy_since is None else round((time.monotonic() - self._busy_since) * 1e3),
             }
         fps = 0.0
         if len(times) >= 2 and time.monotonic() - times[-1] < 2.0:
@@ -169,9 +174,11 @@ class InferenceWorker:
             if self._stopping:
                 return None, False
             if self._frozen and self._held is not None:
+                self._busy_since = time.monotonic()
                 return self._held, True
             frame, self._slot = self._slot, None
             self._held = frame
+            self._busy_since = time.monotonic()
             return frame, False
 
     def _run(self) -> None:
@@ -188,7 +195,8 @@ class InferenceWorker:
                 log.exception("the engine failed on frame %d", frame.frame_id)
                 with self._cond:
                     self._errors += 1
-                    self._last_error = f"{type(exc).__name__}: {exc}"
+                    self._last_error = f"{type(exc).__name__}: {exc}"[:500]
+                    self._busy_since = None
                 if self._stop_event.wait(0.05):  # no busy loop on a frozen frame that always fails
                     break
                 continue
@@ -201,6 +209,7 @@ class InferenceWorker:
                                   len(payload), int(process_ms * 1000)) + payload
             with self._cond:
                 self._processed += 1
+                self._busy_since = None
                 seq = self._processed
                 self._last_process_ms = process_ms
                 self._out_times.append(time.monotonic())

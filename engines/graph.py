@@ -70,6 +70,43 @@ class CapturedStep:
             self.released = True
 
 
+class Branch:
+    """A parallel branch of the frame's work: a second CUDA stream forked from and joined back into the
+    current one (events, no host sync). Inside a capture the branch becomes a parallel path of the same
+    graph, so its kernels can run alongside the main path's on SMs the main path leaves idle.
+
+        side.fork()          # the branch waits for what the current stream has enqueued so far
+        with side: ...       # enqueue the branch's work on its stream
+        side.join()          # the current stream waits for the branch
+
+    On the CPU (no streams) the branch's work simply runs in order, with the same data flow.
+    """
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._ctx = None
+
+    def fork(self) -> None:
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+
+    def join(self) -> None:
+        if self.stream is not None:
+            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
+
+    def __enter__(self) -> "Branch":
+        if self.stream is not None:
+            self._ctx = torch.cuda.stream(self.stream)
+            self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        if self._ctx is not None:
+            ctx, self._ctx = self._ctx, None
+            ctx.__exit__(*exc)
+        return False
+
+
 class GraphCache:
     """An LRU map from keys to captured work (any value with an optional ``release()``).
 

@@ -93,10 +93,11 @@ def build_executor(config: EngineConfig, comps: Components):
     if config.device.type == "cuda" and config.max_vram_gb is None:
         prepare_cuda_modules(comps)
     torch_nets = TorchNetworks(comps.unet, comps.vae)
+    ov = config.vae_overlap  # the main stage's shape (executors.py), the same for every backend
     if backend is Backend.EAGER:
-        return EagerExecutor(torch_nets), reason
+        return EagerExecutor(torch_nets, overlap=ov), reason
     if backend is Backend.GRAPH:
-        return GraphExecutor(torch_nets, "graph"), reason
+        return GraphExecutor(torch_nets, "graph", overlap=ov), reason
     if backend is Backend.COMPILED:
         from engines.cache import EngineCache
         from engines.compiled import compiled_networks
@@ -107,14 +108,14 @@ def build_executor(config: EngineConfig, comps: Components):
                                  model=config.model)
         reason = f"{reason}; compile artifacts: {artifacts.value}"
         if config.device.type != "cuda":  # no CUDA graphs: the compiled calls are launched from Python
-            return EagerExecutor(nets, "compiled"), reason
-        return GraphExecutor(nets, "compiled"), reason
+            return EagerExecutor(nets, "compiled", overlap=ov), reason
+        return GraphExecutor(nets, "compiled", overlap=ov), reason
     try:
-        return GraphExecutor(trt_networks(config, comps), "trt"), reason
+        return GraphExecutor(trt_networks(config, comps), "trt", overlap=ov), reason
     except Exception as exc:  # a failed build must not take the engine down: fall back, loudly
         log.warning("TensorRT engines could not be built or loaded (%s: %s); falling back to 'graph'",
                     type(exc).__name__, exc)
-        return GraphExecutor(torch_nets, "graph"), f"{reason}; FALLBACK to graph: trt failed: {exc}"
+        return GraphExecutor(torch_nets, "graph", overlap=ov), f"{reason}; FALLBACK to graph: trt failed: {exc}"
 
 
 def trt_networks(config: EngineConfig, comps: Components, min_steps: int = TRT_MIN_STEPS,

@@ -87,6 +87,8 @@ class FrameBuffers:
         self.stock = z(SF, 4, *lat)  # [SF, 4, h, w] residual-CFG stock noise
         self.stock_tmp = z(SF - F, 4, *lat)  # [SF-F, 4, h, w] scratch for shifting the stock
         self.dec_in = z(F, 4, *lat)  # [F, 4, h, w] finished latents / vae scaling
+        self.latent = z(F, 4, *lat)  # [F, 4, h, w] vae_overlap: frames encoded in the previous call
+        self.latent_next = z(F, 4, *lat)  # [F, 4, h, w] vae_overlap: frames encoded in this call
         # --- per-slot constants, repeated over the F rows of a slot ---
         self.init_noise = z(SF, 4, *lat)  # [SF, 4, h, w] fixed noise per row (seed)
         self.renoise = z(SF, 4, *lat)  # [SF, 4, h, w] b * init_noise
@@ -109,7 +111,7 @@ class FrameBuffers:
 
     def state_tensors(self) -> list[torch.Tensor]:
         """Tensors carried from frame to frame (saved and restored around graph warm-up)."""
-        return [self.unet_in, self.stock, self.probe_ref]
+        return [self.unet_in, self.stock, self.probe_ref, self.latent, self.dec_in]
 
     def reset_stream(self) -> None:
         """Forget the frames in flight (zeros, as StreamDiffusion starts)."""

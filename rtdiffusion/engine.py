@@ -39,7 +39,7 @@ from .buffers import FrameBuffers, FrameIO, StreamLayout
 from .config import (Backend, CacheSettings, EngineConfig, FilterSettings, PromptSpec, SchedulerKind, SeedSpec,
                      StreamSettings, VaeKind, apply_updates, parse_device, parse_dtype, parse_enum)
 from .errors import ConfigError, FrameError
-from .executors import CapturedFrame, EagerExecutor, LayoutState
+from .executors import OVERLAP_LATENCY, CapturedFrame, EagerExecutor, LayoutState
 from .guidance import make_guidance
 from .models.loading import Components, load_components
 from .prompts import PromptEncoder
@@ -77,7 +77,7 @@ class StreamEngine:
                         model_seed: int = 0, graph_cache_size: int = 4, kv_max_frames: int = 4,
                         cache_enabled: bool = False, cache_maxframes: int = 1,
                         cache_interval: int = 1, compile_preset: str = "default",
-                        compile_artifacts: str = "auto") -> "StreamEngine":
+                        compile_artifacts: str = "auto", vae_overlap: bool = False) -> "StreamEngine":
         """Load ``model`` (hub id, local diffusers folder, or ``random:sd-turbo|sd15|tiny``) and prepare.
 
         Every argument is checked before the model loads, so a typo fails in milliseconds.
@@ -90,7 +90,7 @@ class StreamEngine:
         # validate sizes early with a provisional config (the model may supply the default size)
         choose_backend(EngineConfig(model, width or 512, height or 512, dev, dt, be, vk, frame_buffer_size,
                                     num_inference_steps, sk, max_vram_gb, engine_dir, kv_max_frames,
-                                    compile_preset, compile_artifacts))
+                                    compile_preset, compile_artifacts, vae_overlap=vae_overlap))
         settings = apply_updates(StreamSettings(
             prompt=PromptSpec.parse(prompt, prompt_method, negative_prompt), seed=SeedSpec.parse(seed),
             filter=FilterSettings(similar_filter, similar_threshold, similar_max_skip),
@@ -104,7 +104,7 @@ class StreamEngine:
         size = comps.default_size
         config = EngineConfig(model, width or size, height or size, dev, dt, be, vk, frame_buffer_size,
                               num_inference_steps, sk, max_vram_gb, engine_dir, kv_max_frames, compile_preset,
-                              compile_artifacts)
+                              compile_artifacts, vae_overlap=vae_overlap)
         return cls(config, comps, settings, graph_cache_size=graph_cache_size)
 
     def __init__(self, config: EngineConfig, components: Components, settings: StreamSettings | None = None,
@@ -136,7 +136,7 @@ class StreamEngine:
         self._frame: CapturedFrame | None = None  # the active layout's captured graphs (graph backends)
         self._executor, self.backend_reason = build_executor(config, components)
         self._base_nets = self._executor.nets  # the backend's networks, before any wrapping
-        self._eager = EagerExecutor(self._executor.nets)  # per-call graph bypass (use_graph=False)
+        self._eager = EagerExecutor(self._executor.nets, overlap=config.vae_overlap)  # use_graph=False
         if self._streamer is not None and self._executor.captures:
             self._executor.before_capture = self._streamer.join
         self.backend_fallback: str | None = (self.backend_reason.split("FALLBACK ", 1)[1]
@@ -517,7 +517,9 @@ class StreamEngine:
             "scheduler": self.scheduler_kind.value, "vae": self.config.vae.value,
             "frames": self._frames, "skipped_frames": self._skipped, "prompt_encodes": self._prompts.encodes,
             "fps": (1.0 / med) if med else 0.0, "frame_ms_median": med * 1e3 if med else None,
-            "latency_frames": (len(s.t_index_list) - 1) * self.config.frame_buffer_size,
+            "latency_frames": ((len(s.t_index_list) - 1) * self.config.frame_buffer_size
+                               + OVERLAP_LATENCY * self.config.vae_overlap),
+            "vae_overlap": self.config.vae_overlap,
             "t_index_list": list(s.t_index_list), "cfg": s.cfg.value, "effective_cfg": s.effective_cfg.value,
             "guidance_scale": s.guidance_scale, "delta": s.delta,
             "prompt": [list(p) for p in s.prompt.parts], "prompt_method": s.prompt.method.value,

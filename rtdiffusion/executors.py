@@ -3,6 +3,10 @@
 An executor is a small object the engine swaps, never a flag tested per frame. It runs the two stages of
 ``frame_step.py`` for one layout's state. Networks (torch modules, compiled modules, TensorRT engines)
 are the executor's ``nets``; the graph executor captures whatever they enqueue.
+
+With ``overlap`` (``EngineConfig.vae_overlap``) the main stage is ``overlapped_step``: the VAE runs on a
+parallel branch (a second stream, captured into the same graph) next to the UNet, and each frame comes out
+2 calls later than with ``main_step`` (:data:`OVERLAP_LATENCY`).
 """
 
 from __future__ import annotations
@@ -12,13 +16,15 @@ from dataclasses import dataclass
 from typing import Callable
 
 from engines.base import Networks
-from engines.graph import CapturedStep
+from engines.graph import Branch, CapturedStep
 
 from .buffers import FrameBuffers
-from .frame_step import main_step, probe_step
+from .frame_step import main_step, overlapped_step, probe_step
 from .guidance import Guidance
 
 log = logging.getLogger(__name__)
+
+OVERLAP_LATENCY = 2  # extra calls before a frame comes out with overlap: encoded, denoised, then decoded
 
 
 @dataclass
@@ -51,8 +57,18 @@ class EagerExecutor:
 
     captures = False
 
-    def __init__(self, nets: Networks, name: str = "eager"):
-        self.nets, self.name = nets, name
+    def __init__(self, nets: Networks, name: str = "eager", overlap: bool = False):
+        self.nets, self.name, self.overlap = nets, name, overlap
+        self._branches: dict = {}  # device -> Branch (overlap): one side stream per device, made once
+
+    def step_fn(self, st: LayoutState, nets: Networks) -> Callable[[], None]:
+        """The main stage of ``st`` as a no-argument call (what the graph executor captures)."""
+        b, g, ring = st.buffers, st.guidance, st.ring_shift
+        if not self.overlap:
+            return lambda: main_step(b, nets, g, ring)
+        dev = b.layout.device
+        side = self._branches.get(dev) or self._branches.setdefault(dev, Branch(dev))
+        return lambda: overlapped_step(b, nets, g, ring, side)
 
     def capture(self, st: LayoutState) -> CapturedFrame | None:
         """Called between frames when no captured frame is cached for ``st``."""
@@ -62,7 +78,7 @@ class EagerExecutor:
         probe_step(st.buffers)
 
     def main(self, st: LayoutState, frame: CapturedFrame | None) -> None:
-        main_step(st.buffers, self.nets, st.guidance, st.ring_shift)
+        self.step_fn(st, self.nets)()
 
 
 class GraphExecutor(EagerExecutor):
@@ -74,8 +90,8 @@ class GraphExecutor(EagerExecutor):
 
     captures = True
 
-    def __init__(self, nets: Networks, name: str = "graph", warmup: int = 2):
-        super().__init__(nets, name)
+    def __init__(self, nets: Networks, name: str = "graph", warmup: int = 2, overlap: bool = False):
+        super().__init__(nets, name, overlap)
         self.warmup = warmup
         self.captures_done = 0
         self.before_capture: Callable[[], None] | None = None  # set by the engine (low-VRAM streaming)
@@ -84,7 +100,7 @@ class GraphExecutor(EagerExecutor):
         b, dev, nets = st.buffers, st.buffers.layout.device, self.nets
         probe = CapturedStep(lambda: probe_step(b), dev, state=b.state_tensors(), warmup=self.warmup,
                              name="probe step")
-        main = CapturedStep(lambda: main_step(b, nets, st.guidance, st.ring_shift), dev,
+        main = CapturedStep(self.step_fn(st, nets), dev,
                             state=b.state_tensors(), warmup=self.warmup, name="frame step",
                             before_capture=self.before_capture)
         self.captures_done += 1

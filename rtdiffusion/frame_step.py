@@ -14,6 +14,11 @@ enqueue work on the current stream.
     probe:  frame_u8 -> 8x-subsampled probe, dot products with the last processed probe (similar-frame filter)
     main:   preprocess -> VAE encode -> add noise -> [uncond rows] -> UNet over the stream batch -> guidance
             -> scheduler step -> stock update -> shift the ring -> VAE decode -> postprocess to uint8
+    overlapped (vae_overlap): the same stages, with the VAE on a parallel branch of the same graph:
+
+        side branch:  preprocess -> encode this call's frames -> latent_next | decode dec_in -> out_u8
+        main branch:  x_t[:F] from latent (encoded last call) -> UNet ... ring shift
+        join, then:   latent <- latent_next; dec_in <- finished slot      (a frame comes out 2 calls later)
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Callable
 import torch
 
 from engines.base import Networks
+from engines.graph import Branch
 
 from .buffers import FrameBuffers
 from .guidance import Guidance
@@ -42,6 +48,25 @@ def no_mark(stage: str) -> None:
     """Stage marker used in production: nothing. The benchmark passes one that records CUDA events."""
 
 
+def denoise(b: FrameBuffers, nets: Networks, guidance: Guidance, ring_shift: bool,
+            mark: Callable[[str], None] = no_mark) -> None:
+    """Stages 3-5 of a frame, from x_t (slot 0 already holds the new frames) to ``denoised`` and the ring."""
+    F = b.layout.frames
+    # 3. UNet over the stream batch (plus uncond rows for INITIALIZE / FULL)
+    guidance.fill_uncond_rows(b)
+    eps = nets.unet(b.unet_in, b.t_unet, b.embeds)  # [B, 4, h, w]
+    mark("unet")
+    guided = guidance.combine(b, eps)  # [SF, 4, h, w]
+    # 4. scheduler step: denoised = A * x_t + B * eps   (schedule.py, equations 1-2)
+    torch.mul(b.x_t, b.coef_A, out=b.denoised)
+    b.denoised.addcmul_(b.coef_B, guided)
+    guidance.update_stock(b, guided)
+    # 5. shift the ring in place: slot s+1 <- a_{s+1} * denoised_s + b_{s+1} * noise_{s+1}  (equation 3)
+    if ring_shift:  # fixed per layout (S > 1), not per frame
+        torch.addcmul(b.renoise[F:], b.alpha_row[F:], b.denoised[:-F], out=b.x_t[F:])
+    mark("scheduler")
+
+
 def main_step(b: FrameBuffers, nets: Networks, guidance: Guidance, ring_shift: bool,
               mark: Callable[[str], None] = no_mark) -> None:
     """One stream-batch denoising call: new frames in, the oldest frames in flight out (b.io.out_u8).
@@ -57,19 +82,7 @@ def main_step(b: FrameBuffers, nets: Networks, guidance: Guidance, ring_shift: b
     latent = nets.encode(b.image)  # [F, 4, h, w]
     torch.addcmul(b.renoise[:F], b.alpha_in, latent, out=b.x_t[:F])
     mark("encode")
-    # 3. UNet over the stream batch (plus uncond rows for INITIALIZE / FULL)
-    guidance.fill_uncond_rows(b)
-    eps = nets.unet(b.unet_in, b.t_unet, b.embeds)  # [B, 4, h, w]
-    mark("unet")
-    guided = guidance.combine(b, eps)  # [SF, 4, h, w]
-    # 4. scheduler step: denoised = A * x_t + B * eps   (schedule.py, equations 1-2)
-    torch.mul(b.x_t, b.coef_A, out=b.denoised)
-    b.denoised.addcmul_(b.coef_B, guided)
-    guidance.update_stock(b, guided)
-    # 5. shift the ring in place: slot s+1 <- a_{s+1} * denoised_s + b_{s+1} * noise_{s+1}  (equation 3)
-    if ring_shift:  # fixed per layout (S > 1), not per frame
-        torch.addcmul(b.renoise[F:], b.alpha_row[F:], b.denoised[:-F], out=b.x_t[F:])
-    mark("scheduler")
+    denoise(b, nets, guidance, ring_shift, mark)  # 3-5
     # 6. decode the finished slot and postprocess: [-1, 1] NCHW -> uint8 NHWC, rounded
     torch.mul(b.denoised[-F:], b.inv_scaling, out=b.dec_in)
     image = nets.decode(b.dec_in)  # [F, 3, H, W]
@@ -77,3 +90,25 @@ def main_step(b: FrameBuffers, nets: Networks, guidance: Guidance, ring_shift: b
     image.mul_(127.5).add_(128.0).clamp_(0.0, 255.0)
     b.io.out_u8.copy_(image.permute(0, 2, 3, 1))
     mark("postprocess")
+
+
+def overlapped_step(b: FrameBuffers, nets: Networks, guidance: Guidance, ring_shift: bool, side: Branch) -> None:
+    """main_step with TAESD off the UNet's path: while the UNet denoises the frames encoded in the previous
+    call, ``side`` (a second stream, a parallel branch of the captured graph) encodes this call's frames and
+    decodes the latents finished in the previous call. Same arithmetic as main_step, the output is the frame
+    that came in 2 calls earlier. Only buffers cross between the branches (latent, latent_next, dec_in)."""
+    F = b.layout.frames
+    b.probe_ref.copy_(b.probe)
+    side.fork()
+    with side:  # decode first: it reads dec_in, which the main branch rewrites only after the join
+        image = nets.decode(b.dec_in)  # [F, 3, H, W]
+        image.mul_(127.5).add_(128.0).clamp_(0.0, 255.0)
+        b.io.out_u8.copy_(image.permute(0, 2, 3, 1))
+        b.image.copy_(b.io.frame_u8.permute(0, 3, 1, 2))  # [F, 3, H, W]
+        b.image.mul_(2.0 / 255.0).sub_(1.0)
+        b.latent_next.copy_(nets.encode(b.image))  # [F, 4, h, w]
+    torch.addcmul(b.renoise[:F], b.alpha_in, b.latent, out=b.x_t[:F])
+    denoise(b, nets, guidance, ring_shift)
+    side.join()
+    b.latent.copy_(b.latent_next)
+    torch.mul(b.denoised[-F:], b.inv_scaling, out=b.dec_in)

@@ -7,30 +7,42 @@
   const sendCanvas = $("send"), sendCtx = sendCanvas.getContext("2d", { willReadFrequently: true });
   const video = $("video"), overlay = $("overlay"), message = $("message");
   const view = new RTD.FrameView($("out"));
+  const inView = $("inView"), inCtx = inView.getContext("2d");
   const params = new URLSearchParams(location.search);
-  const input = { id: 0, inFlight: false, sent: 0, skipped: 0, acked: 0, source: null, stream: null };
-  let engine = null, status = null, lastLocalEdit = 0;
+  const input = { id: 0, inFlight: false, sent: 0, skipped: 0, acked: 0, source: null, stream: null, firstSentAt: 0,
+                  bitmaps: new Map() };  // frame id -> ImageBitmap of what was sent (the side-by-side view)
+  const rates = new RTD.Rates();
+  let engine = null, status = null, lastLocalEdit = 0, errorsSeen = 0;
 
-  function say(text, ok = false) { message.textContent = text; message.className = ok ? "ok" : ""; }
+  function say(text, ok = false) { message.textContent = text; message.className = ok ? "ok" : ""; message.title = text; }
 
   // ---- websocket ------------------------------------------------------------------------------------------
   const link = new RTD.Link("control", {
     hello: (msg) => {
       engine = msg;
-      sendCanvas.width = msg.width; sendCanvas.height = msg.height;
+      sendCanvas.width = inView.width = msg.width; sendCanvas.height = inView.height = msg.height;
       input.inFlight = false;
-      $("conn").textContent = `live ${msg.width}×${msg.height}`; $("conn").className = "badge live";
       const steps = $("steps"); steps.innerHTML = "";
       for (let i = 1; i <= msg.max_steps; i++) steps.add(new Option(String(i)));
-      syncControls(msg.controls, true);
+      syncControls(msg.controls, true); showRecord(msg.record);
     },
     ack: () => { input.inFlight = false; input.acked += 1; },
-    status: (msg) => { status = msg; syncControls(msg.controls, false); },
+    status: (msg) => {
+      status = msg; syncControls(msg.controls, false); showRecord(msg.record);
+      rates.sample({ in: msg.frames_in || 0, out: msg.frames_out || 0,
+                     skipped: (msg.dropped_in || 0) + (msg.dropped_out || 0) + input.skipped });
+      if (msg.errors > errorsSeen) { errorsSeen = msg.errors; say(`engine error: ${msg.last_error}`); }
+    },
     error: (msg) => { input.inFlight = false; say(`server: ${msg.message}`); },
     replaced: () => { say("another control page took over; reload to take control back"); },
     frame: (frame) => view.show(frame),
-    closed: () => { $("conn").textContent = "disconnected"; $("conn").className = "badge"; input.inFlight = false; },
+    closed: () => { input.inFlight = false; },
   });
+  view.onShown = (frame) => {  // the side-by-side view shows the input this output was made from
+    const bitmap = input.bitmaps.get(frame.id);
+    if (bitmap && document.body.classList.contains("compare")) inCtx.drawImage(bitmap, 0, 0);
+    for (const [id, b] of input.bitmaps) if (id <= frame.id && frame.ts > 0) { b.close(); input.bitmaps.delete(id); }
+  };
 
   // ---- sources ----------------------------------------------------------------------------------------------
   function stopStream() {
@@ -92,6 +104,10 @@
     const ts = RTD.nowMs(), id = ++input.id, w = sendCanvas.width, h = sendCanvas.height;
     input.inFlight = true;
     try {
+      if (document.body.classList.contains("compare")) {
+        input.bitmaps.set(id, await createImageBitmap(sendCanvas));
+        while (input.bitmaps.size > 8) { const [old, b] = input.bitmaps.entries().next().value; b.close(); input.bitmaps.delete(old); }
+      }
       let buf;
       if ($("encoding").value === "jpeg") {
         const blob = await new Promise((resolve) => sendCanvas.toBlob(resolve, "image/jpeg", 0.9));
@@ -100,6 +116,7 @@
         buf = RTD.packFrame(RTD.FORMAT.RGBA, id, ts, w, h, sendCtx.getImageData(0, 0, w, h).data);
       }
       link.sendBinary(buf); input.sent += 1;
+      if (!input.firstSentAt) input.firstSentAt = RTD.nowMs();
     } catch (e) { input.inFlight = false; say(`could not send a frame: ${e.message}`); }
   }
   let timer = null;
@@ -109,24 +126,34 @@
     timer = setInterval(tick, 1000 / fps);
   }
   $("fps").addEventListener("change", startTimer);
+  function setCompare(on) {
+    document.body.classList.toggle("compare", on); $("compare").checked = on;
+    localStorage.setItem("rtd.compare", on ? "1" : "");
+  }
+  $("compare").addEventListener("change", (e) => setCompare(e.target.checked));
 
   // ---- controls -------------------------------------------------------------------------------------------
   // One request in flight per route; a newer value replaces a pending one (sliders send their newest value).
   const posters = {};
-  function post(route, body, method = "POST") {
+  function post(route, body, method = "POST", onOk = null) {
     lastLocalEdit = performance.now();
-    const p = posters[route] || (posters[route] = { busy: false, pending: null });
+    const p = posters[route] || (posters[route] = { busy: false, pending: null, waiters: [] });
     p.pending = Object.assign(p.pending || {}, body);
+    if (onOk) p.waiters.push(onOk);
     if (p.busy) return Promise.resolve();
     return (async () => {
       while (p.pending) {
-        const b = p.pending; p.pending = null; p.busy = true;
+        const b = p.pending, waiters = p.waiters; p.pending = null; p.waiters = []; p.busy = true;
         try {
           const r = await fetch(route, { method, headers: { "Content-Type": "application/json" }, body: JSON.stringify(b) });
           const j = await r.json();
           if (!r.ok) say(j.error || `${route}: HTTP ${r.status}`);
-          // a random seed chosen by the server is shown, but never over a seed the user is typing
-          else { say(""); if (j.seed !== undefined && document.activeElement !== $("seed")) $("seed").value = j.seed; }
+          else {
+            say("");
+            // a random seed chosen by the server is shown, but never over a seed the user is typing
+            if (j.seed !== undefined && document.activeElement !== $("seed")) $("seed").value = j.seed;
+            waiters.forEach((w) => w(j));
+          }
         } catch (e) { say(`${route}: ${e.message}`); } finally { p.busy = false; }
       }
     })();
@@ -139,14 +166,18 @@
   const sendGuidance = () => post("/api/guidance", { guidance_scale: num("guidance"), delta: num("delta"), cfg: $("cfg").value });
   const sendFilter = () => post("/api/filter", { enabled: $("filter").checked, threshold: num("threshold"), max_skip: num("maxSkip") });
   const sendCache = () => post("/api/cache", { enabled: $("cache").checked, maxframes: num("cacheFrames"), interval: num("cacheInterval") });
+  const seedValue = () => {
+    const raw = $("seed").value.trim();
+    return /^\d+$/.test(raw) && Number.isSafeInteger(Number(raw)) ? Number(raw) : null;
+  };
   // An empty or half-typed seed field sends nothing (Number("") would be 0, a real seed).
   const sendSeed = () => {
-    const raw = $("seed").value.trim();
-    if (!/^\d+$/.test(raw) || !Number.isSafeInteger(Number(raw))) {
-      if (raw) say(`seed: expected a whole number from 0 to ${Number.MAX_SAFE_INTEGER}`);
+    const seed = seedValue();
+    if (seed === null) {
+      if ($("seed").value.trim()) say(`seed: expected a whole number from 0 to ${Number.MAX_SAFE_INTEGER}`);
       return;
     }
-    post("/api/seed", { seed: Number(raw) });
+    post("/api/seed", { seed });
   };
 
   for (const id of ["promptA", "promptB", "negative"]) {
@@ -161,126 +192,144 @@
   bind(["cache", "cacheFrames", "cacheInterval"], sendCache, "change");
   bind(["seed"], sendSeed, "change");
   $("seedRandom").addEventListener("click", () => post("/api/seed", { random: true }));
-  for (const el of document.querySelectorAll("input[type=range]")) {
-    const out = el.parentElement.querySelector("output");
-    const show = () => { if (out) out.textContent = Number(el.value).toFixed(2); };
-    el.addEventListener("input", show); show();
-  }
+  const showRange = (el) => { const out = el.parentElement.querySelector("output"); if (out) out.textContent = Number(el.value).toFixed(2); };
+  for (const el of document.querySelectorAll("input[type=range]")) { el.addEventListener("input", () => showRange(el)); showRange(el); }
 
   const playback = { paused: false, frozen: false };
-  function setPlayback(change) { post("/api/playback", change); }
-  $("pause").addEventListener("click", () => setPlayback({ paused: !playback.paused }));
-  $("freeze").addEventListener("click", () => setPlayback({ frozen: !playback.frozen }));
+  const setPlayback = (change) => post("/api/playback", change);
+  const togglePause = () => setPlayback({ paused: !playback.paused });
+  const toggleFreeze = () => setPlayback({ frozen: !playback.frozen });
+  const togglePanel = () => document.body.classList.toggle("panel-hidden");
   function snapshot() {
     const a = document.createElement("a");
     a.href = "/api/snapshot.png"; a.download = `rtdiffusion-${Date.now()}.png`; a.click();
   }
+  $("pause").addEventListener("click", togglePause);
+  $("freeze").addEventListener("click", toggleFreeze);
   $("snapshot").addEventListener("click", snapshot);
   $("full").addEventListener("click", () => RTD.fullscreen($("stage")));
-  $("hide").addEventListener("click", () => document.body.classList.toggle("panel-hidden"));
+  $("hide").addEventListener("click", togglePanel);
+
+  // ---- recording (on the server, H.264 MP4): the finished file is offered as a download link ---------------
+  let recording = false;
+  function showRecord(r) {
+    if (!r) return;
+    recording = r.recording;
+    $("record").classList.toggle("on", r.recording);
+    $("record").textContent = r.recording ? `Stop recording (${r.frames})` : "Record";
+    const link = $("recording");
+    if (r.last && r.last.url) {
+      link.href = r.last.url; link.download = r.last.file; link.hidden = false;
+      link.textContent = `Download ${r.last.file} (${r.last.frames} frames)`;
+    }
+  }
+  const toggleRecord = () => post("/api/record", { recording: !recording }, "POST", (r) => {
+    showRecord(r);
+    if (r.last && !r.recording) say(`recorded ${r.last.frames} frames: use the download link`, true);
+  });
+  $("record").addEventListener("click", toggleRecord);
 
   // The server's view of the controls wins, except right after a local edit or while a field has focus.
   function syncControls(c, force) {
     if (!c) return;
+    if (playback.paused && !c.paused) input.firstSentAt = RTD.nowMs();  // resumed: late counts from now
     playback.paused = c.paused; playback.frozen = c.frozen;
     $("pause").classList.toggle("on", c.paused); $("freeze").classList.toggle("on", c.frozen);
     $("pause").textContent = c.paused ? "Resume" : "Pause";
     if (!force && performance.now() - lastLocalEdit < 1500) return;
     const set = (id, v) => { const el = $(id); if (document.activeElement === el || v === undefined) return;
-      if (el.type === "checkbox") el.checked = v; else el.value = v;
-      el.dispatchEvent(new Event("rtd-sync")); };
+      if (el.type === "checkbox") el.checked = v; else el.value = v; };
     set("promptA", c.prompt_a); set("promptB", c.prompt_b); set("blend", c.blend); set("method", c.method);
     set("negative", c.negative_prompt); set("seed", c.seed); set("strength", c.strength); set("steps", c.steps);
     set("guidance", c.guidance_scale); set("delta", c.delta); set("cfg", c.cfg);
     set("filter", c.similar_filter); set("threshold", c.similar_threshold); set("maxSkip", c.similar_max_skip);
     set("cache", c.cache_enabled); set("cacheFrames", c.cache_maxframes); set("cacheInterval", c.cache_interval);
-    for (const el of document.querySelectorAll("input[type=range]")) {
-      const out = el.parentElement.querySelector("output"); if (out) out.textContent = Number(el.value).toFixed(2);
-    }
+    for (const el of document.querySelectorAll("input[type=range]")) showRange(el);
   }
 
-  // ---- keys -------------------------------------------------------------------------------------------------
-  async function preset(n, store) {
+  // ---- presets: every control ------------------------------------------------------------------------------
+  function presetBody() {
+    const b = { ...promptBody(), strength: num("strength"), steps: num("steps"), guidance_scale: num("guidance"),
+                delta: num("delta"), cfg: $("cfg").value, similar_filter: $("filter").checked,
+                similar_threshold: num("threshold"), similar_max_skip: num("maxSkip"), cache_enabled: $("cache").checked,
+                cache_maxframes: num("cacheFrames"), cache_interval: num("cacheInterval") };
+    if (seedValue() !== null) b.seed = seedValue();
+    return b;
+  }
+  function showPresets(slots) {
+    slots.forEach((p, i) => {
+      const b = $(`preset${i + 1}`); b.classList.toggle("stored", !!p);
+      b.title = p ? `${i + 1}: ${p.prompt_a || "(no prompt)"} · click to load, Shift+click to store` : `${i + 1}: empty · Shift+click to store`;
+    });
+  }
+  function preset(n, store) {
     if (store) {
-      const b = promptBody(); delete b.method;
-      await post(`/api/presets/${n}`, { ...b, seed: num("seed") }, "PUT");
-      say(`stored preset ${n}`, true);
+      post(`/api/presets/${n}`, presetBody(), "PUT", () => {
+        say(`stored preset ${n}`, true);
+        fetch("/api/presets").then((r) => r.json()).then((j) => showPresets(j.presets)).catch(() => {});
+      });
     } else {
-      await post(`/api/presets/${n}/apply`, {});
+      post(`/api/presets/${n}/apply`, {}, "POST", (c) => { syncControls(c, true); say(`preset ${n}`, true); });
     }
   }
+  for (let n = 1; n <= 9; n++) {
+    const b = document.createElement("button");
+    b.id = `preset${n}`; b.textContent = String(n); b.dataset.midi = "";
+    b.addEventListener("click", (e) => preset(n, e.shiftKey));
+    $("presets").append(b);
+  }
+  fetch("/api/presets").then((r) => r.json()).then((j) => showPresets(j.presets)).catch(() => {});
+
+  // ---- keys -------------------------------------------------------------------------------------------------
   document.addEventListener("keydown", (e) => {
     const t = e.target.tagName;
     if (t === "TEXTAREA" || t === "INPUT" || t === "SELECT" || e.ctrlKey || e.metaKey || e.altKey) return;
     const digit = /^Digit([1-9])$/.exec(e.code);
     if (digit) { preset(Number(digit[1]), e.shiftKey); e.preventDefault(); return; }
     switch (e.code) {
-      case "Space": setPlayback({ paused: !playback.paused }); break;
-      case "KeyX": setPlayback({ frozen: !playback.frozen }); break;
+      case "Space": togglePause(); break;
+      case "KeyX": toggleFreeze(); break;
       case "KeyR": post("/api/seed", { random: true }); break;
       case "KeyS": snapshot(); break;
+      case "KeyV": toggleRecord(); break;
+      case "KeyC": setCompare(!document.body.classList.contains("compare")); break;
       case "KeyF": RTD.fullscreen($("stage")); break;
-      case "KeyH": document.body.classList.toggle("panel-hidden"); break;
+      case "KeyH": togglePanel(); break;
       default: return;
     }
     e.preventDefault();
   });
 
-  // ---- Web MIDI learn: click "MIDI learn", move a slider, then turn a knob -------------------------------
-  const midi = {
-    map: JSON.parse(localStorage.getItem("rtd.midi") || "{}"),  // "channel:cc" -> slider id
-    target: null, learning: false,
-    handle(data) {
-      const [status, cc, value] = data;
-      if ((status & 0xf0) !== 0xb0) return;  // control change only
-      const key = `${status & 0x0f}:${cc}`;
-      if (this.learning && this.target) {
-        this.map[key] = this.target.id; localStorage.setItem("rtd.midi", JSON.stringify(this.map));
-        say(`MIDI CC ${cc} (channel ${(status & 0x0f) + 1}) → ${this.target.id}`, true);
-        this.stopLearning(); return;
-      }
-      const el = this.map[key] && $(this.map[key]); if (!el) return;
-      const min = Number(el.min), max = Number(el.max);
-      el.value = min + (value / 127) * (max - min);
-      el.dispatchEvent(new Event("input"));
-    },
-    startLearning() {
-      this.learning = true; document.body.classList.add("learning");
-      say("MIDI learn: move a slider, then turn a knob", true);
-    },
-    stopLearning() {
-      this.learning = false; document.body.classList.remove("learning");
-      if (this.target) this.target.classList.remove("learn-target"); this.target = null;
-    },
-  };
-  for (const el of document.querySelectorAll("input[type=range]")) {
-    el.addEventListener("pointerdown", () => { if (midi.learning) { midi.target = el; el.classList.add("learn-target"); } });
-    el.addEventListener("focus", () => { if (midi.learning) { midi.target = el; el.classList.add("learn-target"); } });
-  }
-  if (navigator.requestMIDIAccess) {
-    $("midiLearn").addEventListener("click", async () => {
-      if (midi.learning) { midi.stopLearning(); say(""); return; }
-      midi.startLearning();
-      if (!midi.access) {
-        try {
-          midi.access = await navigator.requestMIDIAccess();
-          const hook = () => midi.access.inputs.forEach((i) => { i.onmidimessage = (m) => midi.handle(m.data); });
-          hook(); midi.access.onstatechange = hook;
-        } catch (e) { say(`MIDI unavailable: ${e.message}`); }
-      }
-    });
-  } else {
-    $("midiLearn").disabled = true; $("midiLearn").title = "Web MIDI is not available in this browser";
+  const midi = new RtdMidi(say);
+
+  // ---- the badge: an honest state, never "live" while frames are late ---------------------------------------
+  // live: outputs arrive at the engine's own pace · slow: late, but the engine is working on a frame (busy_ms) ·
+  // stalled: late and the engine is idle (or failing) · paused · waiting for input · connecting / disconnected.
+  function badge() {
+    if (!link.open) return ["badge", link.ws && link.ws.readyState === WebSocket.CONNECTING ? "connecting" : "disconnected"];
+    if (playback.paused) return ["paused", "paused"];
+    if (!input.sent) return ["badge", "waiting for input"];
+    const now = RTD.nowMs(), s = view.stats, last = Math.max(s.lastShownAt, input.firstSentAt);
+    const pace = Math.max(2000, 3 * (s.fps > 0 ? 1000 / s.fps : 0), 2 * s.processMs + 1000);
+    const age = now - last, secs = (ms) => `${(ms / 1000).toFixed(0)} s`;
+    if (age < pace) return ["live", `live ${s.fps.toFixed(1)} fps`];
+    if (status && status.busy_ms > 0) return ["slow", `slow · engine ${secs(status.busy_ms)} on ${s.shown ? "this" : "the first"} frame`];
+    if (status && status.last_error && status.errors > 0) return ["error", "stalled · engine errors"];
+    return ["stalled", `stalled · no output for ${secs(age)}`];
   }
 
-  // ---- overlay and start ------------------------------------------------------------------------------------
+  // ---- overlay, graph, rates and start ----------------------------------------------------------------------
   setInterval(() => {
-    if (!view.stats.shown) return;
-    const s = status ? { ...status, dropped_in: (status.dropped_in || 0) + input.skipped } : null;
-    overlay.textContent = RTD.overlayText(view, s);
+    const [cls, text] = badge();
+    $("conn").className = `badge ${cls}`; $("conn").textContent = text;
+    const r = rates.rates;
+    if (r.in !== undefined) $("rates").textContent = `in ${r.in.toFixed(0)}/s · out ${r.out.toFixed(1)}/s · skipped ${r.skipped.toFixed(0)}/s`;
+    RTD.drawGraph($("graph"), view.history);
+    if (view.stats.shown) overlay.textContent = RTD.overlayText(view, status, r.skipped);
   }, 250);
   startTimer();
+  setCompare(params.get("compare") === "1" || (params.get("compare") === null && !!localStorage.getItem("rtd.compare")));
   const first = params.get("source") || localStorage.getItem("rtd.source") || "camera";
   useSource(first === "file" ? "pattern" : first);  // a file needs a click to choose it
-  window.rtdApp = { view, link, input, midi, useSource, post, get status() { return status; } };
+  window.rtdApp = { view, link, input, midi, useSource, post, badge, get status() { return status; } };
 })();

@@ -10,6 +10,7 @@ const RTD = (() => {
   const HEADER = 32;
   const FORMAT = { RGB: 1, RGBA: 2, JPEG: 3 };
   const MAGIC = [0x52, 0x54, 0x44, 0x46];
+  const GRAPH_MS = 5000;
 
   function nowMs() { return performance.timeOrigin + performance.now(); }
 
@@ -47,7 +48,10 @@ const RTD = (() => {
     constructor(canvas) {
       this.canvas = canvas;
       this.ctx = canvas.getContext("2d");
-      this.stats = { shown: 0, lastId: -1, latencyMs: 0, maxLatencyMs: 0, processMs: 0, fps: 0, times: [] };
+      this.stats = { shown: 0, lastId: -1, latencyMs: 0, maxLatencyMs: 0, processMs: 0, fps: 0, times: [],
+                     lastShownAt: 0 };
+      this.history = [];  // {t, gapMs, processMs} of each output shown in the last GRAPH_MS (the frame-time graph)
+      this.onShown = null;  // called with each frame after it is drawn
     }
     async show(frame) {
       const { width, height } = frame;
@@ -71,8 +75,13 @@ const RTD = (() => {
       const now = nowMs(), s = this.stats;
       s.shown += 1; s.lastId = frame.id; s.processMs = frame.processUs / 1000;
       if (frame.ts > 0) { s.latencyMs = now - frame.ts; s.maxLatencyMs = Math.max(s.maxLatencyMs, s.latencyMs); }
+      const gap = s.lastShownAt ? now - s.lastShownAt : 0;
+      s.lastShownAt = now;
       s.times.push(now); if (s.times.length > 30) s.times.shift();
       s.fps = s.times.length > 1 ? 1000 * (s.times.length - 1) / (s.times[s.times.length - 1] - s.times[0]) : 0;
+      this.history.push({ t: now, gapMs: gap, processMs: s.processMs });
+      while (this.history.length && this.history[0].t < now - GRAPH_MS) this.history.shift();
+      if (this.onShown) this.onShown(frame);
     }
   }
 
@@ -119,13 +128,44 @@ const RTD = (() => {
     else if (el.requestFullscreen) el.requestFullscreen().catch((e) => console.warn("fullscreen refused:", e));
   }
 
-  function overlayText(view, status) {
-    const s = view.stats;
-    const lat = s.latencyMs ? `${s.latencyMs.toFixed(0)} ms` : "-";
-    const dropped = status ? (status.dropped_in || 0) + (status.dropped_out || 0) : 0;
-    return `${s.fps.toFixed(1)} fps · latency ${lat} · engine ${s.processMs.toFixed(0)} ms · ` +
-      `dropped ${dropped} · ${status ? status.backend : "?"}`;
+  // Per-second rates from two samples of growing counters: {name: per second}.
+  class Rates {
+    constructor() { this.prev = null; this.rates = {}; }
+    sample(counters) {
+      const now = nowMs();
+      if (this.prev && now - this.prev.t >= 900) {
+        const dt = (now - this.prev.t) / 1000;
+        for (const k of Object.keys(counters)) this.rates[k] = Math.max(0, (counters[k] - (this.prev.c[k] || 0)) / dt);
+        this.prev = { t: now, c: { ...counters } };
+      } else if (!this.prev) this.prev = { t: now, c: { ...counters } };
+      return this.rates;
+    }
   }
 
-  return { FORMAT, HEADER, nowMs, packFrame, parseFrame, FrameView, Link, fullscreen, overlayText };
+  // "skipped" = frames replaced before the engine (or this page) got to them: the newest frame always wins, so a
+  // camera faster than the engine skips frames by design. Shown per second, not as an ever-growing count.
+  function overlayText(view, status, skippedPerS) {
+    const s = view.stats;
+    const lat = s.latencyMs ? `${s.latencyMs.toFixed(0)} ms` : "-";
+    const skipped = skippedPerS === undefined ? "" : ` · skipped ${skippedPerS.toFixed(0)}/s (newest frame wins)`;
+    return `${s.fps.toFixed(1)} fps · latency ${lat} · engine ${s.processMs.toFixed(0)} ms${skipped} · ` +
+      `${status ? status.backend : "?"}`;
+  }
+
+  // The frame-time graph: one bar per output shown in the last 5 s (height = time since the previous one), the
+  // engine's time per frame as a line; the scale (top of the canvas) is written in the corner.
+  function drawGraph(canvas, history) {
+    const ctx = canvas.getContext("2d"), w = canvas.width, h = canvas.height, now = nowMs();
+    ctx.fillStyle = "#0b0b0b"; ctx.fillRect(0, 0, w, h);
+    const top = Math.max(100, ...history.map((p) => Math.max(p.gapMs, p.processMs)));
+    const x = (t) => ((t - (now - GRAPH_MS)) / GRAPH_MS) * w, y = (ms) => h - (ms / top) * (h - 2);
+    ctx.fillStyle = "#4a8";
+    for (const p of history) if (p.gapMs) ctx.fillRect(x(p.t) - 1, y(p.gapMs), 2, h - y(p.gapMs));
+    ctx.strokeStyle = "#fc6"; ctx.beginPath();
+    history.forEach((p, i) => (i ? ctx.lineTo : ctx.moveTo).call(ctx, x(p.t), y(p.processMs)));
+    ctx.stroke();
+    ctx.fillStyle = "#999"; ctx.font = "9px monospace"; ctx.fillText(`${top.toFixed(0)} ms`, 2, 9);
+  }
+
+  return { FORMAT, HEADER, nowMs, packFrame, parseFrame, FrameView, Link, Rates, fullscreen, overlayText, drawGraph };
 })();

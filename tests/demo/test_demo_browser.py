@@ -150,7 +150,7 @@ def test_live_page_with_fake_camera_controls_and_projector_page(browser, demo, a
     # the performance overlay
     overlay = wait_for(lambda: "fps" in d.find_element(By.ID, "overlay").text and
                        d.find_element(By.ID, "overlay").text, 10, "overlay text")
-    assert "latency" in overlay and "eager" in overlay and "dropped" in overlay
+    assert "latency" in overlay and "eager" in overlay and "skipped" in overlay
 
     control_png = d.get_screenshot_as_png()
     keep("control.png", control_png)
