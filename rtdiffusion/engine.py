@@ -36,6 +36,7 @@ from engines.graph import CaptureError, GraphCache
 from . import prepare
 from .backends import build_executor, choose_backend
 from .buffers import FrameBuffers, FrameIO, StreamLayout
+from .conditioning import conditioning_for
 from .config import (Backend, CacheSettings, EngineConfig, FilterSettings, PromptSpec, SchedulerKind, SeedSpec,
                      StreamSettings, VaeKind, apply_updates, parse_device, parse_dtype, parse_enum)
 from .errors import ConfigError, FrameError
@@ -121,7 +122,8 @@ class StreamEngine:
         F, H, W = config.frame_buffer_size, config.height, config.width
         cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if cuda else None
-        self._prompts = PromptEncoder(components.text_encoder, components.tokenizer, self.device, config.dtype)
+        self._prompts = PromptEncoder(components.text, self.device, config.dtype)
+        self._conditioning = conditioning_for(components.unet.config)  # the UNet's added inputs (SDXL)
         self._io = FrameIO.allocate(F, H, W, self.device)
         # pinned host staging for uploads / readback, and for the filter's three dot products
         self._in_host = torch.zeros(F, H, W, 3, dtype=torch.uint8, pin_memory=cuda)
@@ -271,7 +273,7 @@ class StreamEngine:
             st = self._layouts.get(layout)
             fresh = st is None
             if fresh:
-                st = LayoutState(FrameBuffers(layout, self._io), make_guidance(layout.cfg, layout.slots),
+                st = LayoutState(FrameBuffers(layout, self._io, self._conditioning), make_guidance(layout.cfg, layout.slots),
                                  layout.slots > 1)
                 self._layouts[layout] = st
             switched = st is not prev_state
