@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import torch
 
+from .base import unet_added_inputs
 from .cache import CacheEntry, CacheKey, EngineCache, _canon
 from .versions import gpu_capability, library_versions, package_version, weights_fingerprint
 
@@ -54,12 +55,17 @@ class NetworkKind(enum.Enum):
 
 # ---- what gets exported: each network call as a module of tensors in, one tensor out ----------------------
 class UNetCall(torch.nn.Module):
+    """``added``: the UNet's added conditioning in ``engines.base.unet_added_inputs`` order (SDXL)."""
+
     def __init__(self, unet: torch.nn.Module) -> None:
         super().__init__()
         self.net = unet
+        self.added_names = [n for n, _ in unet_added_inputs(unet.config)]
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        return self.net(sample, timestep, encoder_hidden_states=embeds, return_dict=False)[0]
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor,
+                *added: torch.Tensor) -> torch.Tensor:
+        kw = {"added_cond_kwargs": dict(zip(self.added_names, added))} if self.added_names else {}
+        return self.net(sample, timestep, encoder_hidden_states=embeds, return_dict=False, **kw)[0]
 
 
 class EncodeCall(torch.nn.Module):
@@ -299,20 +305,22 @@ class AotiNetworks:
             return AotiNetwork(kind, wrapper.eval(), ctx, fallback=jit(wrapper), **kw)
 
         self._unet = network(NetworkKind.UNET, UNetCall(unet), exportable=StockAttention(unet))
+        self._vae_dtype = next(vae.parameters()).dtype  # SDXL's KL VAE runs in fp32: cast around it
         self._encode = network(NetworkKind.VAE_ENCODER, EncodeCall(vae))
         self._decode = network(NetworkKind.VAE_DECODER, DecodeCall(vae))
 
     @torch.no_grad()
     def encode(self, image: torch.Tensor) -> torch.Tensor:
-        return self._encode(image)
+        return self._encode(image.to(self._vae_dtype)).to(image.dtype)
 
     @torch.no_grad()
-    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        return self._unet(sample, timestep, embeds)
+    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor,
+             *added: torch.Tensor) -> torch.Tensor:
+        return self._unet(sample, timestep, embeds, *added)
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        return self._decode(latent)
+        return self._decode(latent.to(self._vae_dtype)).to(latent.dtype)
 
     def describe(self) -> dict[str, Any]:
         return {"runs": "AOTInductor packages (aoti)", "cache": str(self._unet.ctx.cache.root), **{n.kind.value: n.describe() for n in (self._unet, self._encode, self._decode)}}

@@ -28,6 +28,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from .base import unet_added_inputs
 from .cache import CacheEntry, CacheKey, EngineCache
 from .specs import NetworkSpec, torch_dtype
 from .versions import package_version
@@ -42,14 +43,18 @@ _INLINE_LIMIT = 1 << 30  # above this many bytes of weights, store them in the s
 # ---- adapters: spec-ordered forward() ----------------------------------------------------------------
 
 class UNetAdapter(torch.nn.Module):
-    """forward(sample, timestep, embeds) -> eps, for a diffusers UNet2DConditionModel."""
+    """forward(sample, timestep, embeds, *added) -> eps, for a diffusers UNet2DConditionModel; ``added`` is
+    its added conditioning in ``engines.base.unet_added_inputs`` order (SDXL: text_embeds, time_ids)."""
 
     def __init__(self, unet: torch.nn.Module) -> None:
         super().__init__()
         self.unet = unet
+        self.added_names = [n for n, _ in unet_added_inputs(unet.config)]
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states=embeds, return_dict=False)[0]
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor,
+                *added: torch.Tensor) -> torch.Tensor:
+        kw = {"added_cond_kwargs": dict(zip(self.added_names, added))} if self.added_names else {}
+        return self.unet(sample, timestep, encoder_hidden_states=embeds, return_dict=False, **kw)[0]
 
 
 class VaeEncoderAdapter(torch.nn.Module):
@@ -81,13 +86,17 @@ _ADAPTERS = {"unet": UNetAdapter, "vae_encoder": VaeEncoderAdapter, "vae_decoder
 def export_adapter(spec: NetworkSpec, module: torch.nn.Module) -> torch.nn.Module:
     """A module whose forward takes ``spec.inputs`` in order and returns ``spec.outputs`` in order.
 
-    The standard bindings wrap the diffusers module (UNet, or the VAE for the encoder / decoder). A spec
+    The standard bindings wrap the diffusers module (UNet, or the VAE for the encoder / decoder); a UNet's
+    standard bindings include its added conditioning (SDXL's text_embeds and time_ids). A spec
     with extra bindings (the KV cache) needs ``module`` to be spec-ordered already; mark such a module with
     ``spec_ordered = True`` (any module with that attribute is used as it is).
     """
     if getattr(module, "spec_ordered", False):
         return module
-    if spec.name not in _ADAPTERS or spec.input_names != _STANDARD[spec.name] or len(spec.outputs) != 1:
+    standard = _STANDARD.get(spec.name, [])
+    if spec.name == "unet" and hasattr(module, "config"):
+        standard = standard + [n for n, _ in unet_added_inputs(module.config)]
+    if spec.name not in _ADAPTERS or spec.input_names != standard or len(spec.outputs) != 1:
         raise ValueError(f"spec {spec.name!r} has bindings {spec.input_names} -> {spec.output_names}; "
                          "pass a module with `spec_ordered = True` whose forward takes those inputs in order "
                          "and returns those outputs in order")

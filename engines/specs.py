@@ -13,6 +13,7 @@ The three networks (see ``engines/base.py`` for the call shapes), with B the UNe
 T text tokens, D the text embedding width, h = H / vae_scale and w = W / vae_scale:
 
     unet         sample [B, 4, h, w] dtype, timestep [B] float32, embeds [B, T, D] dtype
+                 (+ added conditioning: SDXL's text_embeds [B, P] dtype, time_ids [B, 6] dtype)
                  (+ extra inputs)                               -> eps [B, 4, h, w] dtype (+ extra outputs)
     vae_encoder  image  [F, 3, H, W] dtype                      -> latent [F, 4, h, w] dtype
     vae_decoder  latent [F, 4, h, w] dtype                      -> image  [F, 3, H, W] dtype
@@ -20,6 +21,10 @@ T text tokens, D the text embedding width, h = H / vae_scale and w = W / vae_sca
 Only B and F are dynamic: resolution is fixed per engine (it is part of the cache key), which lets
 TensorRT pick the best kernels for the one size that runs. B covers every stream batch a user may switch
 between without a rebuild (``unet_batch_range``).
+
+Added conditioning is part of the network, not an extra: ``SpecParams.added`` (from the UNet config, by
+``engines.base.unet_added_inputs``) puts those inputs right after ``embeds``, in the order every backend's
+``unet(sample, timestep, embeds, *added)`` takes them.
 
 Extra bindings: the temporal KV cache adds bank inputs and fresh K/V outputs to the UNet. Pass them as
 ``extra_inputs`` / ``extra_outputs`` (``Binding`` objects, dims may use the same axis names "B", or their
@@ -194,8 +199,12 @@ class NetworkSpec:
             dt = torch_dtype(b.dtype)
             shape = b.shape(sizes)
             if dt.is_floating_point:
-                scale = 999.0 if b.name == "timestep" else 1.0
-                t = torch.rand(shape, generator=gen) * scale if b.name == "timestep" else torch.randn(shape, generator=gen)
+                if b.name == "timestep":
+                    t = torch.rand(shape, generator=gen) * 999.0
+                elif b.name == "time_ids":  # SDXL size / crop ids: whole pixels
+                    t = (torch.rand(shape, generator=gen) * 1024.0).round()
+                else:
+                    t = torch.randn(shape, generator=gen)
                 out.append(t.to(dt).to(device))
             else:
                 out.append(torch.zeros(shape, dtype=dt, device=device))
@@ -235,6 +244,7 @@ class SpecParams:
     frames: VAE batch range (frames per call, F).
     text_len, embed_dim: T and D of the text embeddings (77 and cross_attention_dim for SD).
     dtype: dtype name of every float binding except the timestep (float32).
+    added: the UNet's added conditioning inputs, (name, dims after B) in call order; () for SD 1.5 / 2.1.
     """
 
     width: int
@@ -247,8 +257,10 @@ class SpecParams:
     embed_dim: int = 1024
     dtype: str = "float16"
     opset: int = 17
+    added: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "added", tuple((str(n), tuple(d)) for n, d in self.added))
         if isinstance(self.batch, AxisRange):
             object.__setattr__(self, "batch", (self.batch,))
         object.__setattr__(self, "batch", tuple(self.batch))
@@ -266,7 +278,9 @@ class SpecParams:
     def from_modules(unet: torch.nn.Module, vae: torch.nn.Module, width: int, height: int, *,
                      batch: AxisRange | Sequence[AxisRange], frames: AxisRange = AxisRange(1, 1, 1),
                      dtype: torch.dtype | str | None = None, text_len: int = 77, opset: int = 17) -> "SpecParams":
-        """Read latent channels, embedding width and VAE scale from diffusers modules' configs."""
+        """Read latent channels, embedding width, added conditioning and VAE scale from the modules' configs."""
+        from .base import unet_added_inputs
+
         ucfg, vcfg = unet.config, vae.config
         blocks = vcfg.get("encoder_block_out_channels") or vcfg.get("block_out_channels")
         if dtype is None:
@@ -274,7 +288,8 @@ class SpecParams:
         return SpecParams(width=width, height=height, vae_scale=2 ** (len(blocks) - 1),
                           latent_channels=int(ucfg["in_channels"]), batch=batch, frames=frames,
                           text_len=text_len, embed_dim=int(ucfg["cross_attention_dim"]),
-                          dtype=dtype if isinstance(dtype, str) else dtype_name(dtype), opset=opset)
+                          dtype=dtype if isinstance(dtype, str) else dtype_name(dtype), opset=opset,
+                          added=unet_added_inputs(ucfg))
 
 
 def unet_batch_range(min_steps: int, max_steps: int, frames: int = 1, guidance: str = "self",
@@ -302,7 +317,8 @@ def unet_spec(p: SpecParams, extra_inputs: Sequence[Binding] = (), extra_outputs
         name="unet",
         inputs=(Binding("sample", ("B", c, h, w), p.dtype),
                 Binding("timestep", ("B",), "float32"),
-                Binding("embeds", ("B", p.text_len, p.embed_dim), p.dtype)),
+                Binding("embeds", ("B", p.text_len, p.embed_dim), p.dtype))
+        + tuple(Binding(name, ("B", *dims), p.dtype) for name, dims in p.added),
         outputs=(Binding("eps", ("B", c, h, w), p.dtype),),
         profiles=tuple(_profile({"B": r}) for r in p.batch),
         opset=p.opset,

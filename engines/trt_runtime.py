@@ -244,13 +244,16 @@ class TrtNetworks:
         self._dec = engines["vae_decoder"]
         self.workspace = workspace
         self._extra: tuple[torch.Tensor, ...] = ()
+        # the UNet's added conditioning inputs (SDXL: text_embeds, time_ids), passed to unet() after embeds
+        self.added = [n for n in self._unet.spec.input_names[3:] if n in ("text_embeds", "time_ids")]
         self.paths = {k: e.path for k, e in engines.items()}
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         return self._enc.run(image)[0]
 
-    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        return self._unet.run(sample, timestep, embeds, *self._extra)[0]
+    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor,
+             *added: torch.Tensor) -> torch.Tensor:
+        return self._unet.run(sample, timestep, embeds, *added, *self._extra)[0]
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         return self._dec.run(latent)[0]
@@ -260,10 +263,11 @@ class TrtNetworks:
 
     def bind_extra(self, *tensors: torch.Tensor) -> None:
         """Persistent tensors for the UNet's extra inputs, in spec order (called once, not per frame)."""
-        n = len(self._unet.spec.inputs) - 3
+        first = 3 + len(self.added)  # sample, timestep, embeds, added conditioning (SDXL), then the extras
+        n = len(self._unet.spec.inputs) - first
         if len(tensors) != n:
             raise ValueError(f"the UNet engine has {n} extra inputs "
-                             f"{self._unet.spec.input_names[3:]}; got {len(tensors)} tensors")
+                             f"{self._unet.spec.input_names[first:]}; got {len(tensors)} tensors")
         self._extra = tuple(tensors)
 
     @property

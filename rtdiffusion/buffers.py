@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .conditioning import AddedConditioning, NoAddedConditioning
 from .config import CfgMode
 
 
@@ -68,7 +69,7 @@ class FrameBuffers:
     """All per-layout device state. Constants are rewritten in place by :meth:`write_constants` and
     friends when settings change, so a graph captured against these addresses stays valid."""
 
-    def __init__(self, layout: StreamLayout, io: FrameIO):
+    def __init__(self, layout: StreamLayout, io: FrameIO, conditioning: AddedConditioning = NoAddedConditioning()):
         L, dev, dt = layout, layout.device, layout.dtype
         F, SF, U, B = L.frames, L.stream_rows, L.uncond_rows, L.unet_rows
         lat = (L.latent_h, L.latent_w)
@@ -82,6 +83,11 @@ class FrameBuffers:
         self.x_t = self.unet_in[U:]  # [SF, 4, h, w] view: the stream ring
         self.t_unet = z(B, dtype=torch.float32)  # [B] float32 timesteps (the UNet embeds them in fp32)
         self.embeds = z(B, L.text_tokens, L.text_dim)  # [B, T, D] prompt embeddings per row
+        # the UNet's added conditioning (conditioning.py), passed to nets.unet after embeds: () for SD 1.5 /
+        # 2.1; SDXL: text_embeds [B, P] (written with the prompt), time_ids [B, 6] (written here, once)
+        self.conditioning = conditioning
+        self.added = conditioning.allocate(B, dt, dev)
+        conditioning.write_size(self.added, L.height, L.width)
         self.denoised = z(SF, 4, *lat)  # [SF, 4, h, w]
         self.pred = z(SF, 4, *lat)  # [SF, 4, h, w] guided eps (unused with CFG NONE)
         self.stock = z(SF, 4, *lat)  # [SF, 4, h, w] residual-CFG stock noise

@@ -52,9 +52,10 @@ def denoise(b: FrameBuffers, nets: Networks, guidance: Guidance, ring_shift: boo
             mark: Callable[[str], None] = no_mark) -> None:
     """Stages 3-5 of a frame, from x_t (slot 0 already holds the new frames) to ``denoised`` and the ring."""
     F = b.layout.frames
-    # 3. UNet over the stream batch (plus uncond rows for INITIALIZE / FULL)
+    # 3. UNet over the stream batch (plus uncond rows for INITIALIZE / FULL), with the family's added
+    #    conditioning bundle (b.added: () for SD 1.5 / 2.1; SDXL's text_embeds [B, P], time_ids [B, 6])
     guidance.fill_uncond_rows(b)
-    eps = nets.unet(b.unet_in, b.t_unet, b.embeds)  # [B, 4, h, w]
+    eps = nets.unet(b.unet_in, b.t_unet, b.embeds, *b.added)  # [B, 4, h, w]
     mark("unet")
     guided = guidance.combine(b, eps)  # [SF, 4, h, w]
     # 4. scheduler step: denoised = A * x_t + B * eps   (schedule.py, equations 1-2)

@@ -24,7 +24,7 @@ GiB = 2**30
 
 
 def reserve_bytes(comps: Components, config: EngineConfig, unet_rows: int = 2) -> int:
-    resident = sum(p.numel() * p.element_size() for m in (comps.text_encoder, comps.vae) for p in m.parameters())
+    resident = sum(p.numel() * p.element_size() for m in (comps.text, comps.vae) for p in m.parameters())
     area = config.width * config.height / (512 * 512)
     return int(resident + 0.5 * GiB + 1.0 * GiB * unet_rows * area)
 

@@ -10,6 +10,7 @@ import torch
 
 from .buffers import FrameBuffers
 from .config import CfgMode, SeedSpec, StreamSettings
+from .prompts import TextEmbedding
 from .schedule import SlotConstants
 
 
@@ -60,9 +61,11 @@ def _write_noise_terms(b: FrameBuffers) -> None:
     b.stock_shift[-F:].copy_(b.init_noise[:F])
 
 
-def write_embeds(b: FrameBuffers, cond: torch.Tensor, uncond: torch.Tensor | None) -> None:
-    """cond / uncond: [1, T, D]. Uncond rows (INITIALIZE / FULL) come first, as in unet_in."""
+def write_embeds(b: FrameBuffers, cond: TextEmbedding, uncond: TextEmbedding | None) -> None:
+    """Prompt embeddings [1, T, D] into every row, and the prompt's part of the added conditioning (SDXL's
+    pooled embedding). Uncond rows (INITIALIZE / FULL) come first, as in unet_in."""
     U = b.layout.uncond_rows
-    b.embeds[U:].copy_(cond.expand(b.layout.stream_rows, -1, -1))
+    b.embeds[U:].copy_(cond.embeds.expand(b.layout.stream_rows, -1, -1))
     if U:
-        b.embeds[:U].copy_(uncond.expand(U, -1, -1))
+        b.embeds[:U].copy_(uncond.embeds.expand(U, -1, -1))
+    b.conditioning.write_prompt(b.added, cond, uncond, U)

@@ -1,6 +1,7 @@
 """Prompt encoding with a cache, and prompt blending (linear and slerp).
 
-The text encoder stays resident on the device. Each distinct text is encoded once and kept (LRU), so an
+The text encoder(s) stay resident on the device (SDXL's two as one stack, ``models/text.py``); an SDXL
+prompt's pooled embedding is cached, blended and written along with its token embeddings. Each distinct text is encoded once and kept (LRU), so an
 unchanged prompt costs nothing and switching back to an earlier one costs only a copy.
 """
 
@@ -8,68 +9,87 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 
 from engines.graph import CapturedStep, CaptureError
 
 from .config import PromptBlend, PromptSpec
-from .models.tokenizer import Tokenizer
+from .models.text import TextStack
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class TextEmbedding:
+    """One (blended) prompt's conditioning: what the buffers are written from."""
+
+    embeds: torch.Tensor  # [1, T, D]
+    pooled: torch.Tensor | None = None  # [1, P] (SDXL's pooled, projected embedding), else None
+
+    def map(self, fn) -> "TextEmbedding":
+        return TextEmbedding(fn(self.embeds), None if self.pooled is None else fn(self.pooled))
+
+
 class PromptEncoder:
-    def __init__(self, text_encoder: torch.nn.Module, tokenizer: Tokenizer, device: torch.device,
-                 dtype: torch.dtype, capacity: int = 64):
-        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+    """Encodes prompts with a family's :class:`~rtdiffusion.models.text.TextStack` (one or two encoders,
+    resident on the device), caching each distinct text."""
+
+    def __init__(self, text: TextStack, device: torch.device, dtype: torch.dtype, capacity: int = 64):
+        self.text = text
         self.device, self.dtype, self.capacity = device, dtype, capacity
         self.encodes = 0  # text-encoder calls so far (status: prompt_encodes)
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache: OrderedDict[str, TextEmbedding] = OrderedDict()
         self._graph: CapturedStep | None = None
-        self._ids: torch.Tensor | None = None  # [1, T] int64: the captured encoder's input
+        self._ids: tuple[torch.Tensor, ...] = ()  # one [1, T] int64 per encoder: the captured stack's input
         self.graphed = False
         if device.type == "cuda":
             self._capture()
 
     def _capture(self) -> None:
-        """On CUDA, capture the text encoder once for one prompt: a prompt change then costs one replay
+        """On CUDA, capture the text encoders once for one prompt: a prompt change then costs one replay
         (about 1 ms) instead of hundreds of kernel launches, so it does not stutter the stream."""
-        self._ids = torch.full((1, self.tokens), 0, dtype=torch.long, device=self.device)
+        self._ids = tuple(torch.full((1, self.tokens), 0, dtype=torch.long, device=self.device)
+                          for _ in range(self.text.encoders))
         try:
             with torch.no_grad():
-                self._graph = CapturedStep(lambda: self.text_encoder(self._ids, return_dict=False)[0],
-                                           self.device, name="text encoder")
+                self._graph = CapturedStep(lambda: self.text(*self._ids), self.device, name="text encoder")
             self.graphed = True
         except CaptureError as exc:
             log.warning("text encoder runs eagerly (prompt changes cost more): %s", exc)
 
     @property
     def tokens(self) -> int:
-        return self.tokenizer.max_length
+        return self.text.tokens
 
     @property
     def dim(self) -> int:
-        return int(self.text_encoder.config.hidden_size)
+        return self.text.dim
 
     @torch.no_grad()
-    def encode_texts(self, texts: list[str]) -> list[torch.Tensor]:
-        """[1, T, D] per text; only texts not in the cache reach the text encoder (in one batch)."""
+    def encode_texts(self, texts: list[str]) -> list[TextEmbedding]:
+        """One embedding per text; only texts not in the cache reach the text encoders (in one batch)."""
         found = {t: self._cache[t] for t in texts if t in self._cache}
         missing = [t for t in dict.fromkeys(texts) if t not in found]
         if missing:
-            ids = self.tokenizer(missing).to(self.device)  # [N, T]
+            ids = tuple(i.to(self.device) for i in self.text.tokenize(missing))  # [N, T] per encoder
             if self._graph is not None:
                 out = []
-                for row in ids:
-                    self._ids.copy_(row[None])
+                for n in range(len(missing)):
+                    for dst, src in zip(self._ids, ids):
+                        dst.copy_(src[n:n + 1])
                     self._graph.replay()
-                    out.append(self._graph.output[0].to(self.dtype, copy=True))  # [T, D]
+                    emb, pooled = self._graph.output
+                    out.append(TextEmbedding(emb.to(self.dtype, copy=True),  # [1, T, D]
+                                             None if pooled is None else pooled.to(self.dtype, copy=True)))
             else:
-                out = self.text_encoder(ids, return_dict=False)[0].to(self.dtype)  # [N, T, D]
+                emb, pooled = self.text(*ids)  # [N, T, D], [N, P] or None
+                out = [TextEmbedding(emb[n:n + 1].to(self.dtype), None if pooled is None else
+                                     pooled[n:n + 1].to(self.dtype)) for n in range(len(missing))]
             self.encodes += 1
             for text, emb in zip(missing, out):
-                found[text] = emb.unsqueeze(0)
+                found[text] = emb
         for t in dict.fromkeys(texts):  # most recently used last; evict only after collecting the results
             self._cache[t] = found[t]
             self._cache.move_to_end(t)
@@ -77,8 +97,8 @@ class PromptEncoder:
             self._cache.popitem(last=False)
         return [found[t] for t in texts]
 
-    def embed(self, spec: PromptSpec) -> torch.Tensor:
-        """The (blended) conditional embedding of ``spec``: [1, T, D]."""
+    def embed(self, spec: PromptSpec) -> TextEmbedding:
+        """The (blended) conditional embedding of ``spec`` (embeds [1, T, D], pooled [1, P] or None)."""
         texts = [t for t, _ in spec.parts]
         weights = [w for _, w in spec.parts]
         embs = self.encode_texts(texts)
@@ -86,10 +106,16 @@ class PromptEncoder:
             return embs[0]
         if spec.method is PromptBlend.LINEAR:
             total = sum(weights)
-            return sum(e.float() * (w / total) for e, w in zip(embs, weights)).to(self.dtype)
-        return _slerp_many(embs, weights).to(self.dtype)
+            blend = lambda xs: sum(x.float() * (w / total) for x, w in zip(xs, weights)).to(self.dtype)  # noqa: E731
+        else:
+            blend = lambda xs: _slerp_many(xs, weights).to(self.dtype)  # noqa: E731
+        pooled = None if embs[0].pooled is None else blend([e.pooled for e in embs])
+        return TextEmbedding(blend([e.embeds for e in embs]), pooled)
 
-    def negative(self, spec: PromptSpec) -> torch.Tensor:
+    def negative(self, spec: PromptSpec) -> TextEmbedding:
+        """The uncond embedding; an empty negative prompt is zeros where the family says so (SDXL)."""
+        if not spec.negative and self.text.zero_empty_negative:
+            return self.encode_texts([""])[0].map(torch.zeros_like)
         return self.encode_texts([spec.negative])[0]
 
 

@@ -31,8 +31,9 @@ class CachedAttentionNetworks:
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         return self.nets.encode(image)
 
-    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        eps = self.nets.unet(sample, timestep, embeds)
+    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor,
+             *added: torch.Tensor) -> torch.Tensor:
+        eps = self.nets.unet(sample, timestep, embeds, *added)
         self.cache.write_ring()  # device only: the fresh K/V go into the ring slot chosen between frames
         return eps
 
