@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 SCRIPT_TOPS = ("input_top", "output_top")
 ACTIONS = ("Start", "Stop", "Sendall", "Checkorder")
 LIVE_STATES = {"ready", "streaming", "paused"}
+STOP_GRACE_S = 15.0  # Stop button: time to exit after /stop before terminate (waited on a thread)
+EXIT_GRACE_S = 3.0  # quitting TouchDesigner: it waits this long, then terminates (the rings are gone by then)
 # address -> status parameter
 STATUS = {"/stream-info/state": "State", "/stream-info/fps": "Fps", "/framecount": "Frames",
           "/stream-info/build-stage": "Buildstage", "/server_active": "Active"}
@@ -106,10 +108,10 @@ def start(comp):
 
 
 def stop(comp, wait: bool = False):
-    """/stop, then terminate/kill if the engine does not exit (on a thread unless ``wait``)."""
+    """/stop, then terminate/kill if the engine does not exit (on a thread unless ``wait``: at exit)."""
     osc_out = comp.op("oscout1")
     engine = launcher.stop(comp.path, send_stop=(lambda: controls.stop(osc_out)) if osc_out is not None else None,
-                           wait=wait)
+                           wait=wait, grace_s=EXIT_GRACE_S if wait else STOP_GRACE_S)
     if engine is not None:
         _set(comp, "State", "stopped" if not engine.running() else "stopping")
         _set(comp, "Enginepid", 0)

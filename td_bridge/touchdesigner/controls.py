@@ -3,7 +3,8 @@ sends what.
 
 Each helper takes the OSC Out DAT and calls its documented method ``sendOSC(address, [values])``, e.g.
 ``controls.prompt(op('oscout1'), 'a watercolor city')``. Works as an imported module or pasted into a Text
-DAT named ``controls`` (``op('controls').module.prompt(...)``). Needs only the standard library (no dataclasses: a pasted DAT is not in sys.modules).
+DAT named ``controls`` (``op('controls').module.prompt(...)``). Needs only the standard library (and no
+dataclasses: a pasted DAT's module is not in sys.modules).
 
 ``PARAMETERS`` maps the built component's custom parameters to these messages (see build_component.py);
 ``send_parameter`` is what its Parameter Execute DAT calls on every change.
