@@ -1,10 +1,16 @@
-"""TensorRT engine build from an ONNX file and its ``NetworkSpec`` (TensorRT 10 Python API).
+"""TensorRT engine build from an ONNX file and its ``NetworkSpec`` (TensorRT 10.1+ and 11.x Python API).
 
-    onnx (cache entry) --OnnxParser--> INetworkDefinition
+    onnx (cache entry) --OnnxParser--> INetworkDefinition, strongly typed (``trt_caps``: the
+        STRONGLY_TYPED creation flag on 10.x, always on 11.x)
         + one IOptimizationProfile per spec profile (min/opt/max of every input, from the spec)
-        + IBuilderConfig: fp16 (bf16/fp8/int8 where asked and allowed), builder optimisation level,
-          workspace limit, timing cache, progress monitor
+        + IBuilderConfig: builder optimisation level, workspace limit, timing cache, progress monitor
     --build_serialized_network--> engine.plan (a cache entry of its own)
+
+Precision: no builder precision flags (TensorRT 11 has none; on 10 a strongly typed network rejects them).
+Every tensor's type comes from the ONNX graph: an fp16 export (from fp16 modules) builds fp16 kernels, a bf16
+export bf16 ones, and what the graph keeps in fp32 (the timestep embedding diffusers computes in fp32, casts
+it inserts) stays fp32. FP8 / INT8 come only from Q/DQ nodes in the graph. The dtype is part of the engine's
+cache key (through the ONNX entry's key and digest).
 
 Timing cache: one file per (TensorRT version, GPU capability) under ``<cache root>/timing/``, loaded before
 each build and merged back after it under a lock, so later builds (another resolution, another LoRA) reuse
@@ -13,7 +19,8 @@ the kernel timings and take a fraction of the time.
 Progress: TensorRT reports phases and steps through ``IProgressMonitor``; ``TqdmProgressMonitor`` shows
 one tqdm bar per phase (nested bars for nested phases) on stderr.
 
-Not run in this repository's CI: TensorRT is not installable there. Tested code paths stop at ONNX.
+Not run in this repository: TensorRT is not installable here. Every TensorRT name used is checked against the
+published 10.16 and 11.4 bindings (tests/engines/test_trt_api_names.py); tested code paths stop at ONNX.
 """
 
 from __future__ import annotations
@@ -24,32 +31,24 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .cache import file_lock, write_atomic
 from .specs import NetworkSpec
+from .trt_caps import TensorRTUnavailable, import_tensorrt, probe
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+
+__all__ = ["ENGINE_FILE", "TensorRTUnavailable", "TrtBuildOptions", "build_engine", "check_dtype",
+           "import_tensorrt", "tensorrt_available", "timing_cache_path", "trt_logger"]
 
 log = logging.getLogger(__name__)
 
 ENGINE_FILE = "engine.plan"
 
-
-class TensorRTUnavailable(RuntimeError):
-    """tensorrt is not installed or cannot be imported; the message says how to get it."""
-
-
-def import_tensorrt():
-    """The ``tensorrt`` module, or TensorRTUnavailable with an install hint."""
-    try:
-        import tensorrt as trt  # noqa: PLC0415
-    except Exception as exc:  # noqa: BLE001
-        raise TensorRTUnavailable(
-            f"the TensorRT backend needs the tensorrt package (10.x) and a CUDA GPU; importing it failed "
-            f"({type(exc).__name__}: {exc}). Install it with `pip install 'rtdiffusion[tensorrt]'` on a machine "
-            "with an NVIDIA driver, or use --backend compiled / graph / eager") from exc
-    if int(trt.__version__.split(".")[0]) < 10:
-        raise TensorRTUnavailable(f"TensorRT 10 or later is needed; found {trt.__version__}")
-    return trt
+# Engine dtype -> the oldest GPU with fast kernels for it (the ONNX graph's type is the engine's precision).
+_MIN_SM = {"float16": 53, "bfloat16": 80, "float32": 0}
 
 
 def tensorrt_available() -> bool:
@@ -60,24 +59,28 @@ def tensorrt_available() -> bool:
     return True
 
 
+def check_dtype(dtype: str, capability: str) -> None:
+    """ValueError if engines of ``dtype`` (the ONNX export's type) cannot run well on ``capability``."""
+    if dtype not in _MIN_SM:
+        raise ValueError(f"TensorRT engines are built in float16, bfloat16 or float32 (the ONNX graph's type); "
+                         f"got {dtype!r}")
+    sm = int(capability.removeprefix("sm_")) if capability.startswith("sm_") else 0
+    if sm < _MIN_SM[dtype]:
+        raise ValueError(f"{dtype} engines need compute capability sm_{_MIN_SM[dtype]} or later; this GPU is "
+                         f"{capability}. Use --dtype float16" + ("" if dtype != "float16" else " on a newer GPU"))
+
+
 @dataclass(frozen=True)
 class TrtBuildOptions:
-    """Builder settings. All of them are part of the engine's cache key.
+    """Builder settings. All but ``timing_cache`` are part of the engine's cache key.
 
-    fp16: allow fp16 kernels (the default; about 2x fp32 speed on tensor cores).
-    bf16: allow bf16 kernels (sm_80+). Rarely faster than fp16 for SD.
-    fp8 / int8: allow FP8 (sm_89+) / INT8 kernels. They only matter for an ONNX graph with Q/DQ nodes
-        (a quantised export); plain exports are unaffected. Asking on a GPU without support is an error.
+    There is no precision option: the engine's precision is the ONNX graph's (see the module docstring).
     optimization_level: 0-5, TensorRT's builder optimisation level. 3 is TensorRT's default; 5 searches
         longest (much longer builds, sometimes a few % faster engines); lower builds faster.
     workspace_gb: cap on the builder's scratch memory pool (None: TensorRT's default, the whole GPU).
     timing_cache: reuse and update the persistent timing cache.
     """
 
-    fp16: bool = True
-    bf16: bool = False
-    fp8: bool = False
-    int8: bool = False
     optimization_level: int = 3
     workspace_gb: float | None = None
     timing_cache: bool = True
@@ -90,17 +93,8 @@ class TrtBuildOptions:
 
     def key_fields(self) -> dict[str, Any]:
         """What changes the engine (``timing_cache`` does not)."""
-        return {"fp16": self.fp16, "bf16": self.bf16, "fp8": self.fp8, "int8": self.int8,
-                "optimization_level": self.optimization_level, "workspace_gb": self.workspace_gb}
-
-    def check_gpu(self, capability: str) -> None:
-        """ValueError if a requested precision is not supported by ``capability`` ('sm_90')."""
-        sm = int(capability.removeprefix("sm_")) if capability.startswith("sm_") else 0
-        need = {"fp8": 89, "bf16": 80, "int8": 61, "fp16": 53}
-        for flag, min_sm in need.items():
-            if getattr(self, flag) and sm < min_sm:
-                raise ValueError(f"{flag} needs compute capability sm_{min_sm} or later; this GPU is {capability}. "
-                                 f"Build without --{flag}")
+        return {"network": "strongly_typed", "optimization_level": self.optimization_level,
+                "workspace_gb": self.workspace_gb}
 
 
 class TqdmProgressMonitor:
@@ -194,34 +188,28 @@ def timing_cache_path(cache_root: Path, trt_version: str, capability: str) -> Pa
 def build_engine(onnx_path: str | os.PathLike, spec: NetworkSpec, engine_path: str | os.PathLike,
                  options: TrtBuildOptions, *, timing_cache: str | os.PathLike | None = None,
                  capability: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Build a serialised TensorRT engine for ``spec`` from ``onnx_path`` into ``engine_path``.
+    """Build a serialised, strongly typed TensorRT engine for ``spec`` from ``onnx_path`` into ``engine_path``.
 
     Returns build facts for the cache manifest (seconds, engine bytes, profiles). Raises RuntimeError naming
     the ONNX file and TensorRT's last error when parsing or building fails; never exits.
     """
     trt = import_tensorrt()
+    caps = probe(trt)
     if capability is not None:
-        options.check_gpu(capability)
+        check_dtype(spec.outputs[0].dtype, capability)
     logger = trt_logger(trt)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    network = builder.create_network(caps.network_flags(trt))
     parser = trt.OnnxParser(network, logger)
+    logger.clear()
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors or logger.last_error or 'no message'}")
     got = [network.get_input(i).name for i in range(network.num_inputs)]
     if got != spec.input_names:
         raise RuntimeError(f"{onnx_path} has inputs {got}; spec {spec.name!r} expects {spec.input_names}")
 
-    config = builder.create_builder_config()
-    if options.fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-    if options.bf16:
-        config.set_flag(trt.BuilderFlag.BF16)
-    if options.fp8:
-        config.set_flag(trt.BuilderFlag.FP8)
-    if options.int8:
-        config.set_flag(trt.BuilderFlag.INT8)
+    config = builder.create_builder_config()  # no precision flags: the graph's types decide
     config.builder_optimization_level = options.optimization_level
     if options.workspace_gb is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gb * 2**30))
@@ -237,14 +225,14 @@ def build_engine(onnx_path: str | os.PathLike, spec: NetworkSpec, engine_path: s
         monitor = TqdmProgressMonitor.make(trt, f"TensorRT {spec.name}")
         config.progress_monitor = monitor
 
-    tc_path = Path(timing_cache) if (timing_cache and options.timing_cache) else None
-    blob = tc_path.read_bytes() if tc_path is not None and tc_path.is_file() else b""
-    cache = config.create_timing_cache(blob)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    tc_path = Path(timing_cache) if (timing_cache and options.timing_cache and caps.timing_cache) else None
+    if tc_path is not None:
+        blob = tc_path.read_bytes() if tc_path.is_file() else b""
+        config.set_timing_cache(config.create_timing_cache(blob), ignore_mismatch=False)
 
-    log.info("building TensorRT engine %s from %s (%s, %d profile(s); this takes minutes for a UNet)",
-             spec.name, onnx_path, ", ".join(k for k, v in options.key_fields().items() if v is True) or "fp32",
-             len(spec.profiles))
+    log.info("building strongly typed TensorRT %s engine %s from %s (%s, opt level %d, %d profile(s); this takes "
+             "minutes for a UNet)", caps.version, spec.name, onnx_path, spec.outputs[0].dtype,
+             options.optimization_level, len(spec.profiles))
     t0 = time.monotonic()
     logger.clear()
     serialized = builder.build_serialized_network(network, config)
@@ -255,14 +243,15 @@ def build_engine(onnx_path: str | os.PathLike, spec: NetworkSpec, engine_path: s
     write_atomic(Path(engine_path), memoryview(serialized).tobytes())
 
     if tc_path is not None:
-        _merge_timing_cache(trt, config, tc_path)
+        _merge_timing_cache(config, tc_path)
     log.info("built %s in %.0f s (%.1f MB)", engine_path, seconds, serialized.nbytes / 1e6)
     del monitor
     return {"build_seconds": round(seconds, 1), "engine_bytes": int(serialized.nbytes),
+            "tensorrt": caps.version, "network": "strongly_typed",
             "profiles": [spec.profile_shapes(i) for i in range(len(spec.profiles))]}
 
 
-def _merge_timing_cache(trt, config, path: Path) -> None:
+def _merge_timing_cache(config: trt.IBuilderConfig, path: Path) -> None:
     """Combine this build's timings with what other builders saved meanwhile, then write atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(path.with_suffix(".lock"), "the TensorRT timing cache"):

@@ -22,7 +22,9 @@ after one warm call and replays it; inside a whole-frame capture (the ``graph`` 
 plainly and becomes part of that graph. Asynchronous CUDA faults inside an engine surface at the next
 synchronisation (the readback event), not here: that is the price of no host sync.
 
-Not run in this repository's CI (no TensorRT, no GPU); written against the TensorRT 10 Python API.
+Not run in this repository (no TensorRT, no GPU); written against the TensorRT 10.1+ / 11.x Python API (the
+name-based tensor API, V2 device-memory API), every name checked against the published 10.16 and 11.4
+bindings by tests/engines/test_trt_api_names.py. What the installed TensorRT supports: ``trt_caps``.
 """
 
 from __future__ import annotations
@@ -31,15 +33,19 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
 from .cache import CacheCorrupt, CacheEntry, CacheKey, EngineCache
 from .onnx_export import ONNX_FILE, export_all_to_cache
 from .specs import Binding, NetworkSpec, SpecParams, make_specs, torch_dtype
-from .trt_build import ENGINE_FILE, TrtBuildOptions, build_engine, import_tensorrt, timing_cache_path, trt_logger
+from .trt_build import ENGINE_FILE, TrtBuildOptions, build_engine, check_dtype, timing_cache_path, trt_logger
+from .trt_caps import import_tensorrt
 from .versions import gpu_capability, weights_fingerprint
+
+if TYPE_CHECKING:
+    import tensorrt as trt
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +103,8 @@ class TrtEngine:
             if self.context is None:
                 raise TrtEngineError(f"{self.path}: could not create an execution context: "
                                      f"{self._logger.last_error or 'unknown error'}")
-        self.workspace_bytes = int(getattr(self.engine, "device_memory_size_v2", None)
-                                   or self.engine.device_memory_size) if shared_workspace else 0
+        # V2 size: includes the weight-streaming scratch memory (the V1 size is gone in TensorRT 11)
+        self.workspace_bytes = int(self.engine.device_memory_size_v2) if shared_workspace else 0
         # Outputs at the largest sizes of every profile, bound once.
         self._max = spec.max_sizes()
         self.outputs = {b.name: torch.empty(b.shape(self._max), dtype=torch_dtype(b.dtype), device=device)
@@ -143,11 +149,7 @@ class TrtEngine:
         return out
 
     def set_workspace(self, buffer: torch.Tensor) -> None:
-        ptr, size = buffer.data_ptr(), buffer.numel()
-        if hasattr(self.context, "set_device_memory"):  # TensorRT >= 10.1
-            self.context.set_device_memory(ptr, size)
-        else:  # TensorRT 10.0
-            self.context.device_memory = ptr
+        self.context.set_device_memory(buffer.data_ptr(), buffer.numel())  # V2 API (10.1+, 11)
 
     # ---- per call ------------------------------------------------------------------------------------
     def run(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -221,7 +223,7 @@ class TrtEngine:
         log.debug("%s: bound input %s at 0x%x", self.path.name, b.name, x.data_ptr())
 
 
-def torch_dtype_of(trt, dt) -> torch.dtype:
+def torch_dtype_of(trt, dt: trt.DataType) -> torch.dtype:
     table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT32: torch.int32,
              trt.DataType.INT8: torch.int8, trt.DataType.BOOL: torch.bool, trt.DataType.BF16: torch.bfloat16,
              trt.DataType.INT64: torch.int64, trt.DataType.UINT8: torch.uint8}
@@ -311,7 +313,7 @@ def ensure_trt_engines(unet: torch.nn.Module, vae: torch.nn.Module, params: Spec
     capability = gpu_capability(device)
     if capability == "cpu":
         raise TrtEngineError("building TensorRT engines needs a CUDA device; torch sees none")
-    options.check_gpu(capability)
+    check_dtype(params.dtype, capability)
     extras = extras or UNetExtras()
     specs = make_specs(params, extras.inputs, extras.outputs, extras.axes)
     weights = dict(weights or {})

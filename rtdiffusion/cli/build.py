@@ -49,10 +49,6 @@ def register(subparsers) -> None:
     p.add_argument("--engine-dir", default=None, help="engine cache root (default $RTDIFFUSION_CACHE or "
                    "~/.cache/rtdiffusion/engines)")
     p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimisation level 0-5 (default 3)")
-    p.add_argument("--no-fp16", action="store_true", help="TensorRT: no fp16 kernels")
-    p.add_argument("--bf16", action="store_true", help="TensorRT: allow bf16 kernels (sm_80+)")
-    p.add_argument("--fp8", action="store_true", help="TensorRT: allow FP8 kernels (sm_89+, Q/DQ graphs)")
-    p.add_argument("--int8", action="store_true", help="TensorRT: allow INT8 kernels (Q/DQ graphs)")
     p.add_argument("--workspace-gb", type=float, default=None, help="TensorRT builder workspace cap")
     p.add_argument("--compile-preset", default="default", choices=["default", "fast", "max"],
                    help="backend compiled: Inductor settings, as the engine's --compile-preset")
@@ -106,8 +102,8 @@ def run(args: argparse.Namespace) -> int:
         except TensorRTUnavailable as exc:
             log.error("cannot build TensorRT engines: %s. (`--export-only` exports the ONNX files without it.)", exc)
             return 2
-        options = TrtBuildOptions(fp16=not args.no_fp16, bf16=args.bf16, fp8=args.fp8, int8=args.int8,
-                                  optimization_level=args.opt_level, workspace_gb=args.workspace_gb)
+        # precision is --dtype: the ONNX graph's types (strongly typed engines; no precision flags)
+        options = TrtBuildOptions(optimization_level=args.opt_level, workspace_gb=args.workspace_gb)
     device = parse_device(args.device)
     aoti = args.compile_artifacts == "aoti" or (args.compile_artifacts == "auto" and device.type != "cuda")
     if args.backend == "compiled" and not aoti and device.type != "cuda":

@@ -50,7 +50,12 @@ def collect(engine_dir: str | None = None) -> dict[str, Any]:
     else:
         backends["compiled"] = (bool(cxx), "no CUDA device: AOTInductor packages for the CPU (C++ compiler found)"
                                 if cxx else "needs a C++ compiler (g++) on the CPU")
-    trt_ok, trt_why = _tensorrt_status(versions.get("tensorrt"), cuda)
+    trt_caps = None
+    if versions.get("tensorrt") is not None:
+        from engines.trt_caps import installed_caps
+
+        trt_caps = installed_caps()[0]
+    trt_ok, trt_why = _tensorrt_status(versions.get("tensorrt"), cuda, trt_caps)
     backends["trt"] = (trt_ok, trt_why)
     onnx_ok = versions.get("onnx") is not None and importlib.util.find_spec("onnxscript") is not None
     backends["onnx export"] = (onnx_ok, "onnx and onnxscript found" if onnx_ok else
@@ -64,15 +69,16 @@ def collect(engine_dir: str | None = None) -> dict[str, Any]:
         "versions": versions,
         "python": sys.version.split()[0],
         "backends": {k: {"usable": ok, "why": why} for k, (ok, why) in backends.items()},
+        "tensorrt": trt_caps.describe() if trt_caps is not None else None,  # engines/trt_caps.py
         "engine_cache": {"root": str(cache.root), "entries": len(cache.entries())},
     }
 
 
-def _tensorrt_status(version: str | None, cuda: bool) -> tuple[bool, str]:
+def _tensorrt_status(version: str | None, cuda: bool, caps=None) -> tuple[bool, str]:
     if version is None:
         return False, "tensorrt is not installed (pip install 'rtdiffusion[tensorrt]' on a GPU machine)"
-    if not version.split(".")[0].isdigit() or int(version.split(".")[0]) < 10:
-        return False, f"TensorRT {version} found; 10 or later is needed"
+    if caps is None or caps.problem:
+        return False, caps.problem if caps is not None else f"TensorRT {version} found but not usable"
     if not cuda:
         return False, f"TensorRT {version} found but no CUDA device"
     return True, f"TensorRT {version} and a CUDA device found"
@@ -94,6 +100,11 @@ def format_report(r: dict[str, Any]) -> str:
         if name != "cuda":
             rows.append((name, v or "not installed"))
     rows.append(("engine cache", f"{r['engine_cache']['root']} ({r['engine_cache']['entries']} entries)"))
+    t = r.get("tensorrt")
+    if t:  # what the installed TensorRT supports (engines/trt_caps.py)
+        rows.append(("TensorRT features", f"{t['typing']}; timing cache {'yes' if t['timing_cache'] else 'no'}; "
+                     f"weight streaming {'yes' if t['weight_streaming'] else 'no'}; "
+                     f"refit {'yes' if t['refit'] else 'no'}; precision {t['precision']}"))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     lines.append("")

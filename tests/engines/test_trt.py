@@ -1,7 +1,8 @@
 """TensorRT build and runtime.
 
 Two parts:
-- ``test_real_*``: real engines from the tiny models; need tensorrt 10 and a CUDA device (skipped here).
+- ``test_real_*``: real engines from the tiny models; need tensorrt (10.1+ or 11) and a CUDA device (skipped
+  here).
 - ``test_runtime_*``: the runtime's binding logic (bind once, same outputs, shapes only on change, shared
   workspace, errors naming the file) against a stand-in ``tensorrt`` module, on the CPU. They check our
   bookkeeping, not TensorRT.
@@ -34,7 +35,7 @@ def _cfg(name):
 
 @pytest.mark.tensorrt
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAVE_TRT, reason="needs the tensorrt package (10.x) and a CUDA device")
+@pytest.mark.skipif(not HAVE_TRT, reason="needs the tensorrt package (10.1+ or 11.x) and a CUDA device")
 def test_real_engines_match_torch_and_bind_once(tmp_path):
     from diffusers import AutoencoderTiny, UNet2DConditionModel
 
@@ -123,6 +124,8 @@ class _Context:
 
 
 class _Engine:
+    device_memory_size_v2 = 0  # class attributes, as pybind11 properties are (trt_caps probes the class)
+
     def __init__(self, spec, memory):
         self.spec, self.device_memory_size_v2 = spec, memory
         self.num_io_tensors = len(spec.bindings)
@@ -149,6 +152,8 @@ def _fake_trt(registry):
     trt.TensorIOMode = _Mode
     trt.DataType = _DT
     trt.ExecutionContextAllocationStrategy = types.SimpleNamespace(USER_MANAGED="user", STATIC="static")
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=1)
+    trt.ICudaEngine, trt.IExecutionContext = _Engine, _Context
 
     class ILogger:
         Severity = enum.Enum("Severity", "INTERNAL_ERROR ERROR WARNING INFO VERBOSE")
