@@ -357,3 +357,16 @@ def test_quitting_touchdesigner_stops_the_engine(project, tmp_path, monkeypatch)
         time.sleep(0.02)
     project.exit()  # frame_exec's onExit: /stop, and waits for the process
     assert not engine.running() and engine.proc.returncode == 0
+
+
+def test_touchdesigner_side_needs_only_numpy_and_the_repository():
+    """What TouchDesigner's Python imports (the builder, the DAT scripts' modules) never pulls in torch or the
+    engine: only numpy and td_bridge from the repository root."""
+    import subprocess
+
+    code = ("import sys; from td_bridge.touchdesigner import build_component, component, td_frames, channel_order;"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'rtdiffusion', 'pythonosc', 'demo'));"
+            "print(bad); sys.exit(1 if bad else 0)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
