@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .errors import ConfigError
+from .vocabulary import check_steps, check_strength, spell, strength_of, t_index_for
+
+log = logging.getLogger(__name__)
 
 
 class CfgMode(enum.Enum):
@@ -87,7 +92,7 @@ def parse_enum(kind: type[enum.Enum], value: Any, what: str) -> Any:
             if member.value == value.lower():
                 return member
     allowed = ", ".join(repr(m.value) for m in kind)
-    raise ConfigError(f"{what} must be one of {allowed}; got {value!r}")
+    raise ConfigError(f"{spell(what)} must be one of {allowed}; got {value!r}")
 
 
 _DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -103,9 +108,10 @@ def parse_dtype(value: Any, device: torch.device) -> torch.dtype:
     elif isinstance(value, str) and value.lower() in _DTYPES:
         dtype = _DTYPES[value.lower()]
     else:
-        raise ConfigError(f"dtype must be one of 'auto', 'float16', 'bfloat16', 'float32'; got {value!r}")
+        raise ConfigError(f"{spell('dtype')} must be one of 'auto', 'float16', 'bfloat16', 'float32'; got {value!r}")
     if dtype == torch.float16 and device.type == "cpu":
-        raise ConfigError("dtype 'float16' needs a CUDA device; use 'float32' or 'bfloat16' on the CPU")
+        raise ConfigError(f"{spell('dtype', 'float16')} needs a CUDA device; use {spell('dtype', 'float32')} or "
+                          f"{spell('dtype', 'bfloat16')} on the CPU")
     return dtype
 
 
@@ -115,13 +121,48 @@ def parse_device(value: Any) -> torch.device:
     try:
         device = torch.device(value)
     except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {value!r}") from exc
+        raise ConfigError(f"{spell('device')} must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {value!r}") from exc
     if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {value!r}")
+        raise ConfigError(f"{spell('device')} must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {value!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {value!r} asked for, but torch sees no CUDA device "
-                          f"(torch {torch.__version__}); use device='cpu'")
+        raise ConfigError(f"{spell('device', value)} asked for, but torch sees no CUDA device "
+                          f"(torch {torch.__version__}); use {spell('device', 'cpu')}")
     return device
+
+
+def default_cpu_threads() -> int:
+    """Torch threads for CPU inference when none are asked for: half the cores this process may use, at most 8.
+
+    Torch's own default (every core) oversubscribes a machine that also runs TouchDesigner, a browser or
+    other work: on a busy 2-core machine the eager engine was measured at 0.3 fps with torch's default and
+    14-20 fps with one thread (issue 12). Half the cores leaves room for the rest of the show.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores // 2))
+
+
+def parse_threads(value: Any) -> int | None:
+    """``threads``: None or "auto" (None: the default rule, see :func:`default_cpu_threads`) or 1..1024."""
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1024:
+        raise ConfigError(f"{spell('threads')} must be 'auto' or an integer from 1 to 1024; got {value!r}")
+    return value
+
+
+def set_cpu_threads(device: torch.device, threads: int | None) -> None:
+    """CPU inference: set torch's thread count (process-wide) to ``threads``, or with None to
+    default_cpu_threads() unless the user set OMP_NUM_THREADS (torch follows it already). CUDA: untouched."""
+    if device.type != "cpu" or (threads is None and os.environ.get("OMP_NUM_THREADS")):
+        return
+    n = default_cpu_threads() if threads is None else threads
+    if torch.get_num_threads() != n:
+        log.info("CPU inference on %d torch thread(s)%s", n, "" if threads else " (default: half the cores, "
+                 "at most 8; set threads / --threads to change)")
+        torch.set_num_threads(n)
 
 
 @dataclass(frozen=True)
@@ -158,9 +199,10 @@ class EngineConfig:
         for name in ("width", "height"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 8 or v > 4096 or v % 8:
-                raise ConfigError(f"{name} must be a multiple of 8 between 8 and 4096 pixels; got {v!r}")
+                raise ConfigError(f"{spell(name)} must be a multiple of 8 between 8 and 4096 pixels; got {v!r}")
         if not isinstance(self.frame_buffer_size, int) or not 1 <= self.frame_buffer_size <= 16:
-            raise ConfigError(f"frame_buffer_size must be an integer from 1 to 16; got {self.frame_buffer_size!r}")
+            raise ConfigError(f"{spell('frame_buffer_size')} must be an integer from 1 to 16; "
+                              f"got {self.frame_buffer_size!r}")
         if not isinstance(self.num_inference_steps, int) or not 1 <= self.num_inference_steps <= 1000:
             raise ConfigError(f"num_inference_steps must be an integer from 1 to 1000; got {self.num_inference_steps!r}")
         if not isinstance(self.compile_preset, CompilePreset):
@@ -173,7 +215,7 @@ class EngineConfig:
         if not isinstance(self.kv_max_frames, int) or not 1 <= self.kv_max_frames <= 16:
             raise ConfigError(f"kv_max_frames must be an integer from 1 to 16; got {self.kv_max_frames!r}")
         if self.max_vram_gb is not None and not (_finite(self.max_vram_gb) and self.max_vram_gb > 0):
-            raise ConfigError(f"max_vram_gb must be a positive number of GiB; got {self.max_vram_gb!r}")
+            raise ConfigError(f"{spell('max_vram_gb')} must be a positive number of GiB; got {self.max_vram_gb!r}")
 
 
 @dataclass(frozen=True)
@@ -245,7 +287,7 @@ class FilterSettings:
         if not isinstance(self.enabled, bool):
             raise ConfigError(f"similar_filter must be true or false; got {self.enabled!r}")
         if not (_is_number(self.threshold) and _finite(self.threshold) and 0.0 <= self.threshold <= 1.0):
-            raise ConfigError(f"similar_threshold must be a number from 0 to 1; got {self.threshold!r}")
+            raise ConfigError(f"{spell('similar_threshold')} must be a number from 0 to 1; got {self.threshold!r}")
         if not _is_int(self.max_skip) or not 0 <= self.max_skip <= 1000:
             raise ConfigError(f"similar_max_skip must be an integer from 0 to 1000; got {self.max_skip!r}")
 
@@ -291,21 +333,21 @@ class StreamSettings:
     cache: CacheSettings = field(default_factory=CacheSettings)
 
     def validate(self, num_inference_steps: int) -> "StreamSettings":
-        t = self.t_index_list
+        t, name = self.t_index_list, spell("t_index_list")
         if not isinstance(t, tuple) or not t:
-            raise ConfigError("t_index_list must be a non-empty list of integers; got an empty list")
+            raise ConfigError(f"{name} must be a non-empty list of integers; got an empty list")
         if len(t) > 16:
-            raise ConfigError(f"t_index_list may hold at most 16 steps; got {len(t)}")
+            raise ConfigError(f"{name} may hold at most 16 steps; got {len(t)}")
         for i in t:
             if not _is_int(i) or not 0 <= i < num_inference_steps:
-                raise ConfigError(f"t_index_list entries must be integers from 0 to {num_inference_steps - 1} "
+                raise ConfigError(f"{name} entries must be integers from 0 to {num_inference_steps - 1} "
                                   f"(num_inference_steps={num_inference_steps}); got {list(t)!r}")
         if list(t) != sorted(t) or len(set(t)) != len(t):
-            raise ConfigError(f"t_index_list must be strictly increasing (noisiest step first); got {list(t)!r}")
+            raise ConfigError(f"{name} must be strictly increasing (noisiest step first); got {list(t)!r}")
         if not (_is_number(self.guidance_scale) and _finite(self.guidance_scale) and 0 <= self.guidance_scale <= 30):
-            raise ConfigError(f"guidance_scale must be a number from 0 to 30; got {self.guidance_scale!r}")
+            raise ConfigError(f"{spell('guidance_scale')} must be a number from 0 to 30; got {self.guidance_scale!r}")
         if not (_is_number(self.delta) and _finite(self.delta) and 0 <= self.delta <= 10):
-            raise ConfigError(f"delta must be a number from 0 to 10; got {self.delta!r}")
+            raise ConfigError(f"{spell('delta')} must be a number from 0 to 10; got {self.delta!r}")
         if not isinstance(self.cfg, CfgMode):
             raise ConfigError(f"cfg must be a CfgMode; got {self.cfg!r}")
         return self
@@ -370,9 +412,27 @@ UPDATE_KEYS = {
 
 
 def apply_updates(settings: StreamSettings, num_inference_steps: int, **kw: Any) -> StreamSettings:
-    """Return new settings with ``kw`` applied, or raise ConfigError and change nothing."""
+    """Return new settings with ``kw`` applied, or raise ConfigError and change nothing.
+
+    ``strength`` / ``steps`` (either or both; the other keeps its current value) set ``t_index_list``
+    through :mod:`rtdiffusion.vocabulary`; giving ``t_index_list`` as well is an error.
+    """
+    if kw.get("strength") is not None or kw.get("steps") is not None:
+        if kw.get("t_index_list") is not None:
+            raise ConfigError(f"give either {spell('t_index_list')} or {spell('strength')} / {spell('steps')}, "
+                              "not both")
+        strength, steps = kw.pop("strength", None), kw.pop("steps", None)
+        current = settings.t_index_list
+        strength = strength_of(current, num_inference_steps) if strength is None else \
+            check_strength(strength, spell("strength"))
+        steps = len(current) if steps is None else check_steps(steps, num_inference_steps, spell("steps"))
+        kw["t_index_list"] = t_index_for(strength, steps, num_inference_steps)
+    for key in ("strength", "steps", "t_index_list"):  # None: keep (the API's defaults are None)
+        if kw.get(key, 0) is None:
+            del kw[key]
     for key, value in kw.items():
         if key not in UPDATE_KEYS:
-            raise ConfigError(f"unknown setting {key!r}; expected one of {', '.join(sorted(UPDATE_KEYS))}")
+            raise ConfigError(f"unknown setting {key!r}; expected one of "
+                              f"{', '.join(sorted([*UPDATE_KEYS, 'strength', 'steps']))}")
         settings = UPDATE_KEYS[key](settings, value)
     return settings.validate(num_inference_steps)

@@ -38,7 +38,8 @@ from .backends import build_executor, choose_backend
 from .buffers import FrameBuffers, FrameIO, StreamLayout
 from .conditioning import conditioning_for
 from .config import (Backend, CacheSettings, EngineConfig, FilterSettings, PromptSpec, SchedulerKind, SeedSpec,
-                     StreamSettings, VaeKind, apply_updates, parse_device, parse_dtype, parse_enum)
+                     StreamSettings, VaeKind, apply_updates, parse_device, parse_dtype, parse_enum,
+                     parse_threads, set_cpu_threads)
 from .errors import ConfigError, FrameError
 from .executors import OVERLAP_LATENCY, CapturedFrame, EagerExecutor, LayoutState
 from .guidance import make_guidance
@@ -46,6 +47,7 @@ from .models.loading import Components, load_components
 from .prompts import PromptEncoder
 from .schedule import SlotConstants, slot_constants
 from .temporal import TemporalCache
+from .vocabulary import spell, strength_of
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,8 @@ class StreamEngine:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, model: str, *, width: int | None = None, height: int | None = None,
-                        t_index_list=(32,), cfg: Any = "none", guidance_scale: float = 1.2, delta: float = 1.0,
+                        strength: float | None = None, steps: int | None = None, t_index_list=None,
+                        cfg: Any = "none", guidance_scale: float = 1.2, delta: float = 1.0,
                         device: Any = "auto", dtype: Any = "auto", seed: Any = 2, backend: Any = "auto",
                         vae: Any = "tiny", frame_buffer_size: int = 1, num_inference_steps: int = 50,
                         scheduler: Any = None, prompt: Any = "", negative_prompt: str = "",
@@ -78,12 +81,18 @@ class StreamEngine:
                         model_seed: int = 0, graph_cache_size: int = 4, kv_max_frames: int = 4,
                         cache_enabled: bool = False, cache_maxframes: int = 1,
                         cache_interval: int = 1, compile_preset: str = "default",
-                        compile_artifacts: str = "auto", vae_overlap: bool = False) -> "StreamEngine":
+                        compile_artifacts: str = "auto", threads: int | None = None,
+                        vae_overlap: bool = False) -> "StreamEngine":
         """Load ``model`` (hub id, local diffusers folder, or ``random:sd-turbo|sd15|tiny``) and prepare.
 
         Every argument is checked before the model loads, so a typo fails in milliseconds.
+        strength (0 keeps the input, 1 restyles fully) and steps (denoising steps per frame) are the friendly
+        form of t_index_list (rtdiffusion/vocabulary.py); give one form or the other. Default: strength 0.35,
+        1 step, which is t_index_list [32]. threads: torch threads for CPU inference (None: half the cores,
+        at most 8; process-wide, set here only when the device is the CPU).
         """
         dev = parse_device(device)
+        set_cpu_threads(dev, parse_threads(threads))
         dt = parse_dtype(dtype, dev)
         be = parse_enum(Backend, backend, "backend")
         vk = parse_enum(VaeKind, vae, "vae")
@@ -96,7 +105,8 @@ class StreamEngine:
             prompt=PromptSpec.parse(prompt, prompt_method, negative_prompt), seed=SeedSpec.parse(seed),
             filter=FilterSettings(similar_filter, similar_threshold, similar_max_skip),
             cache=CacheSettings(cache_enabled, cache_maxframes, cache_interval)),
-            num_inference_steps, t_index_list=t_index_list, cfg=cfg, guidance_scale=guidance_scale, delta=delta)
+            num_inference_steps, strength=strength, steps=steps, t_index_list=t_index_list, cfg=cfg,
+            guidance_scale=guidance_scale, delta=delta)
         _check_cache_frames(settings, kv_max_frames)
         low_vram = max_vram_gb is not None and dev.type == "cuda"
         comps = load_components(model, dev, dt, vk, seed=model_seed, vae_id=vae_id, lora=tuple(lora),
@@ -173,7 +183,7 @@ class StreamEngine:
         multiple = self.components.vae_scale_factor * 2 ** (len(unet.config.down_block_types) - 1)
         for name, v in (("width", c.width), ("height", c.height)):
             if v % multiple:
-                raise ConfigError(f"{name} must be a multiple of {multiple} pixels for {c.model}; got {v}")
+                raise ConfigError(f"{spell(name)} must be a multiple of {multiple} pixels for {c.model}; got {v}")
 
     # ------------------------------------------------------------------ properties
     @property
@@ -219,7 +229,8 @@ class StreamEngine:
             self._pending = self._accepted = dataclasses.replace(base, seed=SeedSpec.parse(seed))
 
     def update(self, **kw: Any) -> None:
-        """Change settings: guidance_scale, delta, t_index_list, cfg, similar_filter, similar_threshold,
+        """Change settings: strength and/or steps (or, for experts, t_index_list), guidance_scale, delta,
+        cfg, similar_filter, similar_threshold,
         similar_max_skip, cache_enabled, cache_maxframes, cache_interval, cache_reset, prompt, seed,
         negative_prompt. Validated now; applied at the next frame boundary."""
         with self._lock:
@@ -522,6 +533,7 @@ class StreamEngine:
             "latency_frames": ((len(s.t_index_list) - 1) * self.config.frame_buffer_size
                                + OVERLAP_LATENCY * self.config.vae_overlap),
             "vae_overlap": self.config.vae_overlap,
+            "strength": strength_of(s.t_index_list, self.config.num_inference_steps), "steps": len(s.t_index_list),
             "t_index_list": list(s.t_index_list), "cfg": s.cfg.value, "effective_cfg": s.effective_cfg.value,
             "guidance_scale": s.guidance_scale, "delta": s.delta,
             "prompt": [list(p) for p in s.prompt.parts], "prompt_method": s.prompt.method.value,
@@ -532,6 +544,7 @@ class StreamEngine:
                             "captures": getattr(self._executor, "captures_done", 0)},
             "temporal_cache": self._temporal.describe(), "text_encoder_graphed": self._prompts.graphed,
             "low_vram": self.low_vram, "networks": self._base_nets.describe(),
+            "threads": torch.get_num_threads() if self.device.type == "cpu" else None,
         }
 
 

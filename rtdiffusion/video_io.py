@@ -17,6 +17,44 @@ VIDEO_EXTS = (".mp4", ".mkv", ".mov", ".webm", ".avi", ".m4v")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
+def check_source(spec: str) -> None:
+    """Check ``spec`` the way open_source will read it, without decoding a frame (before the model loads)."""
+    if spec == "synthetic":
+        return
+    if os.path.isdir(spec):
+        if not any(f.lower().endswith(IMAGE_EXTS) for f in os.listdir(spec)):
+            raise ConfigError(f"input folder {spec!r} holds no images ({', '.join(IMAGE_EXTS)})")
+        return
+    if not os.path.exists(spec):
+        raise ConfigError(f"input {spec!r} does not exist; expected 'synthetic', a video file or an image folder")
+    import av
+
+    try:
+        with av.open(spec) as container:
+            if not container.streams.video:
+                raise ConfigError(f"input {spec!r} has no video stream")
+    except av.error.FFmpegError as exc:
+        raise ConfigError(f"input {spec!r} is not a readable video file: {exc}") from exc
+
+
+def check_sink(spec: str) -> None:
+    """Check that FrameSink can write ``spec`` (a video file in an existing, writable folder, or a folder)."""
+    ext = os.path.splitext(spec)[1].lower()
+    if ext in VIDEO_EXTS:
+        parent = os.path.dirname(os.path.abspath(spec))
+        if not os.path.isdir(parent):
+            raise ConfigError(f"output folder {parent!r} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise ConfigError(f"output folder {parent!r} is not writable")
+        if os.path.isdir(spec):
+            raise ConfigError(f"output {spec!r} is a folder; expected a video file name")
+    elif ext == "":
+        if os.path.exists(spec) and not os.path.isdir(spec):
+            raise ConfigError(f"output {spec!r} exists and is not a folder")
+    else:
+        raise ConfigError(f"output {spec!r}: expected a video file ({', '.join(VIDEO_EXTS)}) or a folder")
+
+
 def open_source(spec: str, width: int, height: int, frames: int | None) -> tuple[Iterator[np.ndarray], int | None, float]:
     """(frames, count if known, fps) for ``synthetic``, a video file or an image folder."""
     if spec == "synthetic":

@@ -13,6 +13,8 @@ import logging
 import signal
 import threading
 
+from rtdiffusion.cli.common import add_engine_args, check_engine_args, engine_kwargs
+
 from .bridge import Bridge, BridgeConfig, State
 from .ring import PixelFormat, RowOrder
 
@@ -24,9 +26,6 @@ def register(subparsers) -> None:
         "td", help="TouchDesigner / OSC bridge: shared-memory frame rings and OSC control",
         description="Run the engine behind a shared-memory input ring, an output ring and an OSC port. "
                     "See docs/touchdesigner.md.")
-    p.add_argument("--model", required=True, help="hub id, local folder, or random:tiny|sd-turbo|sd15")
-    p.add_argument("--width", type=int, default=None, help="frame width (default: the model's size)")
-    p.add_argument("--height", type=int, default=None, help="frame height (default: the model's size)")
     p.add_argument("--osc-in-port", type=int, default=8247, help="UDP port for control (0: pick a free one "
                    "and announce it as /stream-info/osc-in-port)")
     p.add_argument("--osc-out-port", type=int, default=8248, help="UDP port status messages are sent to")
@@ -42,20 +41,13 @@ def register(subparsers) -> None:
                         "(the flip then happens on the device, not in TouchDesigner's Python)")
     p.add_argument("--slots", type=int, default=3, help="frames per ring (1-16)")
     p.add_argument("--checksum", action="store_true", help="crc32 every frame (recommended on ARM hosts)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--backend", default="auto")
-    p.add_argument("--t-index-list", type=int, nargs="+", default=None, metavar="T")
-    p.add_argument("--prompt", default="")
-    p.add_argument("--seed", type=int, default=2)
+    add_engine_args(p)
     p.set_defaults(func=run)
 
 
 def config_from_args(args: argparse.Namespace) -> BridgeConfig:
-    opts = {"device": args.device, "dtype": args.dtype, "backend": args.backend, "prompt": args.prompt,
-            "seed": args.seed}
-    if args.t_index_list:
-        opts["t_index_list"] = args.t_index_list
+    opts = engine_kwargs(args)
+    del opts["width"], opts["height"]  # BridgeConfig's own fields
     return BridgeConfig(
         model=args.model, width=args.width, height=args.height, osc_host=args.osc_host, osc_listen=args.osc_listen,
         osc_in_port=args.osc_in_port, osc_out_port=args.osc_out_port, input_name=args.input_name,
@@ -65,7 +57,12 @@ def config_from_args(args: argparse.Namespace) -> BridgeConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    bridge = Bridge(config_from_args(args))
+    config = config_from_args(args)
+    if args.frame_buffer_size != 1:
+        raise ValueError(f"--frame-buffer-size must be 1 for td (the rings carry one frame per step); "
+                         f"got {args.frame_buffer_size}")
+    check_engine_args(args)  # every engine flag, named as a flag, before anything opens or loads
+    bridge = Bridge(config)
 
     def on_term(signum, frame):
         log.info("signal %d: stopping", signum)

@@ -72,8 +72,8 @@ BAD_RUN_ARGS = {
     "frames-0": (["--input", "synthetic", "--output", "o.mp4", "--frames", "0"], ["--frames must be >= 1; got 0"]),
     "cfg-bogus": (["--input", "synthetic", "--output", "o.mp4", "--cfg", "bogus"],
                   ["--cfg: invalid choice: 'bogus'", "'none', 'self', 'initialize', 'full'"]),
-    "t-index-99": (["--input", "synthetic", "--output", "o.mp4", "--t-index", "99"],
-                   ["t_index_list entries must be integers from 0 to 49", "[99]"]),
+    "t-index-99": (["--input", "synthetic", "--output", "o.mp4", "--t-index", "99"],  # the old spelling works
+                   ["--t-index-list entries must be integers from 0 to 49", "[99]"]),
     "missing-input": (["--input", "missing.mp4", "--output", "o.mp4"],
                       ["input 'missing.mp4' does not exist", "expected 'synthetic', a video file or an image folder"]),
     "output-ext": (["--input", "synthetic", "--output", "o.gif", "--frames", "2"],

@@ -34,18 +34,30 @@ def test_build_trt_without_tensorrt_fails_clearly(caplog, tmp_path):
         assert main(["build", "--model", "random:tiny", "--backend", "trt", "--engine-dir", str(tmp_path)]) == 2
     msg = " ".join(r.getMessage() for r in caplog.records)
     assert "tensorrt" in msg and "--export-only" in msg
+    # it suggests only what build accepts: not the run-time backends eager / graph
+    assert "--backend compiled" in msg and "eager" not in msg and "graph" not in msg
 
 
 @pytest.mark.parametrize("argv,expect", [
-    (["--backend", "onnxx"], "--backend must be one of"),
     (["--min-steps", "3", "--max-steps", "2", "--export-only"], "min_steps <= max_steps"),
-    (["--guidance", "double", "--export-only"], "guidance must be one of"),
-    (["--vae", "big", "--export-only"], "--vae must be one of"),
+    (["--guidance", "double", "--export-only"], "--cfg must be one of"),  # the old spelling of --cfg
+    (["--frame-buffer-size", "17", "--export-only"], "--frame-buffer-size must be from 1 to 16; got 17"),
 ])
 def test_build_rejects_bad_flags(caplog, tmp_path, argv, expect):
     with caplog.at_level(logging.ERROR):
         assert main(["build", "--model", "random:tiny", "--engine-dir", str(tmp_path), *argv]) == 2
     assert any(expect in r.getMessage() for r in caplog.records)
+
+
+def test_build_refuses_backends_it_cannot_build(capsys):
+    """build makes trt or compiled engines; the run-time backends are refused by the parser, which names
+    the two it takes."""
+    for flag, bad, allowed in [("--backend", "onnxx", "'trt', 'compiled'"), ("--backend", "eager", "'trt', 'compiled'"),
+                               ("--backend", "graph", "'trt', 'compiled'"), ("--vae", "big", "'tiny', 'kl'")]:
+        with pytest.raises(SystemExit) as exc:
+            main(["build", "--model", "random:tiny", flag, bad])
+        assert exc.value.code == 2
+        assert f"invalid choice: '{bad}' (choose from {allowed})" in capsys.readouterr().err
 
 
 def test_build_export_only_fills_the_cache(tmp_path, caplog):
@@ -59,7 +71,7 @@ def test_build_export_only_fills_the_cache(tmp_path, caplog):
         assert "model.onnx" in m["artifacts"] and m["key"]["backend"] == "onnx"
         assert max(m["extra"]["parity"]["max_abs_diff"].values()) <= m["extra"]["parity"]["atol"]
     unet = json.loads((tmp_path / entries[0] / "manifest.json").read_text())
-    # default --guidance full, as the engine loads its TensorRT UNet: 1 row .. 2 steps x 2 (uncond rows)
+    # default --cfg full, as the engine loads its TensorRT UNet: 1 row .. 2 steps x 2 (uncond rows)
     assert unet["key"]["shapes"]["profiles"] == [{"B": [1, 4, 4]}]
     # a second run finds everything in the cache and builds nothing
     caplog.clear()
@@ -76,5 +88,5 @@ def test_build_defaults_are_the_profile_the_engine_loads():
     from rtdiffusion.cli import build_parser
 
     args = build_parser().parse_args(["build", "--model", "random:tiny"])
-    assert (args.min_steps, args.max_steps, args.guidance) == (TRT_MIN_STEPS, TRT_MAX_STEPS, TRT_GUIDANCE)
-    assert unet_batch_range(args.min_steps, args.max_steps, 1, args.guidance) == unet_batch_range(1, 4, 1, "full")
+    assert (args.min_steps, args.max_steps, args.cfg) == (TRT_MIN_STEPS, TRT_MAX_STEPS, TRT_GUIDANCE)
+    assert unet_batch_range(args.min_steps, args.max_steps, 1, args.cfg) == unet_batch_range(1, 4, 1, "full")

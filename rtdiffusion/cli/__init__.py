@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or a signal a command turned into one (run: SIGTERM too)
+        return 128 + getattr(exc, "signum", 2)
     except (ValueError, OSError, RtDiffusionError) as exc:  # boundary errors: say what was expected, no traceback
         log.error("%s", exc)
         return 2

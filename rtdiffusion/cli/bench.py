@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 
-from .common import add_engine_args, build_engine
+from .common import add_engine_args, add_option, build_engine, check_engine_args
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "memory, as a user's loop would, and prints a per-stage table and "
                                    "end-to-end statistics.")
     add_engine_args(p)
-    p.add_argument("--frames", type=int, default=300, help="timed frames (default 300)")
+    add_option(p, "--frames", default=300, note="timed, after --warmup (default 300)")
     p.add_argument("--warmup", type=int, default=30, help="untimed frames first (default 30)")
     p.add_argument("--prompt-change-every", type=int, default=None, metavar="N",
                    help="also measure the worst frame while the prompt changes every N frames")
@@ -38,6 +38,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--frames must be >= 1 and --warmup >= 0; got {args.frames}, {args.warmup}")
     if args.prompt_change_every is not None and args.prompt_change_every < 1:
         raise ValueError(f"--prompt-change-every must be >= 1; got {args.prompt_change_every}")
+    if args.frame_buffer_size != 1:
+        raise ValueError(f"--frame-buffer-size must be 1 for bench (it times one frame per call); "
+                         f"got {args.frame_buffer_size}")
+    check_engine_args(args)
     engine = build_engine(args)
     result = run_bench(engine, frames=args.frames, warmup=args.warmup,
                        prompt_change_every=args.prompt_change_every, profile=not args.no_profile,

@@ -6,8 +6,8 @@
     rtdiffusion build --model M --backend compiled --compile-artifacts aoti   # AOTInductor packages
     rtdiffusion build --model M --backend compiled      # jit on CUDA: warms Inductor's on-disk caches
 
-The UNet engine covers every stream batch from min-steps x frames to max-steps x frames (x2 with
---guidance full), so switching steps or guidance at run time never needs a rebuild. Everything that
+The UNet engine covers every stream batch from min-steps x F to max-steps x F (F: --frame-buffer-size;
+x2 with --cfg full), so switching --steps or the guidance mode at run time never needs a rebuild. Everything that
 changes an engine (weights, LoRA, size, batch range, dtype, library versions, GPU, build options) is in
 its cache key: see docs/engines.md.
 """
@@ -20,6 +20,8 @@ import os
 from pathlib import Path
 
 from ..backends import TRT_GUIDANCE, TRT_MAX_STEPS, TRT_MIN_STEPS, prepare_cuda_modules
+from ..vocabulary import cli_spelling
+from .common import Deprecated, Renamed, add_option
 
 log = logging.getLogger(__name__)
 
@@ -29,33 +31,37 @@ BACKENDS = ("trt", "compiled")
 def register(subparsers) -> None:
     p = subparsers.add_parser("build", help="build engines ahead of time into the engine cache",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="hub id, local diffusers folder, or random:<arch>")
-    p.add_argument("--backend", default="trt", help=f"one of {', '.join(BACKENDS)} (default trt)")
+    add_option(p, "--model", required=True)
+    add_option(p, "--backend", default="trt", choices=list(BACKENDS),
+               note=f"build makes {' or '.join(BACKENDS)} engines (default trt)")
     p.add_argument("--export-only", action="store_true",
                    help="export the ONNX files into the cache and stop (no GPU or TensorRT needed)")
-    p.add_argument("--width", type=int, default=None, help="pixels, multiple of 8 (default: the model's size)")
-    p.add_argument("--height", type=int, default=None, help="pixels, multiple of 8 (default: the model's size)")
-    p.add_argument("--min-steps", type=int, default=TRT_MIN_STEPS, help="fewest denoising steps the engine "
-                   f"must run (default {TRT_MIN_STEPS}, as the engine loads)")
-    p.add_argument("--max-steps", type=int, default=TRT_MAX_STEPS, help="most denoising steps the engine must "
-                   f"run (default {TRT_MAX_STEPS}, as the engine loads)")
-    p.add_argument("--frames", type=int, default=1, help="frames per UNet call (frame_buffer_size)")
-    p.add_argument("--guidance", default=TRT_GUIDANCE, help="most expensive guidance mode to cover: none, "
-                   f"self, initialize, full (default {TRT_GUIDANCE}, as the engine loads)")
-    p.add_argument("--vae", default="tiny", help="tiny (TAESD) or kl")
+    add_option(p, "--width")
+    add_option(p, "--height")
+    p.add_argument("--min-steps", type=int, default=TRT_MIN_STEPS, metavar="N", help="the fewest --steps the "
+                   f"engine must run (default {TRT_MIN_STEPS}, as the engine loads)")
+    p.add_argument("--max-steps", type=int, default=TRT_MAX_STEPS, metavar="N", help="the most --steps the engine "
+                   f"must run (default {TRT_MAX_STEPS}, as the engine loads)")
+    add_option(p, "--frame-buffer-size")
+    add_option(p, "--cfg", default=TRT_GUIDANCE, note=f"build covers this mode and every cheaper one (default "
+               f"{TRT_GUIDANCE}, as the engine loads)")
+    add_option(p, "--vae")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA to fuse (repeatable)")
-    p.add_argument("--dtype", default="auto", help="auto (float16 on a GPU, float32 on the CPU), float16, float32")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--engine-dir", default=None, help="engine cache root (default $RTDIFFUSION_CACHE or "
-                   "~/.cache/rtdiffusion/engines)")
+    add_option(p, "--dtype")
+    add_option(p, "--device")
+    add_option(p, "--threads")
+    add_option(p, "--engine-dir")
     p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimisation level 0-5 (default 3)")
     p.add_argument("--workspace-gb", type=float, default=None, help="TensorRT builder workspace cap")
-    p.add_argument("--compile-preset", default="default", choices=["default", "fast", "max"],
-                   help="backend compiled: Inductor settings, as the engine's --compile-preset")
-    p.add_argument("--compile-artifacts", default="auto", choices=["auto", "jit", "aoti"],
-                   help="backend compiled: aoti stores AOTInductor packages in the cache (a restart loads "
-                        "them); jit warms Inductor's caches; auto: jit on CUDA, aoti on the CPU")
+    add_option(p, "--compile-preset")
+    add_option(p, "--compile-artifacts")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime parity check of CPU exports")
+    # old spellings: --frames (was frames per call) says where it went; --guidance MODE still works, with a warning
+    p.add_argument("--frames", action=Renamed, nargs="?", help=argparse.SUPPRESS,
+                   message="build has no --frames: frames per UNet call is --frame-buffer-size")
+    p.add_argument("--guidance", action=Deprecated, dest="cfg", help=argparse.SUPPRESS,
+                   message="build --guidance MODE is deprecated: use --cfg MODE (--guidance is the guidance scale, "
+                           "a number, in every other subcommand)")
     p.set_defaults(func=run)
 
 
@@ -84,34 +90,45 @@ def run(args: argparse.Namespace) -> int:
     from engines.specs import AxisRange, SpecParams, make_specs, unet_batch_range
     from engines.versions import lora_identity, weights_fingerprint
 
-    from ..config import VaeKind, parse_device, parse_dtype, parse_enum
+    from ..config import CfgMode, VaeKind, parse_device, parse_dtype, parse_enum, parse_threads, set_cpu_threads
     from ..models.loading import load_components
 
     # ---- validate every flag before any work (boundary) ----
-    if args.backend not in BACKENDS:
-        raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}; got {args.backend!r}")
-    vae_kind = parse_enum(VaeKind, args.vae, "--vae")
-    batch = unet_batch_range(args.min_steps, args.max_steps, args.frames, args.guidance)
-    if not 1 <= args.frames <= 16:
-        raise ValueError(f"--frames must be from 1 to 16; got {args.frames}")
+    with cli_spelling():
+        if args.backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}; got {args.backend!r}")
+        vae_kind = parse_enum(VaeKind, args.vae, "vae")
+        cfg = parse_enum(CfgMode, args.cfg, "cfg")
+        if not 1 <= args.min_steps <= args.max_steps <= 16:
+            raise ValueError(f"--min-steps and --max-steps need 1 <= min_steps <= max_steps <= 16; "
+                             f"got {args.min_steps}, {args.max_steps}")
+        if not 1 <= args.frame_buffer_size <= 16:
+            raise ValueError(f"--frame-buffer-size must be from 1 to 16; got {args.frame_buffer_size}")
+        batch = unet_batch_range(args.min_steps, args.max_steps, args.frame_buffer_size, cfg.value)
+        threads = parse_threads(args.threads)
     if args.backend == "trt" and not args.export_only:
         from engines.trt_build import TensorRTUnavailable, TrtBuildOptions, import_tensorrt
 
         try:
             import_tensorrt()
         except TensorRTUnavailable as exc:
-            log.error("cannot build TensorRT engines: %s. (`--export-only` exports the ONNX files without it.)", exc)
+            why = f"{type(exc.__cause__).__name__}: {exc.__cause__}" if exc.__cause__ else str(exc)
+            log.error("cannot build TensorRT engines here (%s). Install TensorRT 10 with pip install "
+                      "'rtdiffusion[tensorrt]' on a machine with an NVIDIA GPU and driver, or build with "
+                      "--backend compiled; --export-only exports the ONNX files without TensorRT.", why)
             return 2
         # precision is --dtype: the ONNX graph's types (strongly typed engines; no precision flags)
         options = TrtBuildOptions(optimization_level=args.opt_level, workspace_gb=args.workspace_gb)
-    device = parse_device(args.device)
+    with cli_spelling():
+        device = parse_device(args.device)
+        dtype = parse_dtype(args.dtype, device)
+    set_cpu_threads(device, threads)
     aoti = args.compile_artifacts == "aoti" or (args.compile_artifacts == "auto" and device.type != "cuda")
     if args.backend == "compiled" and not aoti and device.type != "cuda":
         raise ValueError("--backend compiled --compile-artifacts jit warms Inductor's caches for a CUDA device; "
                          "torch sees none (use --compile-artifacts aoti, or build on the GPU machine)")
     if args.backend == "trt" and not args.export_only and device.type != "cuda":
         raise ValueError("--backend trt needs a CUDA device; torch sees none")
-    dtype = parse_dtype(args.dtype, device)
     lora = _parse_lora(args.lora)
 
     cache = EngineCache(args.engine_dir)
@@ -119,11 +136,12 @@ def run(args: argparse.Namespace) -> int:
     width = args.width or comps.default_size
     height = args.height or comps.default_size
     params = SpecParams.from_modules(comps.unet, comps.vae, width, height, batch=batch,
-                                     frames=AxisRange(args.frames, args.frames, args.frames), dtype=dtype)
+                                     frames=AxisRange(args.frame_buffer_size, args.frame_buffer_size,
+                                                      args.frame_buffer_size), dtype=dtype)
     lora_ids = lora_identity(lora)
-    log.info("building %s for %s at %dx%d, UNet batch %d..%d (steps %d..%d x %d frame(s), guidance %s), %s, "
+    log.info("building %s for %s at %dx%d, UNet batch %d..%d (steps %d..%d x %d frame(s), cfg %s), %s, "
              "cache %s", "ONNX" if args.export_only else args.backend, args.model, width, height, batch.min,
-             batch.max, args.min_steps, args.max_steps, args.frames, args.guidance, params.dtype, cache.root)
+             batch.max, args.min_steps, args.max_steps, args.frame_buffer_size, cfg.value, params.dtype, cache.root)
     weights = {"unet": weights_fingerprint(comps.unet), "vae": weights_fingerprint(comps.vae)}
 
     if args.export_only:

@@ -1,56 +1,211 @@
-"""Engine options shared by every subcommand that builds an engine (run, bench, td, demo, build)."""
+"""The flags the subcommands share, defined once: one name, one meaning, one help text.
+
+``run``, ``bench``, ``td``, ``demo`` and ``build`` add their options from :data:`OPTIONS` (through
+:func:`add_engine_args` or :func:`add_option`), so ``--strength`` means the same in all of them, and so do
+``--steps``, ``--t-index-list`` (experts), ``--guidance`` (a number), ``--cfg`` (a mode), ``--frames`` (how
+many frames to process), ``--frame-buffer-size`` (frames per UNet call), ``--width``/``--height`` (default:
+the model's own size) and ``--threads``. tests/test_cli_vocabulary.py holds every subcommand to this.
+
+Old spellings stay as hidden aliases: ``--t-index`` (= ``--t-index-list``), ``--frame-buffer``
+(= ``--frame-buffer-size``).
+"""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
+from ..vocabulary import DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_STEPS, cli_spelling
 
-def add_engine_args(p: argparse.ArgumentParser, *, default_model: str | None = None) -> None:
+
+def pixels(text: str) -> int:
+    """--width / --height: a multiple of 8 from 8 to 4096 (leave the flag out for the model's own size)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of pixels; got {text!r}") from None
+    if not 8 <= v <= 4096 or v % 8:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 8 from 8 to 4096 pixels (leave it out for the "
+                                         f"model's own size); got {v}")
+    return v
+
+
+def threads(text: str) -> int | None:
+    """--threads: 'auto' (None) or a count from 1 to 1024."""
+    if text == "auto":
+        return None
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number; got {text!r}") from None
+    if not 1 <= v <= 1024:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or from 1 to 1024; got {v}")
+    return v
+
+
+CFG_MODES = ["none", "self", "initialize", "full"]
+BACKENDS = ["auto", "eager", "graph", "compiled", "trt"]
+
+# flag -> argparse keywords. "help" is the shared meaning; a subcommand may append to it (note=) and may
+# change the default or the choices, never the name, the type or the meaning.
+OPTIONS: dict[str, dict[str, Any]] = {
+    "--model": dict(help="hub id, local diffusers folder, or random:sd-turbo | random:sd15 | random:tiny "
+                         "(random weights: noise-like pictures, for speed tests and demos only)"),
+    "--width": dict(type=pixels, default=None, metavar="PX",
+                    help="frame width in pixels, a multiple of 8 (default: the model's own size)"),
+    "--height": dict(type=pixels, default=None, metavar="PX",
+                     help="frame height in pixels, a multiple of 8 (default: the model's own size)"),
+    "--strength": dict(type=float, default=None, metavar="S",
+                       help=f"0 keeps the input, 1 restyles it fully (default {DEFAULT_STRENGTH}); with --steps, "
+                            "the friendly form of --t-index-list"),
+    "--steps": dict(type=int, default=None, metavar="N",
+                    help=f"denoising steps per frame, 1-{MAX_STEPS} (default {DEFAULT_STEPS}); N steps: better "
+                         "pictures, N x the UNet work, N-1 frames of latency"),
+    "--t-index-list": dict(type=int, nargs="+", default=None, metavar="I",
+                           help="experts, instead of --strength/--steps: the denoising steps as indices into the "
+                                "scheduler's 50 timesteps, noisiest first (e.g. 20 35)"),
+    "--cfg": dict(default="none", choices=CFG_MODES,
+                  help="residual classifier-free guidance mode: none (fastest), self, initialize, full "
+                       "(twice the UNet work) (default none)"),
+    "--guidance": dict(type=float, default=1.2, metavar="SCALE",
+                       help="guidance scale, a number; <= 1 disables guidance (default 1.2)"),
+    "--delta": dict(type=float, default=1.0, help="residual CFG delta (default 1.0)"),
+    "--prompt": dict(default="", help="the prompt (default empty)"),
+    "--negative-prompt": dict(default="", help="the negative prompt (used by --cfg initialize / full)"),
+    "--seed": dict(type=int, default=2, help="noise seed (default 2)"),
+    "--device": dict(default="auto", help="auto | cpu | cuda | cuda:N (default auto: CUDA when torch sees it)"),
+    "--dtype": dict(default="auto", help="auto | float16 | bfloat16 | float32 (default auto: float16 on a GPU, "
+                                         "float32 on the CPU)"),
+    "--backend": dict(default="auto", choices=BACKENDS,
+                      help="how the networks run: eager, graph (CUDA graphs), compiled (Inductor), trt (TensorRT); "
+                           "auto picks the fastest usable one"),
+    "--threads": dict(type=threads, default=None, metavar="N",
+                      help="torch threads for CPU inference, or auto (default auto: half the cores, at most 8, "
+                           "so other programs on the machine do not slow the engine down); ignored on CUDA"),
+    "--compile-preset": dict(default="default", choices=["default", "fast", "max"],
+                             help="backend compiled: Inductor settings (fast/max: frozen weights, longer compile)"),
+    "--compile-artifacts": dict(default="auto", choices=["auto", "jit", "aoti"],
+                                help="backend compiled: torch.compile (jit) or AOTInductor packages kept in the "
+                                     "engine cache, loaded on restart without compiling (aoti); auto: jit on CUDA, "
+                                     "aoti on the CPU"),
+    "--vae": dict(default="tiny", choices=["tiny", "kl"], help="tiny (TAESD, default) or kl (the model's full VAE)"),
+    "--frame-buffer-size": dict(type=int, default=1, metavar="F",
+                                help="frames per UNet call, 1-16: more throughput, F-1 frames more latency "
+                                     "(default 1)"),
+    "--max-vram-gb": dict(type=float, default=None,
+                          help="stream UNet weights from host memory to fit this budget (low-VRAM mode)"),
+    "--similar-filter": dict(type=float, default=None, metavar="THRESHOLD",
+                             help="skip frames more similar than THRESHOLD (0..1) to the last processed one"),
+    "--frames": dict(type=int, metavar="N", help="how many frames to process"),
+    "--engine-dir": dict(default=None, metavar="DIR", help="engine cache root (default $RTDIFFUSION_CACHE or "
+                                                             "~/.cache/rtdiffusion/engines)"),
+}
+# hidden, deprecated spellings -> the flag they stand for
+ALIASES = {"--t-index": "--t-index-list", "--frame-buffer": "--frame-buffer-size"}
+
+ENGINE_OPTIONS = ["--model", "--width", "--height", "--strength", "--steps", "--t-index-list", "--cfg", "--guidance",
+                  "--delta", "--prompt", "--negative-prompt", "--seed", "--device", "--dtype", "--backend",
+                  "--threads", "--compile-preset", "--compile-artifacts", "--vae", "--frame-buffer-size",
+                  "--max-vram-gb", "--similar-filter"]
+
+
+class Renamed(argparse.Action):
+    """A hidden old flag whose meaning moved elsewhere: using it is an error that says where."""
+
+    def __init__(self, option_strings, dest, message: str, **kw):
+        super().__init__(option_strings, dest, **kw)
+        self.message = message
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(self.message)
+
+
+class Deprecated(argparse.Action):
+    """A hidden old spelling that still works, with a warning naming the new one."""
+
+    def __init__(self, option_strings, dest, message: str, **kw):
+        super().__init__(option_strings, dest, **kw)
+        self.message = message
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import logging
+
+        logging.getLogger(__name__).warning("%s", self.message)
+        setattr(namespace, self.dest, values)
+
+
+def add_option(p: argparse.ArgumentParser | argparse._ArgumentGroup, flag: str, *, note: str | None = None,
+               **override: Any) -> argparse.Action:
+    """Add the shared ``flag``; ``override`` may set default, choices or required, ``note`` extends the help."""
+    if set(override) - {"default", "choices", "required"}:
+        raise TypeError(f"{flag}: only default, choices and required may differ between subcommands")
+    kw = {**OPTIONS[flag], **override}
+    if note:
+        kw["help"] = f"{kw['help']}; {note}"
+    action = p.add_argument(flag, **kw)
+    for alias, target in ALIASES.items():
+        if target == flag:
+            hidden = {k: v for k, v in kw.items() if k not in ("help", "required")}
+            p.add_argument(alias, dest=action.dest, help=argparse.SUPPRESS, **hidden)
+    return action
+
+
+def add_engine_args(p: argparse.ArgumentParser, *, skip: tuple[str, ...] = (), **overrides: dict[str, Any]) -> None:
+    """Every engine option (less ``skip``) in an "engine" group. ``overrides``: flag name without dashes
+    and with underscores (e.g. ``model``) -> keywords for :func:`add_option`."""
     g = p.add_argument_group("engine")
-    g.add_argument("--model", required=default_model is None, default=default_model,
-                   help="hub id, local diffusers folder, or random:sd-turbo | random:sd15 | random:tiny "
-                        "(random weights: noise-like pictures, for speed tests and demos only)")
-    g.add_argument("--width", type=int, default=None, help="pixels (default: the model's own size)")
-    g.add_argument("--height", type=int, default=None, help="pixels (default: the model's own size)")
-    g.add_argument("--t-index", type=int, nargs="+", default=[32], metavar="I",
-                   help="denoising steps as indices into 50 timesteps, noisiest first (default: 32)")
-    g.add_argument("--cfg", default="none", choices=["none", "self", "initialize", "full"],
-                   help="residual classifier-free guidance mode (default: none)")
-    g.add_argument("--guidance", type=float, default=1.2, help="guidance scale; <= 1 disables guidance")
-    g.add_argument("--delta", type=float, default=1.0, help="RCFG delta")
-    g.add_argument("--prompt", default="", help="the prompt")
-    g.add_argument("--negative-prompt", default="", help="the negative prompt (cfg initialize / full)")
-    g.add_argument("--seed", type=int, default=2)
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--dtype", default="auto", help="auto | float16 | bfloat16 | float32")
-    g.add_argument("--backend", default="auto", choices=["auto", "eager", "graph", "compiled", "trt"])
-    g.add_argument("--compile-preset", default="default", choices=["default", "fast", "max"],
-                   help="backend compiled: Inductor settings (fast/max: frozen weights, longer compile)")
-    g.add_argument("--compile-artifacts", default="auto", choices=["auto", "jit", "aoti"],
-                   help="backend compiled: torch.compile (jit) or AOTInductor packages kept in the engine "
-                        "cache, loaded on restart without compiling (aoti); auto: jit on CUDA, aoti on the CPU")
-    g.add_argument("--vae", default="tiny", choices=["tiny", "kl"], help="TAESD (default) or the full KL VAE")
-    g.add_argument("--frame-buffer", type=int, default=1, help="frames per UNet call")
-    g.add_argument("--max-vram-gb", type=float, default=None,
-                   help="stream UNet weights from host memory to fit this budget (low-VRAM mode)")
-    g.add_argument("--similar-filter", type=float, default=None, metavar="THRESHOLD",
-                   help="skip frames more similar than THRESHOLD (0..1) to the last processed one")
+    for flag in ENGINE_OPTIONS:
+        if flag in skip:
+            continue
+        kw = overrides.get(flag.lstrip("-").replace("-", "_"), {})
+        if flag == "--model":
+            kw = {"required": True, **kw}
+        add_option(g, flag, **kw)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kw = dict(width=args.width, height=args.height, t_index_list=args.t_index, cfg=args.cfg,
-              guidance_scale=args.guidance, delta=args.delta, prompt=args.prompt,
-              negative_prompt=args.negative_prompt, seed=args.seed, device=args.device, dtype=args.dtype,
-              backend=args.backend, vae=args.vae, frame_buffer_size=args.frame_buffer,
+    """StreamEngine.from_pretrained keywords from the parsed engine options."""
+    kw = dict(width=args.width, height=args.height, strength=args.strength, steps=args.steps,
+              t_index_list=args.t_index_list, cfg=args.cfg, guidance_scale=args.guidance, delta=args.delta,
+              prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, device=args.device,
+              dtype=args.dtype, backend=args.backend, vae=args.vae, frame_buffer_size=args.frame_buffer_size,
               max_vram_gb=args.max_vram_gb, compile_preset=args.compile_preset,
-              compile_artifacts=args.compile_artifacts)
+              compile_artifacts=args.compile_artifacts, threads=args.threads)
     if args.similar_filter is not None:
         kw.update(similar_filter=True, similar_threshold=args.similar_filter)
     return kw
 
 
+def check_engine_args(args: argparse.Namespace) -> None:
+    """Check every engine option before anything loads or opens, with errors that name the flags."""
+    from ..backends import choose_backend, tensorrt_available
+    from ..config import (Backend, EngineConfig, FilterSettings, StreamSettings, VaeKind, apply_updates,
+                          parse_device, parse_dtype, parse_enum)
+    from ..errors import ConfigError
+
+    with cli_spelling():
+        dev = parse_device(args.device)
+        dt = parse_dtype(args.dtype, dev)
+        config = EngineConfig(args.model, args.width or 512, args.height or 512, dev, dt,
+                              parse_enum(Backend, args.backend, "backend"), parse_enum(VaeKind, args.vae, "vae"),
+                              args.frame_buffer_size, max_vram_gb=args.max_vram_gb,
+                              compile_preset=args.compile_preset, compile_artifacts=args.compile_artifacts)
+        if config.backend in (Backend.GRAPH, Backend.TRT) and dev.type != "cuda":
+            raise ConfigError(f"--backend {args.backend} needs a CUDA device; torch sees none. Use --backend eager, "
+                              "compiled or auto on the CPU")
+        if config.backend is Backend.TRT and not tensorrt_available():
+            raise ConfigError("--backend trt needs the tensorrt package (pip install 'rtdiffusion[tensorrt]'); "
+                              "use --backend graph or compiled without it")
+        choose_backend(config)
+        threshold = 0.98 if args.similar_filter is None else args.similar_filter
+        apply_updates(StreamSettings(filter=FilterSettings(args.similar_filter is not None, threshold)),
+                      config.num_inference_steps, strength=args.strength, steps=args.steps,
+                      t_index_list=args.t_index_list, cfg=args.cfg, guidance_scale=args.guidance, delta=args.delta)
+
+
 def build_engine(args: argparse.Namespace):
+    """The engine for the parsed options; errors while it is built name the flags."""
     from ..engine import StreamEngine
 
-    return StreamEngine.from_pretrained(args.model, **engine_kwargs(args))
+    with cli_spelling():
+        return StreamEngine.from_pretrained(args.model, **engine_kwargs(args))

@@ -17,13 +17,16 @@ import shutil
 import sys
 from typing import Any
 
+from .common import add_option
+
 log = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("doctor", help="report GPU, driver, library versions and usable backends")
+    p = subparsers.add_parser("doctor", help="report GPU, driver, library versions and usable backends",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("--engine-dir", default=None, help="engine cache root to report on")
+    add_option(p, "--engine-dir", note="the one to report on")
     p.set_defaults(func=run)
 
 
