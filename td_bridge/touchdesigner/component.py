@@ -80,6 +80,24 @@ def force_cook(comp) -> None:
             top.cook(force=True)
 
 
+def watch_engine(comp) -> None:
+    """Show an engine that exited by itself (bad model, crash): State 'exited', its exit code and last
+    output line in Error. One poll() a frame (a non-blocking waitpid), acted on once."""
+    engine = launcher.get(comp.path)
+    if engine is None or engine.exit_reported:
+        return
+    code = engine.proc.poll()
+    if code is None:
+        return
+    engine.exit_reported = True
+    if not engine.stop_requested and code != 0:  # not a Stop we asked for
+        _set(comp, "State", "exited")
+        _set(comp, "Error", f"the engine exited with code {code}: {engine.last_log_line()} "
+                            f"(log: {engine.log_file})")
+    _set(comp, "Enginepid", 0)
+    _set(comp, "Active", False)
+
+
 # --------------------------------------------------------------------------------------------- launcher
 def settings(comp) -> launcher.LaunchSettings:
     p = comp.par

@@ -6,6 +6,7 @@
 #                       inputs, cooks once and shows a frozen frame, and the input TOP, a sink, cooks only
 #                       while its viewer is visible (never in Perform mode or inside a closed component).
 #                       (On TouchDesigner 2025+ the Script TOPs also ask for CookLevel.ALWAYS.)
+#                       It also notices an engine process that exited by itself (State "exited", Error).
 #   onExit:             stop the engine process (OSC /stop, then terminate) when TouchDesigner quits.
 import sys
 
@@ -51,4 +52,5 @@ def onFrameStart(frame):
     component, comp = _component()
     if component is not None:
         component.force_cook(comp)
+        component.watch_engine(comp)  # an engine that exited by itself shows in State and Error
     return

@@ -14,6 +14,8 @@ from td_bridge.touchdesigner.td_frames import InputSender
 
 _sender = InputSender()
 _blank = np.zeros((1, 1, 4), np.uint8)
+_sent_frame = [None]  # absTime.frame of the last send: a forced cook plus a CookLevel.ALWAYS cook in one
+# frame must not send the same picture twice
 
 
 def onSetupParameters(scriptOp):
@@ -33,14 +35,23 @@ def onPulse(par):
     return
 
 
+def _frame_number():
+    try:
+        return absTime.frame  # noqa: F821 - TouchDesigner's absolute frame count
+    except NameError:  # outside TouchDesigner
+        return None
+
+
 def onCook(scriptOp):
     name = scriptOp.par.Ringname.eval() if hasattr(scriptOp.par, "Ringname") else ""
     delayed = bool(scriptOp.par.Delayed.eval()) if hasattr(scriptOp.par, "Delayed") else True
     swap = bool(scriptOp.par.Swaprb.eval()) if hasattr(scriptOp.par, "Swaprb") else False
-    if scriptOp.inputs:
+    now = _frame_number()
+    if scriptOp.inputs and (now is None or now != _sent_frame[0]):
         frame = scriptOp.inputs[0].numpyArray(delayed=delayed)  # [H, W, 4] float32 0..1, bottom row first
         if frame is not None:  # delayed=True gives None on the very first frame
             _sender.send(name, as_rgb_view(frame, swap))
+            _sent_frame[0] = now
     scriptOp.copyNumpyArray(_blank)  # this TOP is only a sink; show a 1x1 pixel
     if _sender.error:
         scriptOp.addWarning(_sender.error)

@@ -118,6 +118,8 @@ class EngineProcess:
     proc: subprocess.Popen
     command: list[str]
     log_file: str
+    exit_reported: bool = False  # the component has shown that it exited
+    stop_requested: bool = False  # stop() was called: an exit is expected, not an error
     _stopping: threading.Thread | None = field(default=None, repr=False)
 
     @property
@@ -131,6 +133,7 @@ class EngineProcess:
              kill_after_s: float = 5.0) -> None:
         if not self.running():
             return
+        self.stop_requested = True
         if send_stop is not None:
             try:
                 send_stop()
@@ -156,6 +159,16 @@ class EngineProcess:
             log.warning("engine %d ignored terminate; killing it", self.pid)
             self.proc.kill()
             self.proc.wait()
+
+    def last_log_line(self) -> str:
+        """The engine's last non-empty output line (usually the reason it exited), at most 300 characters."""
+        try:
+            with open(self.log_file, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+                lines = [ln.strip() for ln in f.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+        except OSError:
+            return ""
+        return lines[-1][:300] if lines else ""
 
     def wait_stopped(self, timeout: float) -> bool:
         """Block until a ``stop(wait=False)`` has finished (for tests and exit)."""

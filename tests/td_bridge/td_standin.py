@@ -154,7 +154,8 @@ class Par:
         self.owner._check()
         if self.mode is ParMode.EXPRESSION:
             o = self.owner
-            ns = {"me": o, "parent": o.parent, "op": o.parent().op if o.isCOMP else o.op, "absTime": None}
+            ns = {"me": o, "parent": o.parent, "op": o.parent().op if o.isCOMP else o.op,
+                  "absTime": o.project.absTime}
             value = self._coerce(eval(self._expr, ns))
         else:
             value = self._val
@@ -645,7 +646,7 @@ class DAT(OP):
         self.__dict__.update(_text=str(value), _mod=None)
 
     def _globals(self):
-        g = {"me": self, "op": self.op, "parent": self.parent, "ParMode": ParMode, "absTime": None}
+        g = {"me": self, "op": self.op, "parent": self.parent, "ParMode": ParMode, "absTime": self.project.absTime}
         if self.project.build >= 2025:
             g["CookLevel"] = CookLevel
         return g
@@ -782,11 +783,26 @@ OPTYPES = {c.OPTYPE: c for c in (baseCOMP, inTOP, outTOP, nullTOP, constantTOP, 
 
 
 # -------------------------------------------------------------------------------------------------- project
+class _AbsTime:
+    """``absTime``: ``frame`` counts the frames since the process started."""
+
+    def __init__(self, project):
+        self._project = project
+
+    @property
+    def frame(self):
+        return self._project.frames
+
+    @property
+    def seconds(self):
+        return self._project.frames / 60.0
+
 class Project:
     """One TouchDesigner process with /project1. ``build``: 2023 (no cook levels) or 2025 (CookLevel)."""
 
     def __init__(self, build=2023, numpy_order="RGBA"):
         self.build, self.numpy_order, self.frames = build, numpy_order, 0
+        self.absTime = _AbsTime(self)
         self.root = COMP(self, None, "")
         self.root.__dict__["_name"] = ""
         self.project1 = self.root.create("baseCOMP", "project1")

@@ -280,6 +280,10 @@ s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind(("127.0.0.1", int(argv[argv.index("--osc-in-port") + 1])))
 with open(os.environ["STUB_OUT"], "w") as f:
     json.dump({"argv": argv, "pythonpath": os.environ.get("PYTHONPATH"), "home": os.environ.get("PYTHONHOME")}, f)
+if os.environ.get("STUB_EXIT"):
+    print("loading the model", flush=True)
+    print("error: --model 'nope' is not a hub id, a folder or random:<arch>", flush=True)
+    sys.exit(2)
 while True:
     for m in OscPacket(s.recv(65536)).messages:
         if m.message.address == "/stop" and not os.environ.get("STUB_STUBBORN"):
@@ -287,7 +291,7 @@ while True:
 '''
 
 
-def make_python(tmp_path, monkeypatch, stubborn=False):
+def make_python(tmp_path, monkeypatch, stubborn=False, exits=False):
     """An executable named 'python' that runs a stand-in engine: it records its arguments and environment,
     listens on the control port, and exits on /stop (or, stubborn, ignores /stop and SIGTERM)."""
     (tmp_path / "stub.py").write_text(STUB)
@@ -298,6 +302,8 @@ def make_python(tmp_path, monkeypatch, stubborn=False):
     monkeypatch.setenv("PYTHONHOME", "/Applications/TouchDesigner.app/Contents/Frameworks/Python")
     if stubborn:
         monkeypatch.setenv("STUB_STUBBORN", "1")
+    if exits:
+        monkeypatch.setenv("STUB_EXIT", "1")
     return py
 
 
@@ -370,3 +376,28 @@ def test_touchdesigner_side_needs_only_numpy_and_the_repository():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.skipif(os.name == "nt", reason="the stand-in python is a shell script")
+def test_an_engine_that_exits_by_itself_shows_why(project, tmp_path, monkeypatch):
+    comp = build(project.project1, python=str(make_python(tmp_path, monkeypatch, exits=True)), model="nope")
+    comp.par.Controlport = td.free_udp_port()
+    project.start()
+    comp.par.Start.pulse()
+    frames_until(project, lambda: comp.par.State.eval() == "exited", what="the exit shown")
+    err = comp.par.Error.eval()
+    assert "exited with code 2" in err and "--model 'nope' is not a hub id" in err and "log:" in err
+    assert comp.par.Enginepid.eval() == 0
+
+
+def test_two_cooks_in_one_frame_send_the_picture_once(shm_name):
+    project = td.Project(build=2025)
+    comp = build(project.project1)
+    comp.par.Width, comp.par.Height = 8, 8
+    with RingReader.create(shm_name, RingLayout(8, 8, PixelFormat.RGBA8, RowOrder.BOTTOM_UP)) as bridge_in:
+        comp.op("input_top").par.Ringname = bridge_in.name
+        for _ in range(4):
+            project.frame()
+            comp.op("input_top").cook(force=True)  # e.g. a second force-cook, or ALWAYS plus a forced cook
+        assert bridge_in.published == 4  # one send a frame, never two (frame 1's from its second cook)
+    project.exit()
