@@ -195,8 +195,19 @@
   const showRange = (el) => { const out = el.parentElement.querySelector("output"); if (out) out.textContent = Number(el.value).toFixed(2); };
   for (const el of document.querySelectorAll("input[type=range]")) { el.addEventListener("input", () => showRange(el)); showRange(el); }
 
-  const playback = { paused: false, frozen: false };
-  const setPlayback = (change) => post("/api/playback", change);
+  // Pause and Freeze toggle the page's own state at once (a second press before the server's reply still
+  // toggles back); the server's state wins again 1.5 s after the last press.
+  const playback = { paused: false, frozen: false, localAt: -1e9 };
+  function setPlayback(change) {
+    if (playback.paused && change.paused === false) input.firstSentAt = RTD.nowMs();  // resumed: late counts from now
+    Object.assign(playback, change, { localAt: performance.now() });
+    showPlayback();
+    post("/api/playback", change, "POST", (c) => { playback.paused = c.paused; playback.frozen = c.frozen; showPlayback(); });
+  }
+  function showPlayback() {
+    $("pause").classList.toggle("on", playback.paused); $("freeze").classList.toggle("on", playback.frozen);
+    $("pause").textContent = playback.paused ? "Resume" : "Pause";
+  }
   const togglePause = () => setPlayback({ paused: !playback.paused });
   const toggleFreeze = () => setPlayback({ frozen: !playback.frozen });
   const togglePanel = () => document.body.classList.toggle("panel-hidden");
@@ -232,10 +243,10 @@
   // The server's view of the controls wins, except right after a local edit or while a field has focus.
   function syncControls(c, force) {
     if (!c) return;
-    if (playback.paused && !c.paused) input.firstSentAt = RTD.nowMs();  // resumed: late counts from now
-    playback.paused = c.paused; playback.frozen = c.frozen;
-    $("pause").classList.toggle("on", c.paused); $("freeze").classList.toggle("on", c.frozen);
-    $("pause").textContent = c.paused ? "Resume" : "Pause";
+    if (force || performance.now() - playback.localAt > 1500) {
+      if (playback.paused && !c.paused) input.firstSentAt = RTD.nowMs();  // resumed: late counts from now
+      playback.paused = c.paused; playback.frozen = c.frozen; showPlayback();
+    }
     if (!force && performance.now() - lastLocalEdit < 1500) return;
     const set = (id, v) => { const el = $(id); if (document.activeElement === el || v === undefined) return;
       if (el.type === "checkbox") el.checked = v; else el.value = v; };
@@ -304,23 +315,29 @@
 
   // ---- the badge: an honest state, never "live" while frames are late ---------------------------------------
   // live: outputs arrive at the engine's own pace · slow: late, but the engine is working on a frame (busy_ms) ·
-  // stalled: late and the engine is idle (or failing) · paused · waiting for input · connecting / disconnected.
+  // stalled: late and the engine is idle (or failing) · paused · waiting for input / for the first frame ·
+  // connecting / disconnected.
   function badge() {
-    if (!link.open) return ["badge", link.ws && link.ws.readyState === WebSocket.CONNECTING ? "connecting" : "disconnected"];
+    if (!link.open) {
+      const connecting = link.ws && link.ws.readyState === WebSocket.CONNECTING;
+      return connecting ? ["connecting", "connecting"] : ["stalled", "disconnected"];
+    }
     if (playback.paused) return ["paused", "paused"];
-    if (!input.sent) return ["badge", "waiting for input"];
+    if (!input.sent) return ["waiting", "waiting for input"];
     const now = RTD.nowMs(), s = view.stats, last = Math.max(s.lastShownAt, input.firstSentAt);
     const pace = Math.max(2000, 3 * (s.fps > 0 ? 1000 / s.fps : 0), 2 * s.processMs + 1000);
     const age = now - last, secs = (ms) => `${(ms / 1000).toFixed(0)} s`;
-    if (age < pace) return ["live", `live ${s.fps.toFixed(1)} fps`];
+    if (age < pace) return s.shown ? ["live", `live ${s.fps.toFixed(1)} fps`] : ["starting", "waiting for the first frame"];
     if (status && status.busy_ms > 0) return ["slow", `slow · engine ${secs(status.busy_ms)} on ${s.shown ? "this" : "the first"} frame`];
     if (status && status.last_error && status.errors > 0) return ["error", "stalled · engine errors"];
     return ["stalled", `stalled · no output for ${secs(age)}`];
   }
 
   // ---- overlay, graph, rates and start ----------------------------------------------------------------------
+  const badgeLog = [];  // each change of state with its first text (the console and the browser test read it)
   setInterval(() => {
     const [cls, text] = badge();
+    if (!$("conn").classList.contains(cls)) { badgeLog.push(`${cls}: ${text}`); if (badgeLog.length > 50) badgeLog.shift(); }
     $("conn").className = `badge ${cls}`; $("conn").textContent = text;
     const r = rates.rates;
     if (r.in !== undefined) $("rates").textContent = `in ${r.in.toFixed(0)}/s · out ${r.out.toFixed(1)}/s · skipped ${r.skipped.toFixed(0)}/s`;
@@ -331,5 +348,5 @@
   setCompare(params.get("compare") === "1" || (params.get("compare") === null && !!localStorage.getItem("rtd.compare")));
   const first = params.get("source") || localStorage.getItem("rtd.source") || "camera";
   useSource(first === "file" ? "pattern" : first);  // a file needs a click to choose it
-  window.rtdApp = { view, link, input, midi, useSource, post, badge, get status() { return status; } };
+  window.rtdApp = { view, link, input, midi, useSource, post, badge, badgeLog, get status() { return status; } };
 })();
