@@ -289,6 +289,19 @@ def trt_cache_key(spec: NetworkSpec, onnx_entry: CacheEntry, options: TrtBuildOp
                     options={**options.key_fields(), "onnx_digest": onnx_entry.manifest["digest"]})
 
 
+def check_module_dtypes(params: SpecParams, **modules: torch.nn.Module) -> None:
+    """ValueError unless every module's weights are in the engine dtype: strongly typed engines run in the
+    exported graph's types, so an fp16 engine is exported from fp16 modules (and an fp32 module cannot
+    feed an fp16 spec; the export would fail later, less clearly)."""
+    want = torch_dtype(params.dtype)
+    for name, module in modules.items():
+        got = next((p.dtype for p in module.parameters() if p.is_floating_point()), want)
+        if got != want:
+            raise ValueError(f"TensorRT engines are strongly typed: the {name} must be in the engine dtype "
+                             f"{params.dtype} to be exported; it is {str(got).removeprefix('torch.')} (load the "
+                             f"model with dtype={params.dtype}, or use another backend for mixed dtypes)")
+
+
 @dataclass(frozen=True)
 class UNetExtras:
     """Extra UNet bindings (the temporal KV cache) and the spec-ordered module to export them with."""
@@ -308,6 +321,7 @@ def ensure_trt_engines(unet: torch.nn.Module, vae: torch.nn.Module, params: Spec
 
     ``rebuild``: network names whose engine entries are discarded first (e.g. after a failed deserialise).
     """
+    check_module_dtypes(params, unet=unet, vae=vae)  # before anything slow; needs no TensorRT
     trt = import_tensorrt()
     device = device or next(unet.parameters()).device
     capability = gpu_capability(device)

@@ -276,3 +276,23 @@ def test_runtime_errors_never_quote_an_older_error(fake):
     with pytest.raises(TrtEngineError, match="execution context: unknown error") as info:
         TrtEngine(fake.files["unet"], fake.specs["unet"], torch.device("cpu"))
     assert "magic tag mismatch" not in str(info.value)
+
+
+def test_modules_must_be_in_the_engine_dtype(tmp_path):
+    """Strongly typed engines take their precision from the export: fp32 modules cannot make fp16 engines.
+    Checked before TensorRT is needed (there is none here)."""
+    from diffusers import AutoencoderTiny, UNet2DConditionModel
+
+    from engines.cache import EngineCache
+    from engines.trt_runtime import check_module_dtypes, ensure_trt_engines
+
+    unet = UNet2DConditionModel.from_config(_cfg("tiny_unet_sd2style.json")).eval()
+    vae = AutoencoderTiny.from_config(_cfg("tiny_taesd_test.json")).eval()
+    params = SpecParams.from_modules(unet, vae, 32, 32, batch=unet_batch_range(1, 2), dtype=torch.float16)
+    with pytest.raises(ValueError, match="the unet must be in the engine dtype float16 to be exported; it is "
+                                         "float32"):
+        ensure_trt_engines(unet, vae, params, EngineCache(tmp_path), model="tiny")
+    check_module_dtypes(params, unet=unet.half(), vae=vae.half())  # both fp16: fine
+    with pytest.raises(ValueError, match="the vae must be in the engine dtype float16.*it is float32"):
+        check_module_dtypes(params, unet=unet, vae=vae.float())
+    assert not list(tmp_path.iterdir())  # nothing exported or built
