@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +187,13 @@ class PresetStore:
             if not isinstance(data, list) or len(data) > PRESET_SLOTS:
                 raise ValueError(f"expected a JSON list of at most {PRESET_SLOTS} presets (or nulls)")
             for i, item in enumerate(data):
-                self.slots[i] = None if item is None else PresetBody.model_validate(item).model_dump(
-                    exclude_none=True)
+                try:
+                    self.slots[i] = None if item is None else PresetBody.model_validate(item).model_dump(
+                        exclude_none=True)
+                except ValidationError as exc:
+                    first = exc.errors()[0]
+                    where = ".".join(str(p) for p in first.get("loc", ())) or "preset"
+                    raise ValueError(f"preset {i + 1}: {where}: {first.get('msg')}") from None
         except (OSError, ValueError) as exc:
             raise ValueError(f"presets file {path}: {exc}") from None
 

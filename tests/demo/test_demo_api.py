@@ -245,3 +245,53 @@ def test_snapshot_is_the_latest_output_as_png(api, demo):
     assert "attachment" in r.headers["content-disposition"]
     img = Image.open(io.BytesIO(r.body))
     assert img.size == (WIDTH, HEIGHT) and img.mode == "RGB"
+
+
+def test_presets_store_every_control_and_keep_the_rest_when_partial(api):
+    full = {"prompt_a": "tide", "prompt_b": "", "blend": 0.0, "method": "slerp", "negative_prompt": "",
+            "seed": 12, "strength": 0.8, "steps": 2, "guidance_scale": 2.0, "delta": 0.7, "cfg": "self",
+            "similar_filter": True, "similar_threshold": 0.9, "similar_max_skip": 3, "cache_enabled": False,
+            "cache_maxframes": 1, "cache_interval": 1}
+    assert ok(api.put("/api/presets/5", full))["preset"] == full
+    ok(api.put("/api/presets/6", {"guidance_scale": 0.5}))  # a partial preset changes only what it holds
+    ok(api.post("/api/prompt", {"prompt_a": "before", "blend": 0.0}))
+    c = ok(api.post("/api/presets/5/apply"))
+    assert {k: c[k] for k in full} == full and c["t_index_list"] == t_index_for(0.8, 2, 50)
+    e = api.engine()
+    assert (e["guidance_scale"], e["cfg"], e["t_index_list"]) == (2.0, "self", c["t_index_list"])
+    assert e["similar_filter"] == {"enabled": True, "threshold": 0.9, "max_skip": 3}
+    c = ok(api.post("/api/presets/6/apply"))
+    assert c["guidance_scale"] == 0.5 and c["prompt_a"] == "tide" and c["cfg"] == "self"
+    rejected(api.put("/api/presets/7", {"steps": 5}), 422, "steps", "from 1 to 4")
+    rejected(api.put("/api/presets/7", {"cfg": "often"}), 422, "cfg")
+    ok(api.post("/api/steps", {"strength": 0.35, "steps": 1}))
+    ok(api.post("/api/guidance", {"guidance_scale": 1.2, "delta": 1.0, "cfg": "none"}))
+    ok(api.post("/api/filter", {"enabled": False, "threshold": 0.98, "max_skip": 10}))
+
+
+def test_recording_start_stop_and_download(api, demo):
+    import av
+
+    assert ok(api.get("/api/record"))["recording"] is False
+    rejected(api.post("/api/record", {"recording": False}), 409, "not recording")
+    started = ok(api.post("/api/record", {"recording": True}))
+    assert started["recording"] and started["file"].endswith(".mp4")
+    rejected(api.post("/api/record", {"recording": True}), 409, "already recording")
+    with WsClient(demo.ws_url, "control") as page:
+        for i in range(5):
+            page.send_frame(500 + i)
+            while page.next_output()[0].frame_id != 500 + i:
+                pass
+    stopped = ok(api.post("/api/record", {"recording": False}))
+    last = stopped["last"]
+    assert not stopped["recording"] and last["frames"] >= 5 and last["error"] == "" and last["bytes"] > 0
+    r = api.get(last["url"])
+    assert r.status == 200 and r.headers["content-type"] == "video/mp4"
+    assert f'filename="{last["file"]}"' in r.headers["content-disposition"]
+    with av.open(io.BytesIO(r.body)) as container:
+        stream = container.streams.video[0]
+        assert (stream.codec_context.width, stream.codec_context.height) == (WIDTH, HEIGHT)
+        assert sum(1 for _ in container.decode(video=0)) == last["frames"]
+    rejected(api.get("/api/recordings/rtdiffusion-20000101-000000.mp4"), 404, "no recording named")
+    rejected(api.get("/api/recordings/presets.json"), 404, "no recording named")
+    rejected(api.post("/api/record", {"recording": "yes"}), 422, "recording")

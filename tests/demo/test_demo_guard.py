@@ -141,3 +141,43 @@ def test_extra_host_names_need_the_token_made_at_start(studio):
     assert upgrade(port, named, Origin=f"http://{named}") == 403
     assert upgrade(port, named, Origin=f"http://{named}", Cookie=cookie) == 101
     assert upgrade(port, named, path=f"/ws?role=view&token={token}") == 101
+
+
+# ---- the pieces, without a server ----------------------------------------------------------------------------
+def test_host_names_short_echoes_and_option_checks():
+    from demo.guard import AccessPolicy, host_name, short
+    from demo.server import DemoOptions
+
+    assert host_name("Example.COM:8000") == "example.com" and host_name("[::1]:80") == "::1"
+    assert host_name("localhost.") == "localhost" and host_name("") is None
+    assert short("a" * 10) == repr("a" * 10)
+    assert short("b" * 10_000) == repr("b" * 10_000)[:60] + "... (10000 characters)"
+    policy = AccessPolicy.build("0.0.0.0", ("Studio.Local", "192.168.1.20"), "token-1234", 65536)
+    assert {"localhost", "127.0.0.1", "::1", "0.0.0.0", "studio.local", "192.168.1.20"} == set(policy.hosts)
+    assert "::" in AccessPolicy.build("::", (), None, 65536).hosts
+    for bad in ("http://studio.local", "studio.local:8000", "studio.local/x", ""):
+        with pytest.raises(ValueError, match="bare name or address"):
+            DemoOptions(allowed_hosts=(bad,), token="token-1234")
+    with pytest.raises(ValueError, match="8 to 200 characters"):
+        DemoOptions(token="short")
+    with pytest.raises(ValueError, match="8 to 200 characters"):
+        DemoOptions(token="has;semicolon")
+    with pytest.raises(ValueError, match="max_body_bytes"):
+        DemoOptions(max_body_bytes=10)
+    DemoOptions(allowed_hosts=("studio.local",))  # the token is made at start when none is given
+
+
+def test_an_older_presets_file_still_loads(tmp_path):
+    import json as _json
+
+    from demo.controls import PresetStore
+
+    path = tmp_path / "presets.json"
+    path.write_text(_json.dumps([{"prompt_a": "old", "prompt_b": "", "blend": 0.0, "negative_prompt": "",
+                                  "seed": None}, None]))
+    store = PresetStore(str(path))
+    assert store.get(1) == {"prompt_a": "old", "prompt_b": "", "blend": 0.0, "negative_prompt": ""}
+    assert store.get(2) is None
+    path.write_text(_json.dumps([{"prompt_a": "x", "colour": "red"}]))
+    with pytest.raises(ValueError, match="presets file .*: preset 1: colour: Extra inputs are not permitted"):
+        PresetStore(str(path))
