@@ -2,26 +2,31 @@
 
 ``import tensorrt`` needs the TensorRT libraries (hundreds of MB, CUDA); the bindings wheel alone
 (``tensorrt-cu12-bindings`` for 10.x, ``tensorrt-cu13-bindings`` for 11.x, about 1.3 MB each) holds the
-pybind11 extension module ``tensorrt_bindings/tensorrt.so`` and its ``__init__.py``. The extension keeps its
-symbol table, so which name belongs to which class or enum can be read from the machine code:
+pybind11 extension module ``tensorrt_bindings/tensorrt.so`` and its ``__init__.py``. The module keeps its ELF
+symbol table, and pybind11 registers every name with a call to a template instantiated per C++ type:
 
-    every pybind11 registration is a call to a template instantiated per C++ type, e.g.
-        pybind11::enum_<nvinfer1::BuilderFlag>::value(char const* name, ...)
-        pybind11::class_<nvinfer1::IBuilderConfig>::def_property<...>(char const* name, ...)
-        pybind11::class_<nvinfer1::IBuilder>::class_<...>(pybind11::handle scope, char const* name, ...)
-        pybind11::module_::def<...>(char const* name, ...)
-    and the x86-64 caller loads the name's address just before the call:
-        lea rsi, [rip + "FP16"]            (48 8d 35 disp32; rdx for the class_/enum_ constructors)
-        call pybind11::enum_<nvinfer1::BuilderFlag>::value
+    pybind11::enum_<nvinfer1::BuilderFlag>::value(char const* name, ...)          lea rsi, "FP16"; call
+    pybind11::class_<nvinfer1::IBuilderConfig>::def<...>(char const* name, ...)    (often inlined, or a
+        .constprop clone with the name inside its own body)
+    pybind11::detail::generic_type::initialize(type_record const&)                 every class and enum:
+        the caller loads &typeid(T) and the Python name ("Builder" for nvinfer1::IBuilder) before the call
+    pybind11::detail::enum_base::export_values()                                   values also in the parent
 
-So: read the ELF symbol table (function start -> mangled name), demangle the pybind11 ones with
-libstdc++'s ``__cxa_demangle`` (ctypes), find every ``call rel32`` (e8) in ``.text`` whose target is one of
-them, and take the string of the last ``lea rsi/rdx, [rip+...]`` in the 48 bytes before it. A constructor
-that the compiler specialised for one name (``.constprop``) holds the name itself: its first identifier.
+So the scan (x86-64, the pinned wheels are manylinux x86_64): read .symtab (function address -> mangled name,
+typeinfo objects), demangle the pybind11 ones with libstdc++'s ``__cxa_demangle`` (ctypes), find every
+``call rel32`` (e8) in ``.text`` that targets one of them, and every ``lea r64, [rip+disp32]`` that loads an
+identifier string from ``.rodata``. A name belongs to:
+  - the enum of a ``value`` call it is loaded (into rsi) just before;
+  - the class of a ``class_<T>::def*`` clone whose body loads it;
+  - otherwise the class or enum whose registration (``initialize`` call or typed call) last precedes it in
+    the same function: registration code is straight-line, one class after another.
+The last rule also collects argument names (``py::arg("flag")``), so a class's set is a superset of its
+members; ``test_scanner_reads_known_differences_between_10_and_11`` pins what must and must not be found.
+A registration whose template arguments never name its class is skipped: GCC merges identical bodies
+(-fipa-icf) without leaving a symbol, so its calls may be for any class.
 
-Result: Python scope name ("BuilderFlag", "IBuilderConfig", "ILogger.Severity", "" for the module) ->
-member names. Members inherited through pybind11 base classes are added (``class_<Derived, Base>``).
-A name this scan does not see can still exist (registered another way); a name it sees exists.
+Result (``TrtApi.scopes``): Python scope ("BuilderFlag", "IBuilderConfig", "ILogger.Severity"; "" is the
+module, with the ``__init__.py``'s names) -> names, with members of pybind11 base classes added.
 """
 
 from __future__ import annotations
@@ -46,9 +51,6 @@ class TrtApi:
 
     version: str
     scopes: dict[str, set[str]] = field(default_factory=dict)
-
-    def has(self, scope: str, name: str) -> bool:
-        return name in self.scopes.get(scope, ())
 
 
 def _demangler():
