@@ -18,7 +18,7 @@ import td_standin as td
 from osc_inbox import Inbox
 from td_bridge.osc import ACTIONS, CONTROLS
 from td_bridge.ring import PixelFormat, RingLayout, RingReader, RingWriter, RowOrder
-from td_bridge.touchdesigner import build_component, controls, launcher
+from td_bridge.touchdesigner import build_component, component, controls, launcher
 from td_bridge.touchdesigner.build_component import build
 
 REPO = Path(build_component.__file__).resolve().parents[2]
@@ -109,30 +109,28 @@ def test_the_standin_refuses_what_touchdesigner_refuses(project):
 def test_parameters_send_what_the_bridge_accepts_over_real_osc(project, inbox):
     comp = build(project.project1)
     comp.par.Controlport = inbox.port
-    project.frame()
-    mark = inbox.mark()
+    project.frame()  # the values the builder set go out here too: the waits below look for exact values
     comp.par.Prompt, comp.par.Negative, comp.par.Seed = "a watercolor city", "blurry", 42
     comp.par.Strength, comp.par.Guidance, comp.par.Pause = 0.8, 1.5, True
     project.frame()
     comp.par.Steps, comp.par.Pause = 3, False
     comp.par.Step.pulse()
     project.frame()
-    got = {a: p for a, p in [(a, p) for a in ("/prompt", "/negative_prompt", "/seed", "/guidance_scale", "/t_list",
-                                              "/pause", "/play", "/process_frame")
-                             for p in [inbox.wait(a, after=mark, timeout=30)]]}
-    assert got["/prompt"] == ("a watercolor city",) and got["/negative_prompt"] == ("blurry",)
-    assert got["/seed"] == (42,) and got["/guidance_scale"][0] == pytest.approx(1.5)
-    t_lists = inbox.all("/t_list", mark)
-    assert list(t_lists[-1]) == controls.t_index_for(0.8, 3)
-    for address, args in inbox.messages[mark:]:  # every one passes the bridge's own validation
+    for address, args in (("/prompt", ("a watercolor city",)), ("/negative_prompt", ("blurry",)), ("/seed", (42,)),
+                          ("/guidance_scale", (1.5,)), ("/t_list", tuple(controls.t_index_for(0.8, 1))),
+                          ("/pause", ()), ("/t_list", tuple(controls.t_index_for(0.8, 3))), ("/play", ()),
+                          ("/process_frame", ())):
+        inbox.wait(address, lambda p, args=args: p == args, timeout=30)
+    for address, args in list(inbox.messages):  # every one passes the bridge's own validation
         if address in CONTROLS:
             CONTROLS[address].parse(args)
         else:
             assert address in ACTIONS
     mark = inbox.mark()
     comp.par.Sendall.pulse()
-    inbox.wait("/seed", lambda p: p == (42,), after=mark, timeout=30)
-    assert inbox.wait("/t_list", after=mark, timeout=30) == tuple(controls.t_index_for(0.8, 3))
+    for address, args in (("/seed", (42,)), ("/t_list", tuple(controls.t_index_for(0.8, 3))), ("/play", ()),
+                          ("/prompt", ("a watercolor city",))):
+        inbox.wait(address, lambda p, args=args: p == args, after=mark, timeout=30)
 
 
 def test_strength_and_steps_map_like_the_web_app():
@@ -233,10 +231,11 @@ def test_status_shows_live_values_and_is_not_saved_stale(project, inbox):
     from pythonosc.udp_client import SimpleUDPClient
 
     comp = build(project.project1)
-    comp.par.Controlport, comp.par.Statusport = inbox.port, td.free_udp_port()
+    comp.par.Controlport, comp.par.Statusport = td.free_udp_port(), td.free_udp_port()  # nobody listens yet
     comp.par.Prompt = "kept"
     project.start()
-    project.frame()
+    project.frame()  # the parameter changes so far go to the port nobody listens on
+    comp.par.Controlport = inbox.port  # from here on only the send-all on becoming live can send /prompt
     bridge = SimpleUDPClient("127.0.0.1", comp.par.Statusport.eval())
     mark = inbox.mark()
     for address, value in (("/stream-info/state", "loading"), ("/stream-info/input-name", "rtd_in_5"),
@@ -309,6 +308,7 @@ def make_python(tmp_path, monkeypatch, stubborn=False, exits=False):
 
 @pytest.mark.skipif(os.name == "nt", reason="the stand-in python is a shell script")
 def test_launcher_runs_the_configured_python_and_stops_it(project, tmp_path, monkeypatch):
+    monkeypatch.setattr(component, "STOP_GRACE_S", 120.0)  # a loaded machine never gets to SIGTERM
     comp = build(project.project1, python=str(make_python(tmp_path, monkeypatch)), model="random:tiny")
     comp.par.Controlport, comp.par.Width, comp.par.Extraargs = td.free_udp_port(), 64, "--device cpu"
     comp.par.Inputname, comp.par.Prompt = "rtd_in_x", "two words"
@@ -352,6 +352,7 @@ def test_an_engine_that_ignores_stop_is_terminated_then_killed(project, tmp_path
 
 @pytest.mark.skipif(os.name == "nt", reason="the stand-in python is a shell script")
 def test_quitting_touchdesigner_stops_the_engine(project, tmp_path, monkeypatch):
+    monkeypatch.setattr(component, "EXIT_GRACE_S", 120.0)
     comp = build(project.project1, python=str(make_python(tmp_path, monkeypatch)), model="random:tiny")
     comp.par.Controlport = td.free_udp_port()
     project.start()
