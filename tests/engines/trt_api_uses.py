@@ -12,6 +12,8 @@ What counts as a use (``Use.chain`` is a path from the ``tensorrt`` module, e.g.
   then ``y.get_input(0).name`` is ("INetworkDefinition", "get_input") and ("ITensor", "name");
 - a method a class derived from a TensorRT class defines (``class _L(trt.ILogger): def log``), when the base
   has (in any version) a member of that name: TensorRT calls it, so it must exist in every version;
+- a keyword argument of a call on a TensorRT object (``config.set_timing_cache(c, ignore_mismatch=False)``):
+  the scan's class scopes include argument names;
 - ``hasattr(obj, "name")`` and ``getattr(obj, "name", default)`` are probes (``Use.probe``): the name may be
   missing from a version (that is why it is probed) but must exist in at least one.
 
@@ -57,9 +59,11 @@ class Use:
     line: int
     chain: tuple[str, ...]  # from the module: ("BuilderFlag", "FP16")
     probe: bool = False
+    keyword: bool = False  # chain[-1] is a keyword argument of a method of chain[:-1]
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}: trt.{'.'.join(self.chain)}{' (probed)' if self.probe else ''}"
+        note = " (probed)" if self.probe else " (keyword argument)" if self.keyword else ""
+        return f"{self.file}:{self.line}: trt.{'.'.join(self.chain)}{note}"
 
 
 @dataclass
@@ -211,6 +215,11 @@ class _Scan(ast.NodeVisitor):
             if base is not None:
                 probe = f.id == "hasattr" or len(node.args) == 3
                 self.out.uses.append(Use(self.file, node.lineno, (*base, name), probe=probe))
+        elif isinstance(f, ast.Attribute) and (recv := self.type_of(f.value)) is not None:
+            # keyword names are in the class's scope: the scan collects argument names with its members
+            for kw in node.keywords:
+                if kw.arg:
+                    self.out.uses.append(Use(self.file, node.lineno, (*recv.split("."), kw.arg), keyword=True))
         self.generic_visit(node)
 
     def visit_Attribute(self, node: ast.Attribute) -> None:
