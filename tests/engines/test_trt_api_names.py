@@ -9,6 +9,7 @@ the wheel tests skip and say so. Nothing here imports TensorRT or needs a GPU.
 
 from __future__ import annotations
 
+import json
 import sys
 import types
 from pathlib import Path
@@ -195,5 +196,6 @@ def test_doctor_reports_what_the_installed_tensorrt_supports(monkeypatch):
     assert r["tensorrt"]["weight_streaming"] and r["tensorrt"]["refit"] and r["tensorrt"]["timing_cache"]
     text = format_report(r)
     assert "TensorRT features" in text and "strongly typed (always, no flag)" in text
+    assert json.loads(json.dumps(r))["tensorrt"] == r["tensorrt"]  # --json
     monkeypatch.setitem(sys.modules, "tensorrt", stand_in(api("10")))
     assert "STRONGLY_TYPED network flag" in format_report(collect())
