@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
             import_tensorrt()
         except TensorRTUnavailable as exc:
             why = f"{type(exc.__cause__).__name__}: {exc.__cause__}" if exc.__cause__ else str(exc)
-            log.error("cannot build TensorRT engines here (%s). Install TensorRT 10 with pip install "
+            log.error("cannot build TensorRT engines here (%s). Install TensorRT (10.1+ or 11.x) with pip install "
                       "'rtdiffusion[tensorrt]' on a machine with an NVIDIA GPU and driver, or build with "
                       "--backend compiled; --export-only exports the ONNX files without TensorRT.", why)
             return 2
