@@ -42,6 +42,7 @@ import logging
 import math
 import socket
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -55,6 +56,11 @@ from rtdiffusion.errors import ConfigError
 log = logging.getLogger(__name__)
 
 MAX_PACKET = 65536
+MAX_DATAGRAM = 65507  # the largest UDP payload over IPv4; a bigger reply cannot be sent at all
+MAX_STATUS = 60000  # /status JSON is shortened to fit one datagram with room for the OSC framing
+MAX_LOGGED_ADDRESS = 120  # an address is cut to this many characters in log lines and /error replies
+LOG_BURST = 5  # rejected messages logged per LOG_WINDOW_S; the rest are counted and summed up once
+LOG_WINDOW_S = 10.0
 RECV_BUFFER = 4 * 1024 * 1024
 MAX_TEXT = 60000
 MAX_LIST_ITEMS = 1024
@@ -297,16 +303,53 @@ class Mailbox:
         return values, actions
 
 
+def clip(text: str, limit: int = MAX_LOGGED_ADDRESS) -> str:
+    """``text`` cut to ``limit`` characters, saying how long it was (for log lines and /error replies)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+class RateLimitedLog:
+    """At most ``burst`` warnings per ``window`` seconds; the rest are counted and reported in one line when
+    the next window opens. Thread-safe."""
+
+    def __init__(self, logger: logging.Logger, burst: int = LOG_BURST, window: float = LOG_WINDOW_S) -> None:
+        self._log, self._burst, self._window = logger, burst, window
+        self._lock = threading.Lock()
+        self._start = -1e18
+        self._count = 0
+        self.suppressed = 0  # in the current window
+        self.suppressed_total = 0
+
+    def warning(self, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._start >= self._window:
+                if self.suppressed:
+                    self._log.warning("%d more rejected OSC messages in the last %.0f s were not logged (each got "
+                                      "its /error reply)", self.suppressed, now - self._start)
+                self._start, self._count, self.suppressed = now, 0, 0
+            self._count += 1
+            if self._count > self._burst:
+                self.suppressed += 1
+                self.suppressed_total += 1
+                return
+        self._log.warning(msg, *args)
+
+
 # --------------------------------------------------------------------------------------------------- sender
 class OscSender:
-    """Sends OSC messages to one host:port. Thread-safe (one datagram per message)."""
+    """Sends OSC messages to one host:port. Thread-safe (one datagram per message).
+
+    A message too big for one UDP datagram is not sent: that is logged as a warning and answered with a
+    short ``/error <address> <reason>`` instead (never silently dropped)."""
 
     def __init__(self, host: str, port: int) -> None:
         self.address = (host, port)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_DGRAM)
 
-    def send(self, address: str, *args: Any) -> None:
+    def send(self, address: str, *args: Any) -> bool:
+        """Send one message; False when it was not sent (too big, or the socket refused it)."""
         b = OscMessageBuilder(address)
         for a in args:
             if isinstance(a, bool):
@@ -317,13 +360,26 @@ class OscSender:
                 b.add_arg(a, "f")
             else:
                 b.add_arg(str(a), "s")
+        dgram = b.build().dgram
+        if len(dgram) > MAX_DATAGRAM:
+            reason = (f"the {clip(address)} reply is {len(dgram)} bytes, over the {MAX_DATAGRAM}-byte limit of "
+                      f"one UDP datagram; not sent")
+            log.warning("OSC: %s", reason)
+            if address != "/error":
+                self.send("/error", address[:MAX_LOGGED_ADDRESS], reason)
+            return False
         try:
-            self._sock.sendto(b.build().dgram, self.address)
+            self._sock.sendto(dgram, self.address)
         except OSError as exc:  # nobody listening is not an error for UDP, but e.g. a bad host is
-            log.debug("OSC send %s to %s failed: %s", address, self.address, exc)
+            log.debug("OSC send %s to %s failed: %s", clip(address), self.address, exc)
+            return False
+        return True
 
-    def error(self, address: str, reason: str) -> None:
-        log.warning("OSC %s rejected: %s", address, reason)
+    def error(self, address: str, reason: str, logger: "RateLimitedLog | logging.Logger | None" = None) -> None:
+        """Log (at warning, through ``logger`` if given) and send ``/error address reason``; the address is
+        cut to MAX_LOGGED_ADDRESS characters in both, the reason to 1000."""
+        address, reason = clip(address), clip(reason, 1000)
+        (logger or log).warning("OSC %s rejected: %s", address, reason)
         self.send("/error", address, reason)
 
     def close(self) -> None:
@@ -361,6 +417,7 @@ class OscReceiver:
         self._buf = bytearray(MAX_PACKET)
         self.received = 0
         self.rejected = 0
+        self.reject_log = RateLimitedLog(log)  # a flood of bad messages gives a few lines, not one each
         self._thread = threading.Thread(target=self._run, name="osc-receive", daemon=True)
 
     def start(self) -> "OscReceiver":
@@ -386,7 +443,8 @@ class OscReceiver:
             messages = [m.message for m in OscPacket(dgram).messages]
         except Exception as exc:  # python-osc raises ParseError, and IndexError/struct.error on some garbage
             self.rejected += 1
-            self._sender.error("", f"not a valid OSC packet ({len(dgram)} bytes): {str(exc)[:120]}")
+            self._sender.error("", f"not a valid OSC packet ({len(dgram)} bytes): {str(exc)[:120]}",
+                               self.reject_log)
             return
         for msg in messages:
             self.handle_message(msg.address, tuple(msg.params))
@@ -409,7 +467,7 @@ class OscReceiver:
                 self._mailbox.act(action)
         except (OscError, ConfigError) as exc:
             self.rejected += 1
-            self._sender.error(address, str(exc))
+            self._sender.error(address, str(exc), self.reject_log)
 
     def close(self) -> None:
         self._stop.set()
@@ -418,20 +476,35 @@ class OscReceiver:
         self._sock.close()
 
 
-def status_json(fields: dict[str, Any]) -> str:
-    """JSON for /status; non-finite numbers become null so every reader can parse it."""
-    def clean(v: Any) -> Any:
+def status_json(fields: dict[str, Any], limit: int = MAX_STATUS) -> str:
+    """JSON for /status; non-finite numbers become null so every reader can parse it.
+
+    Kept under ``limit`` characters so it fits one UDP datagram: when the full text is longer (long prompts,
+    long prompt lists), texts are cut to 200 characters and lists to 16 items, and a ``truncated`` field says
+    so; if that is still too long, only the top-level numbers and short texts are kept."""
+    def clean(v: Any, text: int | None = None, items: int | None = None) -> Any:
         if isinstance(v, float) and not math.isfinite(v):
             return None
         if isinstance(v, dict):
-            return {str(k): clean(x) for k, x in v.items()}
+            return {str(k): clean(x, text, items) for k, x in v.items()}
         if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        if isinstance(v, (str, int, float, bool)) or v is None:
+            return [clean(x, text, items) for x in (v if items is None else v[:items])]
+        if isinstance(v, str):
+            return v if text is None else clip(v, text)
+        if isinstance(v, (int, float, bool)) or v is None:
             return v
-        return str(v)
+        return clean(str(v), text, items)
 
-    return json.dumps(clean(fields), separators=(",", ":"))
+    full = json.dumps(clean(fields), separators=(",", ":"))
+    if len(full) <= limit:
+        return full
+    note = (f"status was {len(full)} characters, over what one UDP datagram carries; texts were cut to 200 "
+            f"characters and lists to 16 items")
+    short = json.dumps({**clean(fields, 200, 16), "truncated": note}, separators=(",", ":"))
+    if len(short) <= limit:
+        return short
+    top = {k: clean(v, 200) for k, v in fields.items() if not isinstance(v, (dict, list, tuple))}
+    return json.dumps({**top, "truncated": note + "; nested fields were left out"}, separators=(",", ":"))
 
 
 def addresses() -> Iterable[str]:

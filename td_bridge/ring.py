@@ -393,6 +393,7 @@ class _Ring:
         self._buf[_OFF_PID:_OFF_PID + 4] = (os.getpid() & 0xFFFFFFFF).to_bytes(4, "little")
         self._flags[0] = self._want_flags
         self._session[0] = _new_session()
+        self._session[1] += 1  # a served ring's heartbeat is never 0 (0: nobody beats it; never called stale)
         self.serving = True
         return self.session
 

@@ -125,7 +125,7 @@ class ServedRings:
             except RingError as exc:
                 self.repaired += 1
                 ring.repair_header()
-                if self._due(what):
+                if self._due(f"{what} {exc}"):  # a new kind at once; the same again at most once a second
                     self.problem(what, f"{exc}; the bridge rewrote the header")
         return replaced
 
@@ -149,11 +149,13 @@ class ServedRings:
         self.problem(what, f"{exc}; the bridge made a new ring {ring.name!r} (session {session:016x}); "
                            f"clients re-attach to it within a second or two")
 
-    def _due(self, what: str) -> bool:
+    def _due(self, key: str) -> bool:
         now = time.monotonic()
-        if now - self._reported_at.get(what, -1e9) < REPORT_EVERY_S:
+        if now - self._reported_at.get(key, -1e9) < REPORT_EVERY_S:
             return False
-        self._reported_at[what] = now
+        if len(self._reported_at) > 64:  # messages with changing numbers in them: keep the map small
+            self._reported_at.clear()
+        self._reported_at[key] = now
         return True
 
     # ------------------------------------------------------------------------------------------ reporting

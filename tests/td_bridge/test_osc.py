@@ -10,7 +10,7 @@ from pythonosc.osc_message_builder import OscMessageBuilder
 from pythonosc.osc_packet import OscPacket
 from pythonosc.udp_client import SimpleUDPClient
 
-from td_bridge.osc import Action, Key, Mailbox, OscReceiver, OscSender
+from td_bridge.osc import Action, Key, Mailbox, OscReceiver, OscSender, status_json
 
 
 class Listener:
@@ -179,3 +179,62 @@ def test_port_in_use_is_a_clear_error():
     finally:
         holder.close()
         sender.close()
+
+
+def test_a_status_reply_too_big_for_udp_is_shortened_and_still_sent():
+    """A /status whose JSON would pass one datagram's 65507 bytes (say a 60000-character prompt list) is sent
+    shortened, saying so, instead of being dropped with a debug line."""
+    listener = Listener()
+    sender = OscSender("127.0.0.1", listener.port)
+    big = {"state": "streaming", "fps": 12.5, "engine": {"prompt": [["x" * 30000, 1.0], ["y" * 30000, 1.0]],
+                                                          "seed": [[i, 1.0] for i in range(5000)]}}
+    box = Mailbox()
+    rx = OscReceiver("127.0.0.1", 0, box, sender, lambda: status_json(big)).start()
+    try:
+        SimpleUDPClient("127.0.0.1", rx.port).send_message("/get_status", [])
+        status = listener.collect("/status")
+        assert status, "no /status reply"
+        got = json.loads(status[0].params[0])
+        assert got["state"] == "streaming" and "truncated" in got
+        assert len(got["engine"]["prompt"][0][0]) < 300 and len(got["engine"]["seed"]) == 16
+    finally:
+        rx.close()
+        sender.close()
+        listener.sock.close()
+
+
+def test_a_message_too_big_for_udp_is_reported_not_silently_dropped(caplog):
+    listener = Listener()
+    sender = OscSender("127.0.0.1", listener.port)
+    try:
+        with caplog.at_level("WARNING", logger="td_bridge.osc"):
+            assert sender.send("/status", "z" * 70000) is False
+        assert any("over the 65507-byte limit" in r.getMessage() for r in caplog.records)
+        err = listener.collect("/error")
+        assert err and err[0].params[0] == "/status" and "not sent" in err[0].params[1]
+    finally:
+        sender.close()
+        listener.sock.close()
+
+
+def test_long_addresses_are_cut_and_a_flood_of_bad_messages_logs_a_few_lines(osc, caplog):
+    box, rx, client, listener = osc
+    raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        with caplog.at_level("WARNING", logger="td_bridge.osc"):
+            raw.sendto(OscMessageBuilder("/" + "a" * 60000).build().dgram, ("127.0.0.1", rx.port))
+            err = listener.collect("/error")
+            assert err and len(err[0].params[0]) < 200 and "60001 characters" in err[0].params[0]
+            for i in range(500):
+                client.send_message("/no/such/address", i)
+            end = time.monotonic() + 60
+            while rx.rejected < 501 and time.monotonic() < end:
+                time.sleep(0.01)
+        assert rx.rejected == 501  # every bad message was handled (and answered with an /error)
+        lines = [r.getMessage() for r in caplog.records if r.name == "td_bridge.osc"]
+        assert all(len(m) < 2000 for m in lines)  # no 60 KB log line
+        assert len(lines) <= 2 * 5 + 2, len(lines)  # at most a burst per 10 s window (the test takes < 20 s
+        # unless the machine stalls; a stall only lowers the count per window), not 500 lines
+        assert rx.reject_log.suppressed_total >= 500 - len(lines)
+    finally:
+        raw.close()
