@@ -68,7 +68,17 @@ def clear_status(comp) -> None:
 
 def on_start(comp) -> None:
     add_repo_to_path(comp)
+    stop_orphans(comp)
     clear_status(comp)
+
+
+def stop_orphans(comp) -> None:
+    """Another project was opened in this TouchDesigner process: engines whose component is gone (onExit never
+    ran for them) are terminated (SIGTERM: the bridge unlinks its rings and exits)."""
+    for key in launcher.running_keys():
+        if comp.op(key) is None:
+            log.warning("rtdiffusion: stopping the engine of %s, which is no longer in the project", key)
+            launcher.stop(key, send_stop=None, wait=False, grace_s=0.0)
 
 
 def force_cook(comp) -> None:

@@ -22,6 +22,7 @@ lose track of a running engine.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import shlex
@@ -147,11 +148,12 @@ class EngineProcess:
             self._stopping.start()
 
     def _finish(self, grace_s: float, kill_after_s: float) -> None:
-        try:
-            self.proc.wait(timeout=grace_s)
-            return
-        except subprocess.TimeoutExpired:
-            log.warning("engine %d did not stop within %.0f s of /stop; terminating", self.pid, grace_s)
+        if grace_s > 0:
+            try:
+                self.proc.wait(timeout=grace_s)
+                return
+            except subprocess.TimeoutExpired:
+                log.warning("engine %d did not stop within %.0f s of /stop; terminating", self.pid, grace_s)
         self.proc.terminate()  # SIGTERM: the bridge unlinks its rings; on Windows TerminateProcess
         try:
             self.proc.wait(timeout=kill_after_s)
@@ -199,6 +201,8 @@ def start(key: str, settings: LaunchSettings) -> EngineProcess:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env=settings.environment(), cwd=settings.repo or None, creationflags=flags)
         engine = EngineProcess(proc, cmd, log_file)
+        if not _engines:
+            atexit.register(stop_all)  # the process ends without onExit (a script quit): no engine left behind
         _engines[key] = engine
     log.info("started engine pid %d: %s (log %s)", proc.pid, " ".join(cmd), log_file)
     return engine
@@ -216,6 +220,10 @@ def stop(key: str, send_stop: Callable[[], None] | None = None, wait: bool = Fal
     if engine is not None:
         engine.stop(send_stop, grace_s=grace_s, wait=wait)
     return engine
+
+
+def running_keys() -> list[str]:
+    return [key for key, engine in list(_engines.items()) if engine.running()]
 
 
 def stop_all(wait: bool = True, grace_s: float = 3.0) -> None:

@@ -402,3 +402,20 @@ def test_two_cooks_in_one_frame_send_the_picture_once(shm_name):
             comp.op("input_top").cook(force=True)  # e.g. a second force-cook, or ALWAYS plus a forced cook
         assert bridge_in.published == 4  # one send a frame, never two (frame 1's from its second cook)
     project.exit()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="the stand-in python is a shell script")
+def test_opening_a_project_without_the_component_stops_its_engine(project, tmp_path, monkeypatch):
+    comp = build(project.project1, python=str(make_python(tmp_path, monkeypatch)), model="random:tiny")
+    comp.par.Controlport = td.free_udp_port()
+    comp.par.Start.pulse()
+    engine = launcher.get(comp.path)
+    end = time.monotonic() + 60
+    while not (tmp_path / "out.json").exists():
+        assert time.monotonic() < end
+        time.sleep(0.02)
+    comp.destroy()  # the next project in this TouchDesigner process has its component elsewhere
+    other = build(project.project1, name="rtd2")
+    project.reopen()  # its frame_exec's onStart
+    assert engine.wait_stopped(60) and not engine.running()
+    assert launcher.get(other.path) is None
