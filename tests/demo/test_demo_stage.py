@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -30,7 +31,16 @@ DEFAULTS = {"prompt_a": "", "prompt_b": "", "blend": 0.0, "method": "linear", "n
 
 
 @pytest.fixture(scope="module")
-def page(demo):
+def slow_demo_starting():
+    """A server whose every frame takes 5 s, started in the background while the other tests run."""
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(DemoProcess, "--min-frame-ms", "5000")
+        yield future
+        future.result().stop()
+
+
+@pytest.fixture(scope="module")
+def page(demo, slow_demo_starting):
     with chromium(W, H, fake_midi=True) as d:
         d.get(f"{demo.url}/?source=pattern")
         until(d, lambda d: d.execute_script("return window.rtdApp && window.rtdApp.view.stats.shown") >= 3, 60,
@@ -239,15 +249,9 @@ def test_input_beside_output(fresh):
     until(d, lambda d: not d.find_element(By.ID, "inView").is_displayed(), 30, "the input view hidden again")
 
 
-@pytest.fixture(scope="module")
-def slow_demo():
-    server = DemoProcess("--min-frame-ms", "5000")
-    yield server
-    server.stop()
-
-
-def test_the_badge_says_slow_while_the_engine_is_on_a_long_frame_then_live(page, slow_demo):
+def test_the_badge_says_slow_while_the_engine_is_on_a_long_frame_then_live(page, slow_demo_starting):
     d = page
+    slow_demo = slow_demo_starting.result()
     d.execute_script("window.open(arguments[0], 'slow');", f"{slow_demo.url}/?source=pattern")
     main = d.current_window_handle
     d.switch_to.window([h for h in d.window_handles if h != main][0])
