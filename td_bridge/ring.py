@@ -645,6 +645,7 @@ class RingReader(_Ring):
         slots = self.layout.slot_count
         seen = dict.fromkeys(_FAILURES, 0)
         p = k = s1 = index = 0
+        stuck = None  # (published, seq) of the first odd slot seen; the same every time: a stuck writer
         for _ in range(_RETRIES):
             p = int(self._published[0])
             if p - 1 <= self.last_index:
@@ -652,7 +653,15 @@ class RingReader(_Ring):
             k = (p - 1) % slots
             s1 = int(self._seq[k])
             if s1 == 0 or s1 & 1:
-                seen["unwritten" if s1 == 0 else "mid-write"] += 1
+                if s1 == 0:
+                    seen["unwritten"] += 1
+                elif stuck is None or stuck == (p, s1):
+                    stuck = (p, s1)
+                    seen["mid-write"] += 1
+                else:  # the writer moved on meanwhile: it is alive and lapping us, not stuck
+                    seen["lapped"] += seen["mid-write"] + 1
+                    seen["mid-write"] = 0
+                    stuck = (-1, -1)
                 self.retries += 1
                 time.sleep(0)
                 continue

@@ -6,6 +6,7 @@ TouchDesigner is not available here: its two Script TOPs are played by the objec
 cooked from a thread. Every wait is on a condition with a generous timeout, never on a pace.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -159,6 +160,12 @@ def test_sigkill_and_restart_with_the_same_names_reconnects_both_sides(shm_name,
             assert sum("did not exit cleanly" in e for e in events) == 2, events
         else:
             assert sum(e.startswith("made ring") for e in events) == 2, events
+        mark = second.inbox.mark()
+        second.client.send_message("/get_status", [])
+        rings = json.loads(second.inbox.wait("/status", after=mark, timeout=TIMEOUT)[0])["rings"]
+        assert rings["input_session"] == f"{td.sender.writer.session:016x}"
+        assert rings["output_session"] == f"{td.receiver.reader.session:016x}"
+        assert [e for e in rings["events"] if "/ring/input" in e]
         assert second.stop() == 0
     finally:
         if td is not None:

@@ -219,3 +219,71 @@ def test_attaching_a_writer_keeps_the_closed_flag(shm_name):
         w.clear_closed()  # only on request (the bridge adopting a ring it will serve)
         assert not w.closed and not creator.closed
     creator.close()
+
+
+def test_a_dead_writer_and_a_corrupt_published_counter_each_get_their_own_message(shm_name):
+    """A one-slot ring whose writer process died inside a frame, and a published counter pointing at a slot
+    never written: each read failure says what was seen (before: "give the ring more slots" for all)."""
+    reader = RingReader.create(shm_name, RingLayout(16, 16, slot_count=1))
+    code = ("import sys, time, numpy; from td_bridge.ring import RingWriter; w = RingWriter.attach(sys.argv[1]); "
+            "w.write(numpy.zeros((16, 16, 4), 'uint8')); w.begin(); print('begun', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, shm_name], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        assert proc.stdout.readline().strip() == "begun"
+        proc.kill()
+        proc.wait(timeout=10)
+        with pytest.raises(RingError, match=r"slot 0 stayed mid-write .*died or hangs inside a frame") as exc:
+            reader.read(reader.empty_frame())
+        assert "more slots" not in str(exc.value)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=10)
+        reader.close()
+    with RingWriter.create(shm_name, RingLayout(8, 8, slot_count=3)) as w, RingReader.attach(shm_name) as r:
+        w.write(np.zeros((8, 8, 4), np.uint8))
+        w._published[0] = 5  # frame 4 would be in slot 1, which was never written
+        with pytest.raises(RingError, match="slot 1 was never written: the published counter is corrupt"):
+            r.read(r.empty_frame())
+
+
+def test_attaching_starts_no_resource_tracker(shm_name):
+    """Inside TouchDesigner sys.executable is TouchDesigner: the resource tracker that Python < 3.13 starts on
+    attach would launch another TouchDesigner (macOS). Attaching, probing and closing must start none."""
+    code = ("import sys; sys.executable = '/nonexistent/TouchDesigner'\n"
+            "import numpy as np\n"
+            "from multiprocessing import resource_tracker as rt\n"
+            "from td_bridge.touchdesigner.td_frames import InputSender, OutputReceiver\n"
+            "s, r = InputSender(), OutputReceiver()\n"
+            "assert s.send(sys.argv[1] + 'i', np.zeros((8, 8, 4), np.float32)), s.error\n"
+            "r.receive(sys.argv[1] + 'o'); assert r.error is None, r.error\n"
+            "s._check(0.0); r._check(0.0); s.close(); r.close()\n"
+            "assert rt._resource_tracker._fd is None and rt._resource_tracker._pid is None\n"
+            "print('no tracker')\n")
+    with RingReader.create(shm_name + "i", RingLayout(8, 8)), RingWriter.create(shm_name + "o", RingLayout(8, 8)):
+        out = subprocess.run([sys.executable, "-c", code, shm_name], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0 and "no tracker" in out.stdout, out.stderr
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_no_permission_to_attach_is_reported_not_raised(shm_name):
+    """An elevated bridge and a non-elevated TouchDesigner (here: a segment of mode 000 opened by an
+    unprivileged process): the scripts say so in .error on every retry and never raise into onCook."""
+    code = ("import os, sys; import numpy as np\n"
+            "from td_bridge.touchdesigner.td_frames import InputSender, OutputReceiver\n"
+            "if os.geteuid() == 0: os.setgid(65534); os.setuid(65534)  # nobody: root ignores file modes\n"
+            "s, r = InputSender(), OutputReceiver()\n"
+            "for _ in range(2):\n"
+            "    assert not s.send(sys.argv[1], np.zeros((8, 8, 4), np.float32))\n"
+            "    assert r.receive(sys.argv[1]) is None\n"
+            "    s._next_try = r._next_try = 0.0\n"
+            "print(s.error); print(r.error)\n")
+    with RingReader.create(shm_name, RingLayout(8, 8)) as ring:
+        os.fchmod(ring._fd, 0)
+        out = subprocess.run([sys.executable, "-c", code, shm_name], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2 and all("no permission to open shared memory" in line for line in lines), out.stdout
