@@ -222,6 +222,13 @@ def stop(key: str, send_stop: Callable[[], None] | None = None, wait: bool = Fal
     return engine
 
 
+def forget_stopped() -> None:
+    """Drop engines that have exited from the registry (after their exit was shown)."""
+    with _lock:
+        for key in [k for k, e in _engines.items() if not e.running()]:
+            del _engines[key]
+
+
 def running_keys() -> list[str]:
     return [key for key, engine in list(_engines.items()) if engine.running()]
 

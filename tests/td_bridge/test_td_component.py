@@ -29,6 +29,7 @@ def project():
     p = td.Project(build=2023)
     yield p
     launcher.stop_all(wait=True, grace_s=0.5)
+    launcher.forget_stopped()
     p.exit()
 
 

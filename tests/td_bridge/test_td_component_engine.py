@@ -60,4 +60,5 @@ def test_component_starts_the_engine_streams_and_stops_it(monkeypatch):
             assert not Path("/dev/shm", out_ring).exists()  # the bridge unlinked its rings
     finally:
         launcher.stop_all(wait=True, grace_s=5.0)
+        launcher.forget_stopped()
         project.exit()
