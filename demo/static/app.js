@@ -134,9 +134,10 @@
 
   // ---- controls -------------------------------------------------------------------------------------------
   // One request in flight per route; a newer value replaces a pending one (sliders send their newest value).
-  const posters = {};
+  const posters = {}, requests = {};  // requests: calls per route (the browser test reads it)
   function post(route, body, method = "POST", onOk = null) {
     lastLocalEdit = performance.now();
+    requests[route] = (requests[route] || 0) + 1;
     const p = posters[route] || (posters[route] = { busy: false, pending: null, waiters: [] });
     p.pending = Object.assign(p.pending || {}, body);
     if (onOk) p.waiters.push(onOk);
@@ -348,5 +349,5 @@
   setCompare(params.get("compare") === "1" || (params.get("compare") === null && !!localStorage.getItem("rtd.compare")));
   const first = params.get("source") || localStorage.getItem("rtd.source") || "camera";
   useSource(first === "file" ? "pattern" : first);  // a file needs a click to choose it
-  window.rtdApp = { view, link, input, midi, useSource, post, badge, badgeLog, get status() { return status; } };
+  window.rtdApp = { view, link, input, midi, useSource, post, requests, badge, badgeLog, get status() { return status; } };
 })();

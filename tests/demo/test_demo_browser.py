@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -17,18 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from browser_helpers import HAVE_CHROMIUM, SKIP_REASON, chromium
 from demo.server import t_index_for
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
-                       reason=f"needs Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER}): "
-                              "apt-get install chromium chromium-driver"),
-]
+pytestmark = [pytest.mark.browser, pytest.mark.skipif(not HAVE_CHROMIUM, reason=SKIP_REASON)]
 webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium: pip install rtdiffusion[test]")
-from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
@@ -36,24 +27,8 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 
 @pytest.fixture
 def browser():
-    profile = tempfile.mkdtemp(prefix="rtd-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage", "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
-                # the control page keeps streaming while the projector window is in front
-                "--disable-background-timer-throttling", "--disable-renderer-backgrounding",
-                "--disable-backgrounding-occluded-windows",
-                "--autoplay-policy=no-user-gesture-required", "--window-size=1280,720", f"--user-data-dir={profile}"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(30)
-    try:
+    with chromium(1280, 720) as driver:
         yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 def wait_for(predicate, timeout=30.0, what="condition"):
@@ -107,9 +82,11 @@ def test_live_page_with_fake_camera_controls_and_projector_page(browser, demo, a
     # seed: an emptied field sends nothing (not seed 0); then type a number and leave the field
     seed = d.find_element(By.ID, "seed")
     before = api.status()["engine"]["seed"]
+    seed_posts = "return window.rtdApp.requests['/api/seed'] || 0"
+    posts = d.execute_script(seed_posts)
     seed.clear()
-    seed.send_keys(Keys.TAB)
-    time.sleep(0.5)
+    seed.send_keys(Keys.TAB)  # the change event runs (and would post) before send_keys returns
+    assert d.execute_script(seed_posts) == posts
     assert api.status()["engine"]["seed"] == before
     seed.clear()  # the page may have shown the engine's seed again meanwhile
     seed.send_keys("1234", Keys.TAB)
