@@ -141,6 +141,17 @@ def as_page(values: dict) -> dict:
     return {k: v if isinstance(v, bool) else str(v) for k, v in values.items()}
 
 
+def test_the_badge_says_stalled_when_no_output_comes_and_the_engine_is_idle(fresh):
+    d = fresh
+    until(d, lambda d: "live" in d.find_element(By.ID, "conn").text, 30, "live")
+    d.execute_script("document.getElementById('send').width = 32;")  # every frame now has the wrong size
+    until(d, lambda d: "stalled" in d.find_element(By.ID, "conn").get_attribute("class"), 60, "the stalled badge")
+    assert "no output for" in d.find_element(By.ID, "conn").text
+    assert "frames must be 64x64" in d.find_element(By.ID, "message").text and on_screen(d, "message")
+    d.execute_script("document.getElementById('send').width = 64;")
+    until(d, lambda d: "live" in d.find_element(By.ID, "conn").text, 60, "live again")
+
+
 def test_a_preset_round_trips_every_control(fresh, api):
     d = fresh
     # set every control in the page as a user does (each field's own input/change event sends it)
@@ -152,6 +163,7 @@ def test_a_preset_round_trips_every_control(fresh, api):
         }""", FIELDS, PRESET)
     want = {k: v for k, v in PRESET.items()}
     until(d, lambda d: {k: api.status()["controls"][k] for k in PRESET} == want, 30, "the server has every control")
+    until(d, lambda d: page_values(d) == as_page(PRESET), 30, "the page showing every control (after any sync)")
     d.execute_script("document.getElementById('out').click();")
     ActionChains(d).key_down(Keys.SHIFT).click(d.find_element(By.ID, "preset6")).key_up(Keys.SHIFT).perform()
     until(d, lambda d: api.get("/api/presets").json()["presets"][5] == PRESET, 30, "preset 6 with every control")
