@@ -61,7 +61,8 @@ def open_source(spec: str, width: int, height: int, frames: int | None) -> tuple
         from .bench import synthetic_frames
 
         n = frames or 120
-        return (f for f in synthetic_frames(n, height, width)), n, 30.0
+        pattern = synthetic_frames(min(n, 120), height, width)  # a longer run repeats it: memory stays small
+        return (pattern[i % len(pattern)] for i in range(n)), n, 30.0
     if os.path.isdir(spec):
         files = sorted(f for f in os.listdir(spec) if f.lower().endswith(IMAGE_EXTS))
         if not files:

@@ -136,7 +136,7 @@ def runs(request, tmp_path_factory):
         Image.fromarray(f).save(src / f"img_{i}.png")
     (src / "notes.txt").write_text("not an image")
 
-    start("bench", "bench", *TINY, "--frames", "3", "--warmup", "1", "--json", "bench.jsonl")
+    start("bench", "bench", *TINY, "--frames", "3", "--warmup", "1", "--append-json", "bench.jsonl")
     start("synthetic-video", "run", *TINY, "--input", "synthetic", "--output", "out.mp4", "--frames", "8",
           "--no-progress")
     start("synthetic-folder", "run", *TINY, "--input", "synthetic", "--output", "pngs", "--frames", "8",

@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compare-baseline", action="store_true",
                    help="also time StreamDiffusion's plain loop (torch.compile reduce-overhead on CUDA) on the "
                         "same model and settings in this process, and print how much faster the engine is")
-    p.add_argument("--json", default=None, metavar="PATH", help="append the record to PATH (JSON lines)")
+    p.add_argument("--append-json", default=None, metavar="PATH", help="append the record to PATH (JSON lines)")
+    p.add_argument("--json", dest="append_json", help=argparse.SUPPRESS)  # the old name (doctor's --json prints)
     p.set_defaults(func=run)
 
 
@@ -50,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
         from ..bench import compare_baseline
 
         compare_baseline(engine, result, frames=args.frames, warmup=args.warmup)
-    if args.json:
-        with open(args.json, "a") as f:
+    if args.append_json:
+        with open(args.append_json, "a") as f:
             f.write(json.dumps(json.loads(result.to_json())) + "\n")
     print(result.table())  # the table is the command's output
     return 0

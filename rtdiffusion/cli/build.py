@@ -40,8 +40,8 @@ def register(subparsers) -> None:
     add_option(p, "--height")
     p.add_argument("--min-steps", type=int, default=TRT_MIN_STEPS, metavar="N", help="the fewest --steps the "
                    f"engine must run (default {TRT_MIN_STEPS}, as the engine loads)")
-    p.add_argument("--max-steps", type=int, default=TRT_MAX_STEPS, metavar="N", help="the most --steps the engine "
-                   f"must run (default {TRT_MAX_STEPS}, as the engine loads)")
+    add_option(p, "--max-steps", default=TRT_MAX_STEPS, note=f"the engine must run (default {TRT_MAX_STEPS}, as the "
+               "engine loads)")
     add_option(p, "--frame-buffer-size")
     add_option(p, "--cfg", default=TRT_GUIDANCE, note=f"build covers this mode and every cheaper one (default "
                f"{TRT_GUIDANCE}, as the engine loads)")

@@ -97,6 +97,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "--similar-filter": dict(type=float, default=None, metavar="THRESHOLD",
                              help="skip frames more similar than THRESHOLD (0..1) to the last processed one"),
     "--frames": dict(type=int, metavar="N", help="how many frames to process"),
+    "--max-steps": dict(type=int, default=4, metavar="N", help="the most --steps"),
     "--engine-dir": dict(default=None, metavar="DIR", help="engine cache root (default $RTDIFFUSION_CACHE or "
                                                              "~/.cache/rtdiffusion/engines)"),
 }
