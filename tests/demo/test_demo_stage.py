@@ -261,6 +261,18 @@ def test_input_beside_output(fresh):
     until(d, lambda d: not d.find_element(By.ID, "inView").is_displayed(), 30, "the input view hidden again")
 
 
+def test_rates_and_the_frame_time_graph(fresh):
+    d = fresh
+    rates = until(d, lambda d: re.fullmatch(r"in \d+/s · out [\d.]+/s · skipped \d+/s",
+                                            d.find_element(By.ID, "rates").text), 30, "the rates line")
+    assert float(re.search(r"out ([\d.]+)/s", rates.group(0)).group(1)) > 0
+    bars = ("const c = document.getElementById('graph'), px = c.getContext('2d').getImageData(0, 0, c.width,"
+            " c.height).data; let n = 0; for (let i = 0; i < px.length; i += 4) if (px[i + 1] > 100 && px[i] < 120)"
+            " n++; return n;")  # the green bars of the outputs shown in the last 5 s
+    until(d, lambda d: d.execute_script(bars) > 20, 30, "bars in the frame-time graph")
+    assert on_screen(d, "graph") and "skipped" in d.find_element(By.ID, "overlay").text
+
+
 def test_the_badge_says_slow_while_the_engine_is_on_a_long_frame_then_live(page, slow_demo_starting):
     d = page
     slow_demo = slow_demo_starting.result()
