@@ -7,7 +7,7 @@ Threads and who touches what::
     recvfrom(64 KiB) on a socket with a       between two frames:                   every second:
     4 MiB receive buffer                        mailbox.drain() -> [(key, value)]     /server_active 1
     parse (python-osc OscPacket)                apply each to the engine, in the      state, fps, names
-    validate (CONTROLS table below)             order the keys last arrived
+    validate (CONTROLS, osc_controls)           order the keys last arrived
       bad   -> /error address reason          actions (pause, play, step, stop)
       value -> mailbox.put(key, value)          are kept in arrival order, not overwritten
       /get_status -> /status JSON at once
@@ -17,26 +17,11 @@ for a dict update. Nothing the receive thread does waits for the frame loop, so 
 messages is drained from the socket as fast as it arrives (python-osc's stock servers read 8 KiB datagrams
 and dispatch on the socket thread; this receiver reads whole 64 KiB datagrams).
 
-Addresses (the names StreamDiffusionTD users know)::
-
-    /prompt s                text
-    /negative_prompt s       text
-    /prompt_list s           JSON [[text, weight], ...], weights finite >= 0, sum > 0
-    /prompt_interpolation s  "linear" | "slerp"
-    /seed i                  0 .. 2**63-1 (an integral float such as 42.0 from a CHOP is accepted)
-    /seed_list s             JSON [[seed, weight], ...]
-    /guidance_scale f        0 .. 30
-    /delta f                 0 .. 10
-    /t_list i...             1 to 16 step indices, strictly increasing
-    /similar_filter f        0 = off; 0 < threshold <= 1 = on with that cosine-similarity threshold
-    /cached_attention s      JSON {"enabled": bool, "maxframes": 1..16, "interval": 1..1000}, any subset
-    /pause /play /process_frame /get_status /stop
-                             no argument, or one number (0 / false is ignored: a pulse's release)
+Addresses and their validators: osc_controls.py.
 """
 
 from __future__ import annotations
 
-import enum
 import json
 import logging
 import math
@@ -44,14 +29,15 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from pythonosc.osc_message_builder import OscMessageBuilder
 from pythonosc.osc_packet import OscPacket
 
-from rtdiffusion.config import PromptBlend, PromptSpec, SeedSpec, parse_enum
 from rtdiffusion.errors import ConfigError
+
+from .osc_controls import (ACTIONS, ADDRESSES, CONTROLS, MAX_LIST_ITEMS, MAX_TEXT, Action, Control, Key,  # noqa: F401
+                           OscError, _action_fires)
 
 log = logging.getLogger(__name__)
 
@@ -62,199 +48,6 @@ MAX_LOGGED_ADDRESS = 120  # an address is cut to this many characters in log lin
 LOG_BURST = 5  # rejected messages logged per LOG_WINDOW_S; the rest are counted and summed up once
 LOG_WINDOW_S = 10.0
 RECV_BUFFER = 4 * 1024 * 1024
-MAX_TEXT = 60000
-MAX_LIST_ITEMS = 1024
-
-
-class OscError(ValueError):
-    """A message that cannot be applied; the text says what was expected."""
-
-
-class Key(enum.Enum):
-    """What a control message sets. Messages with the same key overwrite each other (latest wins)."""
-
-    PROMPT = "prompt"  # /prompt and /prompt_list
-    NEGATIVE_PROMPT = "negative_prompt"
-    PROMPT_INTERPOLATION = "prompt_interpolation"
-    SEED = "seed"  # /seed and /seed_list
-    GUIDANCE_SCALE = "guidance_scale"
-    DELTA = "delta"
-    T_LIST = "t_list"
-    SIMILAR_FILTER = "similar_filter"
-    CACHED_ATTENTION = "cached_attention"
-
-
-class Action(enum.Enum):
-    PAUSE = "/pause"
-    PLAY = "/play"
-    PROCESS_FRAME = "/process_frame"
-    GET_STATUS = "/get_status"
-    STOP = "/stop"
-
-
-# ----------------------------------------------------------------------------------------------- validators
-def _one(args: tuple, what: str) -> Any:
-    if len(args) != 1:
-        raise OscError(f"expected one {what} argument; got {len(args)}")
-    return args[0]
-
-
-def _text(args: tuple) -> str:
-    v = _one(args, "string")
-    if not isinstance(v, str):
-        raise OscError(f"expected a string; got {_type(v)}")
-    if len(v) > MAX_TEXT:
-        raise OscError(f"text is {len(v)} characters; at most {MAX_TEXT}")
-    return v
-
-
-def _number(v: Any, lo: float, hi: float) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise OscError(f"expected a number from {lo:g} to {hi:g}; got {_type(v)}")
-    if not math.isfinite(v):
-        raise OscError(f"expected a finite number from {lo:g} to {hi:g}; got {v!r}")
-    if not lo <= v <= hi:
-        raise OscError(f"expected a number from {lo:g} to {hi:g}; got {v!r}")
-    return float(v)
-
-
-def _integer(v: Any, lo: int, hi: int) -> int:
-    if isinstance(v, float) and math.isfinite(v) and v.is_integer():
-        v = int(v)  # OSC Out CHOPs send every channel as a float
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise OscError(f"expected an integer from {lo} to {hi}; got {_type(v)}")
-    if not lo <= v <= hi:
-        raise OscError(f"expected an integer from {lo} to {hi}; got {v}")
-    return v
-
-
-def _type(v: Any) -> str:
-    if isinstance(v, float):
-        return f"float {v!r}"
-    if isinstance(v, str):
-        return f"string {v[:40]!r}" + ("..." if len(v) > 40 else "")
-    if isinstance(v, (bytes, bytearray)):
-        return f"blob of {len(v)} bytes"
-    return f"{type(v).__name__} {v!r}"[:80]
-
-
-def _reject_constant(name: str) -> Any:
-    raise OscError(f"JSON may not hold {name}; numbers must be finite")
-
-
-def _json(args: tuple, shape: str) -> Any:
-    text = _text(args)
-    try:
-        return json.loads(text, parse_constant=_reject_constant)
-    except OscError:
-        raise
-    except (ValueError, RecursionError) as exc:
-        raise OscError(f"expected JSON {shape}; could not parse it: {str(exc)[:120]}") from None
-
-
-def _pair_list(args: tuple, shape: str, parse):
-    """A JSON list of [value, weight] pairs, parsed by the engine's own PromptSpec / SeedSpec rules."""
-    v = _json(args, shape)
-    if not isinstance(v, list) or not v or len(v) > MAX_LIST_ITEMS:
-        raise OscError(f"expected a JSON list of 1 to {MAX_LIST_ITEMS} pairs {shape}; got {_type(v)}")
-    try:
-        return parse([tuple(p) if isinstance(p, list) else p for p in v])
-    except ConfigError as exc:
-        raise OscError(str(exc)) from None
-
-
-def _prompt_list(args: tuple) -> PromptSpec:
-    return _pair_list(args, '[["text", weight], ...]', PromptSpec.parse)
-
-
-def _seed(args: tuple) -> SeedSpec:
-    return SeedSpec.parse(_integer(_one(args, "integer"), 0, 2**63 - 1))
-
-
-def _seed_list(args: tuple) -> SeedSpec:
-    return _pair_list(args, "[[seed, weight], ...]", SeedSpec.parse)
-
-
-def _interpolation(args: tuple) -> PromptBlend:
-    try:
-        return parse_enum(PromptBlend, _text(args), "prompt interpolation")
-    except ConfigError as exc:
-        raise OscError(str(exc)) from None
-
-
-def _t_list(args: tuple) -> tuple[int, ...]:
-    if not 1 <= len(args) <= 16:
-        raise OscError(f"expected 1 to 16 integer step indices; got {len(args)} arguments")
-    t = tuple(_integer(a, 0, 999) for a in args)
-    if any(b <= a for a, b in zip(t, t[1:])):
-        raise OscError(f"step indices must be strictly increasing (noisiest first); got {list(t)}")
-    return t
-
-
-def _similar_filter(args: tuple) -> tuple[bool, float | None]:
-    v = _one(args, "number")
-    if isinstance(v, bool):
-        return v, None
-    threshold = _number(v, 0.0, 1.0)
-    return threshold > 0.0, (threshold if threshold > 0.0 else None)
-
-
-_CACHE_KEYS = {"enabled": "cache_enabled", "maxframes": "cache_maxframes", "interval": "cache_interval"}
-
-
-def _cached_attention(args: tuple) -> dict[str, Any]:
-    shape = '{"enabled": true, "maxframes": 1..16, "interval": 1..1000}'
-    v = _json(args, shape)
-    if not isinstance(v, dict) or not v:
-        raise OscError(f"expected a JSON object {shape}; got {_type(v)}")
-    unknown = sorted(set(v) - set(_CACHE_KEYS))
-    if unknown:
-        raise OscError(f"unknown keys {unknown}; expected any of {sorted(_CACHE_KEYS)}")
-    out: dict[str, Any] = {}
-    if "enabled" in v:
-        if not isinstance(v["enabled"], bool):
-            raise OscError(f"'enabled' must be true or false; got {_type(v['enabled'])}")
-        out["cache_enabled"] = v["enabled"]
-    if "maxframes" in v:
-        out["cache_maxframes"] = _integer(v["maxframes"], 1, 16)
-    if "interval" in v:
-        out["cache_interval"] = _integer(v["interval"], 1, 1000)
-    return out
-
-
-@dataclass(frozen=True)
-class Control:
-    key: Key
-    parse: Callable[[tuple], Any]
-    signature: str
-
-
-CONTROLS: dict[str, Control] = {
-    "/prompt": Control(Key.PROMPT, lambda a: PromptSpec.parse(_text(a)), "s"),
-    "/negative_prompt": Control(Key.NEGATIVE_PROMPT, _text, "s"),
-    "/prompt_list": Control(Key.PROMPT, _prompt_list, "s (JSON)"),
-    "/prompt_interpolation": Control(Key.PROMPT_INTERPOLATION, _interpolation, "s"),
-    "/seed": Control(Key.SEED, _seed, "i"),
-    "/seed_list": Control(Key.SEED, _seed_list, "s (JSON)"),
-    "/guidance_scale": Control(Key.GUIDANCE_SCALE, lambda a: _number(_one(a, "number"), 0.0, 30.0), "f"),
-    "/delta": Control(Key.DELTA, lambda a: _number(_one(a, "number"), 0.0, 10.0), "f"),
-    "/t_list": Control(Key.T_LIST, _t_list, "i..."),
-    "/similar_filter": Control(Key.SIMILAR_FILTER, _similar_filter, "f"),
-    "/cached_attention": Control(Key.CACHED_ATTENTION, _cached_attention, "s (JSON)"),
-}
-ACTIONS = {a.value: a for a in Action}
-ADDRESSES = sorted([*CONTROLS, *ACTIONS])
-
-
-def _action_fires(args: tuple) -> bool:
-    if not args:
-        return True
-    if len(args) > 1:
-        raise OscError(f"expected no argument or one number; got {len(args)} arguments")
-    v = args[0]
-    if isinstance(v, (bool, int, float)) and not (isinstance(v, float) and not math.isfinite(v)):
-        return bool(v)
-    raise OscError(f"expected no argument or one number; got {_type(v)}")
 
 
 # -------------------------------------------------------------------------------------------------- mailbox
