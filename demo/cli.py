@@ -1,9 +1,10 @@
 """`rtdiffusion demo`: serve the live VJ web app.
 
-    rtdiffusion demo --model stabilityai/sd-turbo --width 512 --height 512
+    rtdiffusion demo --model stabilityai/sd-turbo                            # the model's own size
     rtdiffusion demo --model random:tiny --width 64 --height 64 --port 0     # any free port, logged
 
-Imports stay light here: FastAPI, uvicorn and the engine load only when the command runs.
+Imports stay light here: FastAPI, uvicorn and the engine load only when the command runs. The engine
+flags are the ones every subcommand shares (rtdiffusion/cli/common.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import ipaddress
 import logging
 import socket
 
+from rtdiffusion.cli.common import add_engine_args, add_option, build_engine, check_engine_args
+from rtdiffusion.vocabulary import DEFAULT_STEPS, DEFAULT_STRENGTH
+
 log = logging.getLogger(__name__)
 
 
@@ -20,22 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "demo", help="serve the live VJ web app (camera in, live output, prompt/seed controls)",
         description="Serve a local web app: the control page at /, the projector page at /output.")
-    p.add_argument("--model", required=True, help="model id or folder (random:tiny for a quick test)")
-    p.add_argument("--width", type=int, default=512, help="engine width in pixels (default 512)")
-    p.add_argument("--height", type=int, default=512, help="engine height in pixels (default 512)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto, float16, bfloat16 or float32")
-    p.add_argument("--backend", default="auto", help="auto, eager, graph, compiled or trt")
-    p.add_argument("--prompt", default="", help="prompt A at start")
-    p.add_argument("--negative-prompt", default="", help="negative prompt at start")
-    p.add_argument("--seed", type=int, default=2, help="seed at start")
-    p.add_argument("--strength", type=float, default=0.35,
-                   help="0 keeps the input, 1 restyles fully (maps to t_index_list; default 0.35)")
-    p.add_argument("--steps", type=int, default=1, help="denoising steps per frame at start (default 1)")
-    p.add_argument("--max-steps", type=int, default=4, help="the most steps the page offers (default 4)")
-    p.add_argument("--cfg", default="none", choices=["none", "self", "initialize", "full"],
-                   help="residual CFG mode at start")
-    p.add_argument("--guidance", type=float, default=1.2, help="guidance scale at start")
+    add_engine_args(p, prompt={"note": "prompt A at start"}, seed={"note": "at start"},
+                    strength={"note": "at start"}, steps={"note": "at start, up to --max-steps"})
+    add_option(p, "--max-steps", note="the page offers (default 4)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 lets the network in)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
@@ -59,12 +50,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _check_args(args: argparse.Namespace) -> None:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be from 0 to 65535; got {args.port}")
-    if not 0.0 <= args.strength <= 1.0:
-        raise ValueError(f"--strength must be from 0 to 1; got {args.strength}")
     if not 1 <= args.max_steps <= 16:
         raise ValueError(f"--max-steps must be from 1 to 16; got {args.max_steps}")
-    if not 1 <= args.steps <= args.max_steps:
-        raise ValueError(f"--steps must be from 1 to --max-steps ({args.max_steps}); got {args.steps}")
+    if args.frame_buffer_size != 1:
+        raise ValueError(f"--frame-buffer-size must be 1 for demo (the page sends one frame at a time); "
+                         f"got {args.frame_buffer_size}")
+    check_engine_args(args)  # every engine flag, named as a flag, before the port is bound or the model loads
+    steps = len(args.t_index_list) if args.t_index_list else args.steps or DEFAULT_STEPS
+    if steps > args.max_steps:
+        raise ValueError(f"--steps must be from 1 to --max-steps ({args.max_steps}); got {steps}")
     if not 0.0 <= args.min_frame_ms <= 60_000:
         raise ValueError(f"--min-frame-ms must be from 0 to 60000; got {args.min_frame_ms}")
 
@@ -90,10 +84,8 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     import uvicorn
 
-    from rtdiffusion import StreamEngine
-
     from .protocol import Format
-    from .server import Controls, DemoOptions, DemoServer, t_index_for
+    from .server import Controls, DemoOptions, DemoServer
 
     options = DemoOptions(min_frame_ms=args.min_frame_ms,
                           output_format=Format.JPEG if args.output_format == "jpeg" else Format.RGB,
@@ -103,14 +95,16 @@ def run(args: argparse.Namespace) -> int:
     sock = _bind(args.host, args.port)  # first: a busy port fails before the model loads
     host, port = sock.getsockname()[:2]
     try:
-        log.info("loading %s at %dx%d", args.model, args.width, args.height)
-        engine = StreamEngine.from_pretrained(args.model, width=args.width, height=args.height, t_index_list=[32],
-                                              cfg=args.cfg, device=args.device, dtype=args.dtype, seed=args.seed,
-                                              backend=args.backend)
-        server = DemoServer(engine, options, Controls(prompt_a=args.prompt, negative_prompt=args.negative_prompt,
-                                                      seed=args.seed, strength=args.strength, steps=args.steps,
-                                                      cfg=args.cfg, guidance_scale=args.guidance))
-        server.controls.t_index_list = t_index_for(args.strength, args.steps, server.num_inference_steps)
+        log.info("loading %s", args.model)
+        engine = build_engine(args)
+        s = engine.status()  # strength / steps / t_index_list as the engine resolved the flags
+        server = DemoServer(engine, options, Controls(
+            prompt_a=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
+            strength=args.strength if args.strength is not None else
+            s["strength"] if args.t_index_list else DEFAULT_STRENGTH, steps=s["steps"],
+            t_index_list=s["t_index_list"], cfg=args.cfg, guidance_scale=args.guidance,
+            delta=args.delta, similar_filter=args.similar_filter is not None,
+            similar_threshold=s["similar_filter"]["threshold"]))
         server.apply_initial_controls()
     except BaseException:
         sock.close()

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from rtdiffusion.vocabulary import t_index_for  # noqa: F401  (the one strength/steps mapping)
+
 log = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 2000
@@ -130,21 +132,6 @@ class PresetBody(_Body):
 
 
 PRESET_FIELDS = tuple(PresetBody.model_fields)
-
-
-def t_index_for(strength: float, steps: int, num_inference_steps: int) -> list[int]:
-    """Map the page's strength (0 = keep the input, 1 = restyle fully) and step count to a t_index_list.
-
-    The first (noisiest) index is ``round((1 - strength) * (N - 1))``, kept low enough that ``steps`` distinct
-    indices fit below N; the others are spread evenly between it and N.
-    """
-    n = num_inference_steps
-    steps = max(1, min(int(steps), n))
-    first = min(round((1.0 - strength) * (n - 1)), n - steps)
-    out = [first + round(i * (n - first) / steps) for i in range(steps)]
-    for i in range(1, steps):  # rounding may repeat an index: keep them strictly increasing
-        out[i] = max(out[i], out[i - 1] + 1)
-    return out
 
 
 def prompt_argument(c: Controls) -> str | list[tuple[str, float]]:

@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
             if engine.backend in FIRST_FRAME:
                 log.info("%s: the first frame %s, which may take minutes", engine.backend,
                          "compiles the networks" if engine.backend == "compiled" else "captures the frame")
-            start = time.perf_counter()
+            start = getattr(bar, "start_t", None) or time.time()  # the bar's own clock (time.time)
             for frame in frames:
                 if stop.signum is not None:
                     break
@@ -121,7 +121,9 @@ def run(args: argparse.Namespace) -> int:
                 if len(times) == 1:
                     bar.set_description("rtdiffusion")
                 bar.update(1)
-            wall = time.perf_counter() - start
+            end = time.time()
+            bar._time = lambda: end  # freeze the bar's clock: its final rate and the summary's are one figure
+            wall = end - start
         finally:
             stop.closing = True
             if bar is not None:

@@ -14,7 +14,7 @@ BASE = ["demo", "--model", "random:tiny", "--width", "64", "--height", "64", "--
 
 @pytest.mark.parametrize("extra, words", [
     (["--port", "70000"], "--port must be from 0 to 65535"),
-    (["--strength", "1.5"], "--strength must be from 0 to 1"),
+    (["--strength", "1.5"], "--strength must be a number from 0 (keep the input) to 1"),
     (["--steps", "5"], "--steps must be from 1 to --max-steps (4)"),
     (["--min-frame-ms", "-5"], "--min-frame-ms must be from 0 to 60000"),
     (["--jpeg-quality", "0"], "jpeg quality must be an integer from 1 to 100"),
