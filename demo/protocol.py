@@ -27,7 +27,9 @@ Text messages are JSON objects with a type field ``t``:
                       {"t": "ping"}               answered with {"t": "pong"}
     server -> client  {"t": "hello", ...}         once, on connect: role, width, height, formats, max_bytes
                       {"t": "ack", "id": N}       the input frame N is in the worker's mailbox: send the next
-                      {"t": "status", ...}        a few times a second: fps, drops, backend, controls
+                      {"t": "status", ...}        a few times a second: fps, frames in/out, drops, busy_ms
+                                                  (how long the engine has been on its current frame; 0 = idle),
+                                                  errors, backend, controls, recording
                       {"t": "error", "code": C, "message": M}   a message was rejected; the socket stays open
                       {"t": "replaced"}           a newer control page took over; this socket is closed
 
