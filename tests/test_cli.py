@@ -78,6 +78,8 @@ BAD_RUN_ARGS = {
                       ["input 'missing.mp4' does not exist", "expected 'synthetic', a video file or an image folder"]),
     "output-ext": (["--input", "synthetic", "--output", "o.gif", "--frames", "2"],
                    ["output 'o.gif': expected a video file (.mp4", "or a folder"]),
+    "width-0": (["--input", "synthetic", "--output", "o.mp4", "--width", "0"],
+                ["argument --width: must be a multiple of 8 from 8 to 4096 pixels (leave it out for the model's own"]),
 }
 
 
@@ -209,6 +211,7 @@ def test_run_bad_arguments(runs, name):
     r, cwd = runs[f"bad-{name}"]
     assert_clean_failure(r, *BAD_RUN_ARGS[name][1])
     assert not (cwd / "o.mp4").exists() and not (cwd / "o.gif").exists()
+    assert "building random:tiny" not in r.stderr and "engine ready" not in r.stderr  # refused before loading
 
 
 def test_installed_script(runs):

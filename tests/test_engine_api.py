@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -638,3 +639,55 @@ def test_a_backend_that_cannot_capture_falls_back_to_eager_loudly(make_engine, c
     assert any("falling back to eager" in r.getMessage() for r in caplog.records)
     np.testing.assert_array_equal(out, expect(FRAME))
     np.testing.assert_array_equal(engine(FRAME), expect(FRAME))
+
+
+# ---- one vocabulary: strength / steps, and CPU threads ------------------------------------------------------
+
+def test_strength_and_steps_are_the_friendly_form_of_t_index_list(make_engine):
+    """from_pretrained(strength=, steps=) and update(strength=, steps=) set t_index_list through the one
+    mapping (rtdiffusion/vocabulary.py); status() reports both forms; the frames equal the expert form's."""
+    from rtdiffusion.vocabulary import t_index_for
+
+    engine = StreamEngine.from_pretrained("random:tiny", device="cpu", strength=0.6, steps=3)
+    s = engine.status()
+    assert s["t_index_list"] == t_index_for(0.6, 3, 50) == [20, 30, 40] and s["steps"] == 3
+    assert s["strength"] == pytest.approx(0.6, abs=0.01)
+    expert = make_engine(t_index_list=[20, 30, 40])
+    for _ in range(3):
+        np.testing.assert_array_equal(engine(FRAME), expert(FRAME))
+    engine.update(steps=1)  # strength kept
+    engine(FRAME)
+    assert engine.status()["t_index_list"] == [20]
+    engine.update(strength=0.35)  # steps kept
+    engine(FRAME)
+    assert engine.status()["t_index_list"] == [32] == list(StreamEngine.from_pretrained(
+        "random:tiny", device="cpu").settings.t_index_list)  # the defaults agree: strength 0.35, 1 step
+    for bad, words in [(dict(strength=1.5), "strength must be a number from 0 (keep the input) to 1"),
+                       (dict(strength=math.nan), "strength must be a number"),
+                       (dict(steps=0), "steps must be an integer from 1 to 16"),
+                       (dict(steps=2.0), "steps must be an integer"),
+                       (dict(strength=0.5, t_index_list=[10]), "give either t_index_list or strength / steps")]:
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            engine.update(**bad)
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            StreamEngine.from_pretrained("random:tiny", device="cpu", **bad)
+    engine(FRAME)
+    assert engine.status()["t_index_list"] == [32]  # the rejected updates changed nothing
+
+
+def test_cpu_inference_uses_the_asked_or_a_sane_thread_count():
+    from rtdiffusion.config import default_cpu_threads
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert default_cpu_threads() == max(1, min(8, cores // 2))  # 1 on a 2-core machine
+    before = torch.get_num_threads()
+    try:
+        engine = StreamEngine.from_pretrained("random:tiny", device="cpu", threads=2)
+        assert torch.get_num_threads() == 2 and engine.status()["threads"] == 2
+        StreamEngine.from_pretrained("random:tiny", device="cpu", threads=1)
+        assert torch.get_num_threads() == 1
+        for bad in (0, -1, 2.5, "many", True):
+            with pytest.raises(ConfigError, match="threads must be 'auto' or an integer from 1 to 1024"):
+                StreamEngine.from_pretrained("random:tiny", device="cpu", threads=bad)
+    finally:
+        torch.set_num_threads(before)
