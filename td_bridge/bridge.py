@@ -318,6 +318,10 @@ class Bridge:
                     e.update(delta=value)
                 elif key is Key.T_LIST:
                     e.update(t_index_list=list(value))
+                elif key is Key.STRENGTH:
+                    e.update(strength=value)
+                elif key is Key.STEPS:
+                    e.update(steps=value)
                 elif key is Key.SIMILAR_FILTER:
                     enabled, threshold = value
                     kw = {"similar_filter": enabled}

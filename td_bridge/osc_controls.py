@@ -47,6 +47,8 @@ class Key(enum.Enum):
     GUIDANCE_SCALE = "guidance_scale"
     DELTA = "delta"
     T_LIST = "t_list"
+    STRENGTH = "strength"  # /strength and /steps: the friendly pair, mapped to t_index_list by the engine
+    STEPS = "steps"
     SIMILAR_FILTER = "similar_filter"
     CACHED_ATTENTION = "cached_attention"
 
@@ -206,6 +208,8 @@ CONTROLS: dict[str, Control] = {
     "/guidance_scale": Control(Key.GUIDANCE_SCALE, lambda a: _number(_one(a, "number"), 0.0, 30.0), "f"),
     "/delta": Control(Key.DELTA, lambda a: _number(_one(a, "number"), 0.0, 10.0), "f"),
     "/t_list": Control(Key.T_LIST, _t_list, "i..."),
+    "/strength": Control(Key.STRENGTH, lambda a: _number(_one(a, "number"), 0.0, 1.0), "f"),
+    "/steps": Control(Key.STEPS, lambda a: _integer(_one(a, "integer"), 1, 16), "i"),
     "/similar_filter": Control(Key.SIMILAR_FILTER, _similar_filter, "f"),
     "/cached_attention": Control(Key.CACHED_ATTENTION, _cached_attention, "s (JSON)"),
 }

@@ -164,3 +164,30 @@ def test_engine_flags_fail_with_flag_names_before_loading(caplog, argv, message)
             assert main([command, "--model", "random:tiny", *extra, *argv]) == 2, command
         assert message in caplog.text, command
         assert "engine ready" not in caplog.text and "building random:tiny" not in caplog.text
+
+
+def test_osc_has_the_friendly_pair_too():
+    """/strength and /steps reach the engine as update(strength=) / update(steps=), with the ranges the API
+    and the CLI use; a bad value is refused at the OSC boundary."""
+    import socket
+
+    import numpy as np
+
+    from rtdiffusion import StreamEngine
+    from td_bridge.bridge import Bridge, BridgeConfig
+    from td_bridge.osc import CONTROLS, OscError, OscSender
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink:
+        sink.bind(("127.0.0.1", 0))
+        bridge = Bridge(BridgeConfig(model="random:tiny"))
+        bridge.sender = OscSender("127.0.0.1", sink.getsockname()[1])
+        bridge.engine = StreamEngine.from_pretrained("random:tiny", device="cpu")
+        for address, args in [("/steps", (3,)), ("/strength", (0.6,))]:
+            control = CONTROLS[address]
+            bridge.mailbox.put(control.key, address, control.parse(args))
+        bridge._apply_controls()
+        bridge.engine(np.zeros((64, 64, 3), np.uint8))
+        assert bridge.engine.status()["t_index_list"] == t_index_for(0.6, 3, 50)
+    for address, bad in [("/strength", (1.5,)), ("/strength", ("x",)), ("/steps", (0,)), ("/steps", (17,))]:
+        with pytest.raises(OscError):
+            CONTROLS[address].parse(bad)
