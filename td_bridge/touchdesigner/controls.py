@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 from typing import Any, Callable, NamedTuple
 
-NUM_INFERENCE_STEPS = 50  # the bridge's scheduler length: /t_list indices are < this
-
 
 def prompt(osc_out, text):
     osc_out.sendOSC("/prompt", [str(text)])
@@ -48,9 +46,14 @@ def t_list(osc_out, steps):
     osc_out.sendOSC("/t_list", [int(s) for s in steps])
 
 
-def strength_steps(osc_out, strength, steps, num_inference_steps=NUM_INFERENCE_STEPS):
-    """Strength (0 keeps the input, 1 restyles fully) and steps per frame, sent as the /t_list they mean."""
-    t_list(osc_out, t_index_for(strength, steps, num_inference_steps))
+def strength(osc_out, value):
+    """0 keeps the input, 1 restyles fully; the engine maps strength and steps to its t_index_list."""
+    osc_out.sendOSC("/strength", [float(value)])
+
+
+def steps(osc_out, value):
+    """Denoising steps per frame (1..4 is the useful range live)."""
+    osc_out.sendOSC("/steps", [int(value)])
 
 
 def pause(osc_out):
@@ -73,26 +76,12 @@ def stop(osc_out):
     osc_out.sendOSC("/stop", [])
 
 
-def t_index_for(strength: float, steps: int, num_inference_steps: int = NUM_INFERENCE_STEPS) -> list[int]:
-    """The same mapping as the web app's strength/steps controls (demo/server.py ``t_index_for``; a test
-    keeps the two equal). The first (noisiest) index is ``round((1 - strength) * (N - 1))``, kept low enough
-    that ``steps`` distinct indices fit below N; the others are spread evenly between it and N."""
-    n = num_inference_steps
-    strength = min(max(float(strength), 0.0), 1.0)
-    steps = max(1, min(int(steps), n, 16))
-    first = min(round((1.0 - strength) * (n - 1)), n - steps)
-    out = [first + round(i * (n - first) / steps) for i in range(steps)]
-    for i in range(1, steps):  # rounding may repeat an index: keep them strictly increasing
-        out[i] = max(out[i], out[i - 1] + 1)
-    return out
-
-
 # ------------------------------------------------------------------------- component parameters -> messages
 class Control(NamedTuple):
     """One custom parameter on the component's Controls page and the OSC message it sends.
 
     kind: str | int | float | toggle | pulse.  message(value, pars) -> (address, [values]) or None; ``pars``
-    is the component's parameter collection, for controls sent together (Strength and Steps).
+    is the component's parameter collection, for a control whose message needs other parameters too.
     """
 
     name: str
@@ -103,16 +92,12 @@ class Control(NamedTuple):
     message: Callable[[Any, Any], tuple[str, list] | None]
 
 
-def _t_list_message(_value, pars):
-    return "/t_list", t_index_for(pars.Strength.eval(), pars.Steps.eval())
-
-
 PARAMETERS: tuple[Control, ...] = (
     Control("Prompt", "Prompt", "str", "", None, lambda v, p: ("/prompt", [str(v)])),
     Control("Negative", "Negative Prompt", "str", "", None, lambda v, p: ("/negative_prompt", [str(v)])),
     Control("Seed", "Seed", "int", 2, (0, 2**31 - 1), lambda v, p: ("/seed", [int(v)])),
-    Control("Strength", "Strength", "float", 0.35, (0.0, 1.0), _t_list_message),
-    Control("Steps", "Steps per Frame", "int", 1, (1, 4), _t_list_message),
+    Control("Strength", "Strength", "float", 0.35, (0.0, 1.0), lambda v, p: ("/strength", [float(v)])),
+    Control("Steps", "Steps per Frame", "int", 1, (1, 4), lambda v, p: ("/steps", [int(v)])),
     Control("Guidance", "Guidance Scale", "float", 1.2, (0.0, 30.0), lambda v, p: ("/guidance_scale", [float(v)])),
     Control("Pause", "Pause", "toggle", False, None, lambda v, p: ("/pause" if v else "/play", [])),
     Control("Step", "Step One Frame", "pulse", None, None, lambda v, p: ("/process_frame", [])),
@@ -137,16 +122,15 @@ def send_parameter(osc_out, pars, name: str) -> tuple[str, list] | None:
 
 
 def send_all(osc_out, pars) -> list[tuple[str, list]]:
-    """Send every control's current value (pulses excepted; Strength and Steps once), e.g. when the engine
-    has just become ready, so it matches the panel."""
-    sent, seen = [], set()
+    """Send every control's current value (pulses excepted), e.g. when the engine has just become ready, so
+    it matches the panel."""
+    sent = []
     for control in (*PARAMETERS, *CONTROLNET):
         if control.kind == "pulse":
             continue
         msg = control.message(getattr(pars, control.name).eval(), pars)
-        if msg is None or (msg[0], tuple(msg[1])) in seen:
+        if msg is None:
             continue
-        seen.add((msg[0], tuple(msg[1])))
         osc_out.sendOSC(msg[0], msg[1])
         sent.append(msg)
     return sent

@@ -118,8 +118,8 @@ def test_parameters_send_what_the_bridge_accepts_over_real_osc(project, inbox):
     comp.par.Step.pulse()
     project.frame()
     for address, args in (("/prompt", ("a watercolor city",)), ("/negative_prompt", ("blurry",)), ("/seed", (42,)),
-                          ("/guidance_scale", (1.5,)), ("/t_list", tuple(controls.t_index_for(0.8, 1))),
-                          ("/pause", ()), ("/t_list", tuple(controls.t_index_for(0.8, 3))), ("/play", ()),
+                          ("/guidance_scale", (1.5,)), ("/strength", (pytest.approx(0.8),)),
+                          ("/pause", ()), ("/steps", (3,)), ("/play", ()),
                           ("/process_frame", ())):
         inbox.wait(address, lambda p, args=args: p == args, timeout=30)
     for address, args in list(inbox.messages):  # every one passes the bridge's own validation
@@ -129,23 +129,9 @@ def test_parameters_send_what_the_bridge_accepts_over_real_osc(project, inbox):
             assert address in ACTIONS
     mark = inbox.mark()
     comp.par.Sendall.pulse()
-    for address, args in (("/seed", (42,)), ("/t_list", tuple(controls.t_index_for(0.8, 3))), ("/play", ()),
+    for address, args in (("/seed", (42,)), ("/strength", (pytest.approx(0.8),)), ("/steps", (3,)), ("/play", ()),
                           ("/prompt", ("a watercolor city",))):
         inbox.wait(address, lambda p, args=args: p == args, after=mark, timeout=30)
-
-
-def test_strength_and_steps_map_like_the_web_app():
-    from demo.server import t_index_for
-
-    try:
-        from rtdiffusion.vocabulary import t_index_for as engine_t_index_for
-    except ImportError:  # older checkouts: the web app's mapping is the reference
-        engine_t_index_for = t_index_for
-    for strength in (0.0, 0.1, 0.35, 0.5, 0.99, 1.0):
-        for steps in (1, 2, 3, 4):
-            assert controls.t_index_for(strength, steps) == t_index_for(strength, steps, 50)
-            assert controls.t_index_for(strength, steps) == engine_t_index_for(strength, steps, 50)
-            CONTROLS["/t_list"].parse(tuple(controls.t_index_for(strength, steps)))
 
 
 @pytest.mark.parametrize("build_year", [2023, 2025])
