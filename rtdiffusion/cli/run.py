@@ -104,8 +104,10 @@ def run(args: argparse.Namespace) -> int:
             bar = tqdm(total=count, unit="frame", disable=args.no_progress, smoothing=0,
                        desc=FIRST_FRAME.get(engine.backend, "rtdiffusion"))
             if engine.backend in FIRST_FRAME:
-                log.info("%s: the first frame %s, which may take minutes", engine.backend,
-                         "compiles the networks" if engine.backend == "compiled" else "captures the frame")
+                log.info("%s: the first frame %s", engine.backend,
+                         "compiles the networks, which may take minutes (a restart that finds AOTInductor packages "
+                         "in the engine cache only loads them)" if engine.backend == "compiled"
+                         else "captures the CUDA graph")
             start = getattr(bar, "start_t", None) or time.time()  # the bar's own clock (time.time)
             for frame in frames:
                 if stop.signum is not None:
