@@ -18,7 +18,6 @@ The worker never waits on the encoder: a full queue drops the frame and counts i
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import re
 import tempfile
@@ -42,11 +41,12 @@ class RecordingError(RuntimeError):
 
 
 class Recorder:
-    """folder: where files go (created; None = a new temporary folder). width, height: the engine's size."""
+    """folder: where files go (created at the first recording; None = a new temporary folder then).
+    width, height: the engine's size."""
 
     def __init__(self, folder: str | None, width: int, height: int) -> None:
-        self.folder = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="rtdiffusion-recordings-"))
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self._given = Path(folder) if folder else None
+        self.folder: Path | None = None  # made at the first start(), so a server that never records leaves nothing
         self.width, self.height = width, height
         self._lock = threading.Lock()
         self._queue: queue.Queue[Any] = queue.Queue(QUEUE_FRAMES)
@@ -65,6 +65,14 @@ class Recorder:
         with self._lock:
             if self._thread is not None:
                 raise RecordingError(f"already recording to {self._name}; stop it first")
+            if self.folder is None:
+                try:
+                    if self._given is not None:
+                        self._given.mkdir(parents=True, exist_ok=True)
+                    self.folder = self._given or Path(tempfile.mkdtemp(prefix="rtdiffusion-recordings-"))
+                except OSError as exc:
+                    raise RecordingError(f"cannot make the recordings folder {self._given or 'in the temp folder'}: "
+                                         f"{exc.strerror or exc}") from None
             name = self._new_name()
             path = self.folder / name
             try:
@@ -92,12 +100,17 @@ class Recorder:
             self._queue.put(_STOP)  # blocks only while the encoder drains a full queue
             thread.join()
             self._thread = None
-            info = {"file": self._name, "url": f"/api/recordings/{self._name}", "frames": self._frames,
+            path = self.folder / self._name
+            if self._frames == 0:  # nothing to offer: no empty, unplayable file is left behind
+                path.unlink(missing_ok=True)
+                self._error = self._error or "no output frames arrived while recording (is a source running?)"
+            info = {"file": self._name if self._frames else None,
+                    "url": f"/api/recordings/{self._name}" if self._frames else None, "frames": self._frames,
                     "dropped": self._dropped, "seconds": round(time.monotonic() - self._started, 2),
-                    "bytes": os.path.getsize(self.folder / self._name), "error": self._error}
+                    "bytes": path.stat().st_size if self._frames else 0, "error": self._error}
             self._last = info
-            log.info("recorded %d frames to %s (%d dropped)", self._frames, self.folder / self._name,
-                     self._dropped)
+            log.info("recorded %d frames to %s (%d dropped)%s", self._frames, path, self._dropped,
+                     f"; {self._error}" if self._error else "")
             return {**self._status_locked(), "last": info}
 
     def close(self) -> None:
@@ -114,7 +127,7 @@ class Recorder:
 
     def path_of(self, name: str) -> Path | None:
         """The file for a name this recorder made, or None (never a path outside its folder)."""
-        if not NAME.match(name):
+        if not NAME.match(name) or self.folder is None:
             return None
         path = self.folder / name
         return path if path.is_file() else None

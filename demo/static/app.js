@@ -237,7 +237,10 @@
   }
   const toggleRecord = () => post("/api/record", { recording: !recording }, "POST", (r) => {
     showRecord(r);
-    if (r.last && !r.recording) say(`recorded ${r.last.frames} frames: use the download link`, true);
+    if (r.last && !r.recording) {
+      if (r.last.url) say(`recorded ${r.last.frames} frames: use the download link`, true);
+      else say(`nothing recorded: ${r.last.error}`);
+    }
   });
   $("record").addEventListener("click", toggleRecord);
 
