@@ -37,7 +37,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .osc import Action, Key, Mailbox, OscReceiver, OscSender, status_json
-from .ring import PixelFormat, RingError, RingReader, RingWriter, RowOrder
+from .ring import PixelFormat, RingError, RingReader, RingTruncated, RingWriter, RowOrder
 from .served_rings import ServedRings
 from .transfer import make_transfer
 
@@ -277,6 +277,8 @@ class Bridge:
                 tr.submit()
                 if self.state is not State.STREAMING:
                     self._set_state(State.STREAMING)
+            except RingTruncated:  # shrank since rings.check() above: the next check replaces it and says so
+                continue
             except RingError as exc:  # a slot stuck mid-write, a corrupt `published`: the same every loop
                 now = time.monotonic()
                 if now - read_error_at > 1.0:  # at most one report a second while it stays broken

@@ -31,11 +31,12 @@ import time
 from collections import deque
 from typing import Any
 
-from .ring import RingError, RingLayout, RingReader, RingTruncated, RingWriter
+from .ring import RingError, RingLayout, RingReader, RingTruncated, RingWriter, probe
 
 log = logging.getLogger(__name__)
 
 REPORT_EVERY_S = 1.0  # a problem that stays (a header rewritten every loop) is reported at most this often
+NAME_CHECK_S = 1.0  # how often the bridge looks its rings' names up (someone may have removed them)
 
 
 class ServedRings:
@@ -52,6 +53,7 @@ class ServedRings:
         self.recreated = 0
         self.repaired = 0
         self._reported_at: dict[str, float] = {}
+        self._names_checked_at = time.monotonic()
 
     # ------------------------------------------------------------------------------------------ opening
     def open(self, width: int, height: int) -> None:
@@ -113,27 +115,54 @@ class ServedRings:
 
     # ------------------------------------------------------------------------------------------ checking
     def check(self) -> bool:
-        """Size, geometry and flags of both rings; True when a ring was replaced (re-point the transfer)."""
+        """Size, geometry and flags of both rings, and about once a second their names; True when a ring was
+        replaced (re-point the transfer)."""
         replaced = False
+        now = time.monotonic()
+        names_due = now - self._names_checked_at >= NAME_CHECK_S
+        if names_due:
+            self._names_checked_at = now
         for what in ("/ring/input", "/ring/output"):
             ring = self.reader if what == "/ring/input" else self.writer
             try:
                 ring.check_header()
             except RingTruncated as exc:
-                self._recreate(what, ring, exc)
+                self._recreate(what, ring, f"{exc}; the bridge made a new ring", unlink=True)
                 replaced = True
+                continue
             except RingError as exc:
                 self.repaired += 1
                 ring.repair_header()
                 if self._due(f"{what} {exc}"):  # a new kind at once; the same again at most once a second
                     self.problem(what, f"{exc}; the bridge rewrote the header")
+            if names_due:
+                replaced |= self._check_name(what, ring)
         return replaced
 
-    def _recreate(self, what: str, old, exc: RingError) -> None:
+    def _check_name(self, what: str, ring) -> bool:
+        """Is ``ring.name`` still this ring? Removed (say by the resource tracker of a bridge that crashed,
+        cleaning up after it just as this one re-made the name): make it again. Taken by another segment:
+        say so (the other one's owner decides)."""
+        try:
+            session, _ = probe(ring.name)
+        except RingError as exc:
+            if "no shared memory named" not in str(exc):
+                if self._due(f"{what} name {exc}"):
+                    self.problem(what, f"the name {ring.name!r} now opens something else: {exc}")
+                return False
+            self._recreate(what, ring, f"the name {ring.name!r} was removed while the bridge served it (another "
+                                       f"process unlinked it); the bridge made a new ring", unlink=False)
+            return True
+        if session != ring.session and self._due(f"{what} name taken {session}"):
+            self.problem(what, f"the name {ring.name!r} now belongs to another ring (session {session:016x}, "
+                               f"this bridge serves {ring.session:016x}): another bridge uses the same name?")
+        return False
+
+    def _recreate(self, what: str, old, why: str, unlink: bool) -> None:
         kind, name = type(old), old.name
         last = getattr(old, "last_index", -1)
         with self.lock:
-            old.close(unlink=True)  # marks it CLOSED if the header page is still there; pixels untouched
+            old.close(unlink=unlink)  # marks it CLOSED if the header page is still there; pixels untouched
             try:
                 ring = kind.create(name, self.layout)
             except RingError:  # somebody made the name again in between: let the OS pick one
@@ -146,8 +175,8 @@ class ServedRings:
             else:
                 self.writer = ring
         self.recreated += 1
-        self.problem(what, f"{exc}; the bridge made a new ring {ring.name!r} (session {session:016x}); "
-                           f"clients re-attach to it within a second or two")
+        self.problem(what, f"{why} {ring.name!r} (session {session:016x}); clients re-attach to it within a "
+                           f"second or two")
 
     def _due(self, key: str) -> bool:
         now = time.monotonic()

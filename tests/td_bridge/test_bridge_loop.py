@@ -188,3 +188,21 @@ def test_closed_flag_cleared_only_on_a_ring_the_bridge_adopts(shm_name):
     finally:
         good.close()
         wrong.close()
+
+
+def test_a_ring_name_removed_under_the_bridge_is_made_again(shm_name):
+    """Say the resource tracker of a bridge that crashed removes the names just after a new bridge made them:
+    the new bridge looks its names up once a second, makes the ring again and says so."""
+    from td_bridge.segment import _unlink_name
+
+    b = Running(input_name=shm_name + "i", output_name=shm_name + "o").ready()
+    try:
+        mark = b.inbox.mark()
+        _unlink_name(shm_name + "i")
+        err = b.inbox.wait("/error", lambda p: p[0] == "/ring/input" and "was removed" in p[1], after=mark)
+        assert "made a new ring" in err[1]
+        with RingWriter.attach(shm_name + "i") as w:  # the name works again
+            w.write(np.zeros((16, 16, 3), np.uint8))
+            b.inbox.wait("/frame_ready", after=mark)
+    finally:
+        assert b.stop() == 0

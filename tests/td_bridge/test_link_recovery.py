@@ -205,6 +205,7 @@ def test_truncated_rings_are_replaced_and_the_bridge_stays_up(shm_name):
                 err = b.inbox.wait("/error", lambda p: p[0] == what and "truncated" in p[1], after=mark,
                                    timeout=TIMEOUT)
             assert "made a new ring" in err[1], err
+            assert len([p for p in b.inbox.all("/error", mark) if p[0] == what]) == 1  # one report, not two
             received = td.receiver.received
             wait_until(lambda: td.receiver.received >= received + 3, f"frames after {what} was replaced")
         assert b.proc.poll() is None
