@@ -58,7 +58,8 @@ def _check_args(args: argparse.Namespace) -> None:
     check_engine_args(args)  # every engine flag, named as a flag, before the port is bound or the model loads
     steps = len(args.t_index_list) if args.t_index_list else args.steps or DEFAULT_STEPS
     if steps > args.max_steps:
-        raise ValueError(f"--steps must be from 1 to --max-steps ({args.max_steps}); got {steps}")
+        given = f"{steps} (the length of --t-index-list)" if args.t_index_list else str(steps)
+        raise ValueError(f"--steps must be from 1 to --max-steps ({args.max_steps}); got {given}")
     if not 0.0 <= args.min_frame_ms <= 60_000:
         raise ValueError(f"--min-frame-ms must be from 0 to 60000; got {args.min_frame_ms}")
 
