@@ -180,6 +180,9 @@ class DemoServer:
                  self.options.output_format.name, self.options.min_frame_ms)
         hosts = ", ".join(sorted(self.policy.hosts))
         log.info("answering to host names: %s (others are refused; --allow-host NAME adds one)", hosts)
+        if self.options.bound_host in ("0.0.0.0", "::") and not self.options.allowed_hosts:
+            log.warning("listening on every address, but other machines use this one's name or address as the Host: "
+                        "add --allow-host <that name or address> for them (a token is then required)")
         if self.token:
             log.warning("every request needs the token %s: open the page as http://HOST:PORT/?token=%s "
                         "(scripts: header 'Authorization: Bearer %s')", self.token, self.token, self.token)
