@@ -22,6 +22,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
@@ -47,8 +48,13 @@ def short(value: Any, limit: int = ECHO_CHARS) -> str:
     return f"{text[:limit]}... ({size})"
 
 
+HOST_FORM = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?$")
+
+
 def host_name(host_header: str) -> str | None:
-    """'Example.COM:8000' -> 'example.com', '[::1]:80' -> '::1'; None for an unparsable Host."""
+    """'Example.COM:8000' -> 'example.com', '[::1]:80' -> '::1'; None for anything but name-or-address[:port]."""
+    if not HOST_FORM.match(host_header):
+        return None  # userinfo ('evil@127.0.0.1'), paths, spaces: no browser sends them
     try:
         name = urlsplit("//" + host_header).hostname
     except ValueError:
@@ -74,7 +80,7 @@ class AccessPolicy:
             name = host_name(h)
             if not name or name != h.strip().lower().strip("[]").rstrip("."):
                 raise ValueError(f"an allowed host is a bare name or address such as 'studio.local' or "
-                                 f"'192.168.1.20' (no scheme, port or path); got {short(h)}")
+                                 f"'192.168.1.20' or '[fe80::1]' (no scheme, port or path); got {short(h)}")
             names.add(name)
         if extra_hosts and not token:
             raise ValueError("naming extra hosts needs a token (every request must then carry it)")

@@ -147,6 +147,8 @@ def test_host_names_short_echoes_and_option_checks():
 
     assert host_name("Example.COM:8000") == "example.com" and host_name("[::1]:80") == "::1"
     assert host_name("localhost.") == "localhost" and host_name("") is None
+    for junk in ("evil.example@127.0.0.1", "127.0.0.1/x", "127.0.0.1 :80", "localhost:80:80", "[::1"):
+        assert host_name(junk) is None, junk
     assert short("a" * 10) == repr("a" * 10)
     assert short("b" * 10_000) == repr("b" * 10_000)[:60] + "... (10000 characters)"
     policy = AccessPolicy.build("0.0.0.0", ("Studio.Local", "192.168.1.20"), "token-1234", 65536)
