@@ -42,6 +42,7 @@ def test_build_trt_without_tensorrt_fails_clearly(caplog, tmp_path):
     (["--min-steps", "3", "--max-steps", "2", "--export-only"], "min_steps <= max_steps"),
     (["--guidance", "double", "--export-only"], "--cfg must be one of"),  # the old spelling of --cfg
     (["--frame-buffer-size", "17", "--export-only"], "--frame-buffer-size must be from 1 to 16; got 17"),
+    (["--cfg", "full", "--dtype", "float64", "--export-only"], "--dtype must be one of 'auto'"),  # flags, not API
 ])
 def test_build_rejects_bad_flags(caplog, tmp_path, argv, expect):
     with caplog.at_level(logging.ERROR):
