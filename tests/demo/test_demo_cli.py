@@ -18,6 +18,8 @@ BASE = ["demo", "--model", "random:tiny", "--width", "64", "--height", "64", "--
     (["--steps", "5"], "--steps must be from 1 to --max-steps (4)"),
     (["--min-frame-ms", "-5"], "--min-frame-ms must be from 0 to 60000"),
     (["--jpeg-quality", "0"], "jpeg quality must be an integer from 1 to 100"),
+    (["--allow-host", "http://studio.local"], "an allowed host is a bare name or address"),
+    (["--token", "short"], "the token must be 8 to 200 characters"),
 ])
 def test_bad_flags_exit_2_with_a_clear_message(caplog, extra, words):
     with caplog.at_level(logging.ERROR):
