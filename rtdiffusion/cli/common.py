@@ -13,9 +13,12 @@ Old spellings stay as hidden aliases: ``--t-index`` (= ``--t-index-list``), ``--
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import Any
 
 from ..vocabulary import DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_STEPS, cli_spelling
+
+log = logging.getLogger(__name__)
 
 
 def pixels(text: str) -> int:
@@ -129,9 +132,7 @@ class Deprecated(argparse.Action):
         self.message = message
 
     def __call__(self, parser, namespace, values, option_string=None):
-        import logging
-
-        logging.getLogger(__name__).warning("%s", self.message)
+        log.warning("%s", self.message)
         setattr(namespace, self.dest, values)
 
 
