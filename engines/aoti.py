@@ -25,18 +25,21 @@ storage while the networks live (the engine prepares the modules' memory format 
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import json
 import logging
 import platform
+import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
 from .base import unet_added_inputs
 from .cache import CacheEntry, CacheKey, EngineCache, _canon
-from .versions import gpu_capability, library_versions, package_version, weights_fingerprint
+from .fingerprints import cached_fingerprint
+from .versions import gpu_capability, package_version, weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,14 @@ PACKAGE = "model.pt2"
 BASE_OPTIONS = {"aot_inductor.package_constants_in_so": False}
 # Inductor options that need the weights' values inside the artifact; dropped from presets here.
 NEEDS_WEIGHTS = ("freezing",)
+
+
+@functools.cache
+def versions(cuda: bool) -> dict[str, str | None]:
+    """What a package depends on (key and manifest); not versions.library_versions(), which imports onnx,
+    onnxruntime and tensorrt: seconds of a restart for libraries no package uses."""
+    return {"torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": package_version("diffusers"),
+            "triton": package_version("triton") if cuda else None}
 
 
 class NetworkKind(enum.Enum):
@@ -145,7 +156,7 @@ def package_key(kind: NetworkKind, wrapper: torch.nn.Module, sig: Signature, *, 
     # diffusers' bookkeeping entries ("_use_default_values" is a list in set order, "_name_or_path" a path)
     config = {k: v for k, v in dict(getattr(net, "config", {}) or {}).items() if not k.startswith("_")}
     processors = sorted({type(m.processor).__qualname__ for m in net.modules() if hasattr(m, "processor")})
-    versions = library_versions()
+    v = versions(device.type == "cuda")
     return CacheKey(
         model=model,
         weights=weights or weights_fingerprint(wrapper),
@@ -155,8 +166,7 @@ def package_key(kind: NetworkKind, wrapper: torch.nn.Module, sig: Signature, *, 
                 "processors": processors, "constants": _digest(constants_table(wrapper))},
         dtype=sig[0][2],
         backend="aoti",
-        backend_version=(f"torch {versions['torch']}; diffusers {versions['diffusers']}; "
-                         f"triton {package_version('triton') if device.type == 'cuda' else 'n/a'}"),
+        backend_version=f"torch {v['torch']}; diffusers {v['diffusers']}; triton {v['triton'] or 'n/a'}",
         gpu=target(device),
         options={"inductor": options},
     )
@@ -218,12 +228,14 @@ class PackageRunner:
 # ---- one network, one package per signature ---------------------------------------------------------------
 @dataclass(frozen=True)
 class PackageContext:
-    """What every package of one engine shares."""
+    """What every package of one engine shares. ``identity``: where the weights came from
+    (``Components.identity``), so their fingerprint can be remembered across restarts (fingerprints.py)."""
 
     cache: EngineCache
     model: str
     device: torch.device
     options: dict[str, Any]
+    identity: Mapping[str, Any] | None = None
 
 
 class AotiNetwork:
@@ -238,6 +250,7 @@ class AotiNetwork:
         self.fallbacks: dict[str, str] = {}  # signature (as text) -> why the fallback runs it
         self.folders: list[str] = []  # cache entries in use
         self._weights: str | None = None  # fingerprint, taken at the first package (weights are fixed then)
+        self.seconds: dict[str, float] = {}  # start-up cost: fingerprint, lookup (+ build), load
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         if not self.exportable():  # e.g. the temporal KV cache's processors: stateful, run by the fallback
@@ -250,7 +263,10 @@ class AotiNetwork:
 
     def _prepare(self, sig: Signature, args: tuple[torch.Tensor, ...]) -> Callable[..., torch.Tensor]:
         ctx = self.ctx
-        self._weights = self._weights or weights_fingerprint(self.wrapper)
+        t0 = time.perf_counter()
+        if self._weights is None:
+            self._weights = cached_fingerprint(self.wrapper, ctx.identity, self.kind.value, ctx.cache.root)
+            self.seconds["fingerprint"] = round(time.perf_counter() - t0, 3)
         key = package_key(self.kind, self.wrapper, sig, model=ctx.model, device=ctx.device, options=ctx.options,
                           weights=self._weights)
         shapes = " ".join("x".join(map(str, s[0])) for s in sig)
@@ -263,7 +279,9 @@ class AotiNetwork:
 
         try:
             for attempt in (1, 2):
-                entry = ctx.cache.get_or_build(key, build, versions=library_versions())
+                t1 = time.perf_counter()
+                entry = ctx.cache.get_or_build(key, build, versions=versions(ctx.device.type == "cuda"))
+                t2 = time.perf_counter()
                 try:
                     runner = load_package(entry, self.wrapper, ctx.device)
                 except Exception as exc:  # verified on disk but unusable: rebuild once
@@ -271,6 +289,7 @@ class AotiNetwork:
                         raise
                     ctx.cache.invalidate(key, f"AOTInductor could not load it: {type(exc).__name__}: {exc}")
                     continue
+                self.seconds.update(lookup=round(t2 - t1, 3), load=round(time.perf_counter() - t2, 3))
                 self.folders.append(entry.path.name)
                 self.built += bool(built)
                 self.loaded += not built
@@ -287,7 +306,7 @@ class AotiNetwork:
 
     def describe(self) -> dict[str, Any]:
         return {"packages": list(self.folders), "built": self.built, "loaded": self.loaded,
-                "fallbacks": dict(self.fallbacks), "exportable": self.exportable()}
+                "fallbacks": dict(self.fallbacks), "exportable": self.exportable(), "seconds": dict(self.seconds)}
 
 
 class AotiNetworks:
@@ -296,9 +315,11 @@ class AotiNetworks:
     name = "compiled"
 
     def __init__(self, unet: torch.nn.Module, vae: torch.nn.Module, *, cache: EngineCache, model: str,
-                 preset: dict[str, Any], jit: Callable[[torch.nn.Module], Callable] | None = None) -> None:
+                 preset: dict[str, Any], jit: Callable[[torch.nn.Module], Callable] | None = None,
+                 identity: Mapping[str, Any] | None = None) -> None:
         device = next(unet.parameters()).device
-        ctx = PackageContext(cache=cache, model=model, device=device, options=inductor_options(preset))
+        ctx = PackageContext(cache=cache, model=model, device=device, options=inductor_options(preset),
+                             identity=identity)
         jit = jit or (lambda m: m)
 
         def network(kind: NetworkKind, wrapper: torch.nn.Module, **kw: Any) -> AotiNetwork:

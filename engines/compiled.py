@@ -69,8 +69,11 @@ class CompiledNetworks(TorchNetworks):
 
 
 def compiled_networks(unet_module: torch.nn.Module, vae_module: torch.nn.Module, *, preset: str, aoti: bool,
-                      cache: EngineCache, model: str):
-    """The networks of the 'compiled' backend: AOTInductor packages (``aoti``) or torch.compile."""
+                      cache: EngineCache, model: str, identity: dict | None = None):
+    """The networks of the 'compiled' backend: AOTInductor packages (``aoti``) or torch.compile.
+
+    identity: ``Components.identity`` (where the weights came from): lets a restart reuse the weights'
+    fingerprint instead of hashing them again (engines/fingerprints.py)."""
     if not aoti:
         return CompiledNetworks(unet_module, vae_module, preset)
     from .aoti import AotiNetworks
@@ -80,4 +83,5 @@ def compiled_networks(unet_module: torch.nn.Module, vae_module: torch.nn.Module,
     cuda = next(unet_module.parameters()).device.type == "cuda"
     # what runs a call no package can hold (the KV cache's UNet, or a failed export): torch.compile on CUDA
     jit = jit_compiler(preset) if cuda else None
-    return AotiNetworks(unet_module, vae_module, cache=cache, model=model, preset=options, jit=jit)
+    return AotiNetworks(unet_module, vae_module, cache=cache, model=model, preset=options, jit=jit,
+                        identity=identity)

@@ -105,7 +105,7 @@ def build_executor(config: EngineConfig, comps: Components):
         artifacts = compile_artifacts(config)
         nets = compiled_networks(comps.unet, comps.vae, preset=config.compile_preset.value,
                                  aoti=artifacts is CompileArtifacts.AOTI, cache=EngineCache(config.engine_dir),
-                                 model=config.model)
+                                 model=config.model, identity=comps.identity)
         reason = f"{reason}; compile artifacts: {artifacts.value}"
         if config.device.type != "cuda":  # no CUDA graphs: the compiled calls are launched from Python
             return EagerExecutor(nets, "compiled", overlap=ov), reason
