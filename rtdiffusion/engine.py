@@ -98,7 +98,7 @@ class StreamEngine:
         vk = parse_enum(VaeKind, vae, "vae")
         sk = None if scheduler is None else parse_enum(SchedulerKind, scheduler, "scheduler")
         # validate sizes early with a provisional config (the model may supply the default size)
-        choose_backend(EngineConfig(model, width or 512, height or 512, dev, dt, be, vk, frame_buffer_size,
+        choose_backend(EngineConfig(model, _given(width, 512), _given(height, 512), dev, dt, be, vk, frame_buffer_size,
                                     num_inference_steps, sk, max_vram_gb, engine_dir, kv_max_frames,
                                     compile_preset, compile_artifacts, vae_overlap=vae_overlap))
         settings = apply_updates(StreamSettings(
@@ -113,7 +113,7 @@ class StreamEngine:
                                 local_files_only=local_files_only,
                                 unet_device=torch.device("cpu") if low_vram else None)
         size = comps.default_size
-        config = EngineConfig(model, width or size, height or size, dev, dt, be, vk, frame_buffer_size,
+        config = EngineConfig(model, _given(width, size), _given(height, size), dev, dt, be, vk, frame_buffer_size,
                               num_inference_steps, sk, max_vram_gb, engine_dir, kv_max_frames, compile_preset,
                               compile_artifacts, vae_overlap=vae_overlap)
         return cls(config, comps, settings, graph_cache_size=graph_cache_size)
@@ -552,6 +552,11 @@ def _key_str(key: Any) -> str:
     layout = key[0]
     return (f"{layout.width}x{layout.height} S={layout.slots} F={layout.frames} cfg={layout.cfg.value} "
             f"{str(layout.dtype).replace('torch.', '')} kv={key[3][1]}")
+
+
+def _given(value: Any, default: int) -> Any:
+    """``default`` only when ``value`` is None: a 0 width is an error (EngineConfig says so), not "the default"."""
+    return default if value is None else value
 
 
 def _check_cache_frames(s: StreamSettings, kv_max_frames: int) -> None:

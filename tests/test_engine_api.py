@@ -691,3 +691,11 @@ def test_cpu_inference_uses_the_asked_or_a_sane_thread_count():
                 StreamEngine.from_pretrained("random:tiny", device="cpu", threads=bad)
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_zero_size_is_refused_not_taken_for_the_default():
+    """width/height None means the model's own size; 0 is a bad value, named as such (issue 12)."""
+    for kw in (dict(width=0), dict(height=0), dict(width=0, height=0)):
+        with pytest.raises(ConfigError, match=r"(width|height) must be a multiple of 8 between 8 and 4096 pixels; got 0"):
+            StreamEngine.from_pretrained("random:tiny", device="cpu", **kw)
+    assert StreamEngine.from_pretrained("random:tiny", device="cpu").width == 64  # None: the model's size
