@@ -75,8 +75,8 @@ class CountingNets:
     def encode(self, x):
         return self._count(self.nets.encode, x)
 
-    def unet(self, x, t, e):
-        return self._count(self.nets.unet, x, t, e)
+    def unet(self, x, t, e, *added):  # added: SDXL's text_embeds, time_ids
+        return self._count(self.nets.unet, x, t, e, *added)
 
     def decode(self, z):
         return self._count(self.nets.decode, z)

@@ -183,7 +183,7 @@ def count_flops(engine) -> float:
     b = st.buffers
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         nets.encode(b.image)
-        nets.unet(b.unet_in, b.t_unet, b.embeds)
+        nets.unet(b.unet_in, b.t_unet, b.embeds, *b.added)
         nets.decode(b.dec_in)
     return float(counter.get_total_flops())
 

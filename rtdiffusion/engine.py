@@ -43,7 +43,7 @@ from .config import (Backend, CacheSettings, EngineConfig, FilterSettings, Promp
 from .errors import ConfigError, FrameError
 from .executors import OVERLAP_LATENCY, CapturedFrame, EagerExecutor, LayoutState
 from .guidance import make_guidance
-from .models.loading import Components, load_components
+from .models.loading import Components, check_size_early, load_components
 from .prompts import PromptEncoder
 from .schedule import SlotConstants, slot_constants
 from .temporal import TemporalCache
@@ -109,6 +109,7 @@ class StreamEngine:
             guidance_scale=guidance_scale, delta=delta)
         _check_cache_frames(settings, kv_max_frames)
         low_vram = max_vram_gb is not None and dev.type == "cuda"
+        check_size_early(model, width, height, vk)  # random: models: a wrong size fails before building
         comps = load_components(model, dev, dt, vk, seed=model_seed, vae_id=vae_id, lora=tuple(lora),
                                 local_files_only=local_files_only,
                                 unet_device=torch.device("cpu") if low_vram else None)

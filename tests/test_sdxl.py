@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from rtdiffusion import ConfigError, StreamEngine, VaeKind
+from rtdiffusion.config import PromptSpec
 from rtdiffusion.models.families import RANDOM_ARCHS, SDXL, FamilyName
 from rtdiffusion.models.loading import load_components, read_config
 from rtdiffusion.models.text import DualClipText
@@ -142,3 +143,97 @@ def test_one_step_matches_diffusers_sdxl_img2img(xl_folder, cfg, negative):
     diff = np.abs(out.astype(int) - expect.astype(int))
     assert diff.max() <= 1, f"max pixel difference {diff.max()}"
     assert expect.std() > 5  # a real picture, not a flat one that would match anything
+
+
+# ------------------------------------------------------------------------ conditioning, prompts, modes
+@pytest.fixture(scope="module")
+def xl_components():
+    return load_components("random:tiny-sdxl", CPU, torch.float32, VaeKind.TINY)
+
+
+def test_conditioning_is_written_once_per_prompt_or_size_change(xl_components):
+    """The pooled embedding is written when the prompt changes, the size ids when a layout's buffers are
+    made; an unchanged prompt is never re-encoded and nothing is rewritten between frames."""
+    engine = StreamEngine(_config("random:tiny-sdxl"), xl_components)
+    engine.update_prompt("a red cat")
+    engine(frame())
+    cond = engine._conditioning
+    writes, encodes = dict(cond.writes), engine.status()["prompt_encodes"]
+    b = engine._state.buffers
+    addresses = [t.data_ptr() for t in b.added]
+    for i in range(4):
+        engine(frame(i))
+    assert cond.writes == writes and engine.status()["prompt_encodes"] == encodes
+    engine.update_prompt("a red cat")  # the same text again: nothing to do
+    engine(frame())
+    assert cond.writes == writes and engine.status()["prompt_encodes"] == encodes
+    pooled_before = b.added[0].clone()
+    engine.update_prompt("a blue dog")
+    engine(frame())
+    assert cond.writes == {"prompt": writes["prompt"] + 1, "size": writes["size"]}
+    assert engine.status()["prompt_encodes"] == encodes + 1
+    assert not torch.equal(b.added[0], pooled_before)
+    assert [t.data_ptr() for t in b.added] == addresses  # written in place
+    engine.update(t_index_list=[20, 40])  # a new layout: new buffers, size ids written once for them
+    engine(frame())
+    assert cond.writes["size"] == writes["size"] + 1
+    b2 = engine._state.buffers
+    assert b2.added[1].tolist() == [[H, W, 0, 0, H, W]] * 2
+    assert torch.equal(b2.added[0][0], b.added[0][0])  # the same prompt's pooled embedding in every row
+
+
+def test_blends_negative_prompts_and_every_cfg_mode(xl_components):
+    """Blends mix the pooled embedding too; a negative prompt fills the uncond rows (zeros when empty, as
+    diffusers' SDXL pipelines do); every residual-CFG mode runs and gives finite frames."""
+    engine = StreamEngine(_config("random:tiny-sdxl"), xl_components)
+    p = engine._prompts
+    red, blue = p.encode_texts(["a red cat", "a blue dog"])
+    mix = p.embed(PromptSpec.parse([("a red cat", 0.25), ("a blue dog", 0.75)], "linear", ""))
+    torch.testing.assert_close(mix.pooled, 0.25 * red.pooled + 0.75 * blue.pooled)
+    torch.testing.assert_close(mix.embeds, 0.25 * red.embeds + 0.75 * blue.embeds)
+    sl = p.embed(PromptSpec.parse([("a red cat", 0.5), ("a blue dog", 0.5)], "slerp", ""))
+    assert sl.pooled.shape == (1, 32) and not torch.allclose(sl.pooled, mix.pooled)
+    zero = p.negative(PromptSpec.parse("x", "linear", ""))
+    assert not zero.embeds.any() and not zero.pooled.any()
+    neg = p.negative(PromptSpec.parse("x", "linear", "blurry"))
+    assert neg.pooled.abs().sum() > 0
+    outs = {}
+    for cfg, steps in (("none", [32]), ("self", [20, 40]), ("initialize", [20, 40]), ("full", [20, 40])):
+        engine.update(cfg=cfg, guidance_scale=1.5, t_index_list=steps, negative_prompt="blurry",
+                      prompt=[["a red cat", 0.5], ["a blue dog", 0.5]], prompt_method="slerp")
+        for i in range(3):
+            out = engine(frame(i))
+        b = engine._state.buffers
+        U = b.layout.uncond_rows
+        if U:  # uncond rows carry the negative prompt's pooled embedding
+            torch.testing.assert_close(b.added[0][:U], neg.pooled.expand(U, -1))
+        assert torch.isfinite(b.denoised).all()
+        outs[cfg] = out
+    assert len({o.tobytes() for o in outs.values()}) == 4
+
+
+# ------------------------------------------------------------------------------------------- bad input
+def test_wrong_size_for_sdxl_is_a_clear_error():
+    """SDXL needs multiples of 32 pixels (8x VAE, three UNet levels); random: models say so before building."""
+    with pytest.raises(ConfigError, match="width must be a multiple of 32 pixels for random:sdxl-turbo; got 520"):
+        StreamEngine.from_pretrained("random:sdxl-turbo", device="cpu", width=520, height=512)
+    with pytest.raises(ConfigError, match="height must be a multiple of 32 pixels for random:sdxl; got 1000"):
+        StreamEngine.from_pretrained("random:sdxl", device="cpu", height=1000)
+
+
+def test_an_sd15_lora_on_an_sdxl_model_is_a_clear_error(xl_folder, tmp_path):
+    pytest.importorskip("peft", reason="LoRA fusing needs peft: pip install rtdiffusion[lora]")
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe, taesd, saved = xl_folder
+    sd_unet = UNet2DConditionModel.from_config(read_config("tiny_unet_sd2style.json"))  # 32-wide text
+    sd_unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(sd_unet))
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "sd_lora", unet_lora_layers=lora)
+    with pytest.raises(ConfigError, match=r"does not fit this sdxl UNet.*attn2.to_k.*takes 64 inputs but the "
+                                          r"LoRA's takes 32.*SD 1.5 LoRA on an SDXL model"):
+        load_components(str(pipe), CPU, torch.float32, VaeKind.TINY, vae_id=str(taesd),
+                        lora=((str(tmp_path / "sd_lora"), 1.0),))

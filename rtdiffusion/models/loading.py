@@ -74,6 +74,23 @@ class Components:
         return float(self.vae.config.get("scaling_factor", 1.0))
 
 
+def size_multiple(unet_config, vae_config) -> int:
+    """Pixels a frame's width and height must be a multiple of: the VAE's scale times the UNet's downsampling."""
+    return 2 ** (len(_vae_blocks(vae_config)) - 1) * 2 ** (len(unet_config["down_block_types"]) - 1)
+
+
+def check_size_early(model: str, width: int | None, height: int | None, vae: VaeKind) -> None:
+    """For ``random:`` models, reject a frame size the architecture cannot take before building anything
+    (the engine checks every model again once loaded)."""
+    arch = RANDOM_ARCHS.get(model[len(RANDOM_PREFIX):]) if isinstance(model, str) and model.startswith(RANDOM_PREFIX) else None
+    if arch is None:
+        return
+    multiple = size_multiple(read_config(arch.unet), read_config(arch.taesd if vae is VaeKind.TINY else arch.vae_kl))
+    for name, v in (("width", width), ("height", height)):
+        if v is not None and v % multiple:
+            raise ConfigError(f"{name} must be a multiple of {multiple} pixels for {model}; got {v}")
+
+
 def _vae_blocks(cfg) -> list:
     return cfg.get("encoder_block_out_channels") or cfg.get("block_out_channels")
 
@@ -123,8 +140,10 @@ def _random_components(arch_name: str, device: torch.device, dtype: torch.dtype,
         else:
             vae_module = AutoencoderKL.from_config(_strip(read_config(arch.vae_kl)))
         encoders = [_text_model(read_config(name), i) for i, name in enumerate(arch.text_encoders)]
-    tokenizers = [HashTokenizer(int(e.config.vocab_size), int(e.config.max_position_embeddings)) for e in encoders]
     two = len(encoders) == 2
+    # SDXL pools the second encoder at the highest token id: make that EOS, as in CLIP's vocabulary
+    tokenizers = [HashTokenizer(int(e.config.vocab_size), int(e.config.max_position_embeddings),
+                                **({"eos": int(e.config.vocab_size) - 1} if two else {})) for e in encoders]
     return Components(
         unet=_ready(unet, dtype), vae=_ready(vae_module, _vae_dtype(arch.family, vae, dtype, None)),
         text_encoder=_ready(encoders[0], dtype), tokenizer=tokenizers[0], scheduler=arch.scheduler,

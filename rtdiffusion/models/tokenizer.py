@@ -23,7 +23,9 @@ class HashTokenizer:
 
     Words and punctuation map to ids by a stable hash into ``[3, vocab_size)``; 0/1/2 are BOS/PAD/EOS as in
     the CLIP configs. Different prompts give different ids, equal prompts equal ids: all the engine needs
-    from a tokenizer when the weights are random anyway.
+    from a tokenizer when the weights are random anyway. ``eos=vocab_size - 1`` makes EOS the highest id, as
+    in the real CLIP vocabulary: CLIP text models whose config says eos_token_id 2 pool at the highest id
+    (SDXL's pooled embedding), so the pool then lands on EOS and depends on the whole prompt.
     """
 
     def __init__(self, vocab_size: int, max_length: int = 77, bos: int = 0, pad: int = 1, eos: int = 2):
@@ -32,7 +34,8 @@ class HashTokenizer:
 
     def _ids(self, text: str) -> list[int]:
         words = re.findall(r"\w+|[^\w\s]", text.lower())
-        ids = [3 + int.from_bytes(hashlib.blake2s(w.encode(), digest_size=4).digest(), "little") % (self.vocab_size - 3)
+        top = self.vocab_size - 1 if self.eos == self.vocab_size - 1 else self.vocab_size  # word ids below EOS
+        ids = [3 + int.from_bytes(hashlib.blake2s(w.encode(), digest_size=4).digest(), "little") % (top - 3)
                for w in words]
         ids = [self.bos] + ids[: self.max_length - 2] + [self.eos]
         return ids + [self.pad] * (self.max_length - len(ids))
