@@ -21,6 +21,7 @@ import torch
 from ..config import SchedulerKind, VaeKind
 from ..errors import ConfigError, ModelNotFoundError
 from .families import RANDOM_ARCHS, ModelFamily, family_of
+from .single_file import is_single_file
 from .text import ClipText, DualClipText, TextStack
 from .tokenizer import ClipTokenizer, HashTokenizer, Tokenizer
 
@@ -111,7 +112,38 @@ def load_components(model: str, device: torch.device, dtype: torch.dtype, vae: V
         if lora:
             raise ConfigError("LoRA weights cannot be fused into a random: model")
         return _random_components(model[len(RANDOM_PREFIX):], device, dtype, vae, seed, unet_device)
+    if is_single_file(model):
+        return _single_file_components(model, device, dtype, vae, vae_id, lora, local_files_only, unet_device)
     return _pretrained_components(model, device, dtype, vae, vae_id, lora, local_files_only, unet_device)
+
+
+def _single_file_components(path: str, device: torch.device, dtype: torch.dtype, vae: VaeKind,
+                            vae_id: str | None, lora: tuple[tuple[str, float], ...],
+                            local_files_only: bool | None, unet_device: torch.device) -> Components:
+    from diffusers import AutoencoderKL
+
+    from .single_file import load_single_file
+
+    parts = load_single_file(path, device, dtype, vae, vae_id, local_files_only, unet_device)
+    family, arch = parts["family"], parts["arch"]
+    if lora:
+        _fuse_loras(parts["unet"], lora, local_files_only)
+    vae_dtype = _vae_dtype(family, vae, dtype, vae_id)
+    if vae is VaeKind.TINY:
+        vae_module = load_taesd(vae_id or family.taesd_repo, vae_dtype, local_files_only)
+    else:
+        vae_module = parts["vae"] or AutoencoderKL.from_pretrained(vae_id, torch_dtype=vae_dtype)
+    encoders, toks = parts["text_encoders"], parts["tokenizers"]
+    two = len(encoders) == 2
+    return Components(
+        unet=_ready(parts["unet"], dtype), vae=_ready(vae_module.to(device), vae_dtype),
+        text_encoder=_ready(encoders[0], dtype), tokenizer=toks[0], scheduler=arch.scheduler,
+        scheduler_config=read_config(arch.scheduler_config), default_size=arch.default_size,
+        identity={"model": path, "file": os.path.abspath(path), "vae": vae.value, "vae_id": vae_id,
+                  "lora": [list(x) for x in lora]},
+        family=family, text_encoder_2=_ready(encoders[1], dtype) if two else None,
+        tokenizer_2=toks[1] if two else None,
+    )
 
 
 def _random_components(arch_name: str, device: torch.device, dtype: torch.dtype, vae: VaeKind,
