@@ -130,6 +130,10 @@ def trt_networks(config: EngineConfig, comps: Components, min_steps: int = TRT_M
     from engines.trt_runtime import load_or_build_trt
     from engines.versions import lora_identity
 
+    if next(comps.vae.parameters()).dtype != next(comps.unet.parameters()).dtype:
+        raise_config("TensorRT engines run the VAE in the UNet's dtype, but this model's KL VAE runs in float32 "
+                     "(SDXL's stock VAE overflows in float16): use vae='tiny', the fp16-fix VAE "
+                     "(vae_id='madebyollin/sdxl-vae-fp16-fix'), or backend 'compiled' / 'graph'")
     F = config.frame_buffer_size
     params = SpecParams.from_modules(comps.unet, comps.vae, config.width, config.height,
                                      batch=unet_batch_range(min_steps, max_steps, F, TRT_GUIDANCE),

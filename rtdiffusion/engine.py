@@ -83,7 +83,9 @@ class StreamEngine:
                         cache_interval: int = 1, compile_preset: str = "default",
                         compile_artifacts: str = "auto", threads: int | None = None,
                         vae_overlap: bool = False) -> "StreamEngine":
-        """Load ``model`` (hub id, local diffusers folder, or ``random:sd-turbo|sd15|tiny``) and prepare.
+        """Load ``model`` (hub id, local diffusers folder, one ``.safetensors`` checkpoint, or
+        ``random:sd-turbo|sd15|sdxl-turbo|sdxl|tiny|tiny-sdxl``) and prepare. Width and height default to the
+        model's own size (512 for sd-turbo and SDXL-Turbo, 1024 for SDXL base).
 
         Every argument is checked before the model loads, so a typo fails in milliseconds.
         strength (0 keeps the input, 1 restyles fully) and steps (denoising steps per frame) are the friendly

@@ -52,8 +52,11 @@ BACKENDS = ["auto", "eager", "graph", "compiled", "trt"]
 # flag -> argparse keywords. "help" is the shared meaning; a subcommand may append to it (note=) and may
 # change the default or the choices, never the name, the type or the meaning.
 OPTIONS: dict[str, dict[str, Any]] = {
-    "--model": dict(help="hub id, local diffusers folder, or random:sd-turbo | random:sd15 | random:tiny "
-                         "(random weights: noise-like pictures, for speed tests and demos only)"),
+    "--model": dict(help="hub id (stabilityai/sd-turbo, stabilityai/sdxl-turbo, ...), local diffusers folder, one "
+                         ".safetensors checkpoint, or random:sd-turbo | random:sd15 | random:sdxl-turbo | "
+                         "random:sdxl | random:tiny | random:tiny-sdxl (random weights: noise-like pictures, for "
+                         "speed tests and demos only); the default size is the model's own (SDXL-Turbo 512, "
+                         "SDXL base 1024)"),
     "--width": dict(type=pixels, default=None, metavar="PX",
                     help="frame width in pixels, a multiple of 8 (default: the model's own size)"),
     "--height": dict(type=pixels, default=None, metavar="PX",
