@@ -285,3 +285,40 @@ def test_temporal_kv_cache_runs_with_sdxl(xl_components):
     assert any(not np.array_equal(g, w) for g, w in zip(got[1:], want[1:]))
     engine.update(cache_enabled=False)
     np.testing.assert_array_equal(engine(frame(5)), plain(frame(5)))
+
+
+# -------------------------------------------------------------------------------- VAE dtype, exporters
+def test_sdxl_kl_vae_runs_in_fp32_under_fp16_and_the_networks_cast_around_it(xl_components):
+    """SDXL's stock KL VAE overflows in fp16: the loader keeps it in fp32 (not the fp16-fix VAE, not TAESD,
+    not other families), and the networks cast the frame in and the result out."""
+    from engines.base import TorchNetworks
+    from rtdiffusion.models.families import SD21
+    from rtdiffusion.models.loading import _vae_dtype
+
+    f16, f32 = torch.float16, torch.float32
+    assert _vae_dtype(SDXL, VaeKind.KL, f16, None) == f32
+    assert _vae_dtype(SDXL, VaeKind.KL, f16, "madebyollin/sdxl-vae-fp16-fix") == f16
+    assert _vae_dtype(SDXL, VaeKind.TINY, f16, None) == f16 and _vae_dtype(SD21, VaeKind.KL, f16, None) == f16
+    import copy
+
+    unet = copy.deepcopy(xl_components.unet).to(torch.bfloat16)  # a low-precision UNet beside an fp32 VAE
+    nets = TorchNetworks(unet, xl_components.vae)
+    image = torch.rand(1, 3, H, W, dtype=torch.bfloat16) * 2 - 1
+    latent = nets.encode(image)
+    assert latent.dtype == torch.bfloat16
+    torch.testing.assert_close(latent, xl_components.vae.encode(image.float()).latents.to(torch.bfloat16))
+    assert nets.decode(latent).dtype == torch.bfloat16
+
+
+def test_aoti_unet_call_exports_the_added_conditioning(xl_components):
+    """The compiled backend's AOTInductor packages export UNetCall: it takes SDXL's added inputs in spec
+    order, and torch.export's program computes what the module does."""
+    from engines.aoti import UNetCall
+
+    call = UNetCall(xl_components.unet).eval()
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(2, 4, 32, 32, generator=g), torch.tensor([999.0, 499.0]), torch.randn(2, 77, 64, generator=g),
+            torch.randn(2, 32, generator=g), torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2))
+    with torch.no_grad():
+        program = torch.export.export(call, args, strict=False)
+        torch.testing.assert_close(program.module()(*args), call(*args))
