@@ -200,7 +200,7 @@ def test_build_command_finds_what_the_engine_built(first_start):
     before = sorted(p.name for p in cache.iterdir())
     r = subprocess.run([sys.executable, "-c", "import sys; from rtdiffusion.cli import main; sys.exit(main())",
                         "build", "--model", "random:tiny", "--backend", "compiled", "--device", "cpu",
-                        "--width", str(SIZE), "--height", str(SIZE), "--max-steps", "1", "--guidance", "none",
+                        "--width", str(SIZE), "--height", str(SIZE), "--max-steps", "1", "--cfg", "none",
                         "--engine-dir", str(cache)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(p.name for p in cache.iterdir()) == before
