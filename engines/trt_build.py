@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     import tensorrt as trt
 
 __all__ = ["ENGINE_FILE", "TensorRTUnavailable", "TrtBuildOptions", "build_engine", "check_dtype",
-           "import_tensorrt", "tensorrt_available", "timing_cache_path", "trt_logger"]
+           "import_tensorrt", "timing_cache_path", "trt_logger"]
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +50,6 @@ ENGINE_FILE = "engine.plan"
 # Engine dtype -> the oldest GPU with fast kernels for it (the ONNX graph's type is the engine's precision).
 _MIN_SM = {"float16": 53, "bfloat16": 80, "float32": 0}
 
-
-def tensorrt_available() -> bool:
-    try:
-        import_tensorrt()
-    except TensorRTUnavailable:
-        return False
-    return True
 
 
 def check_dtype(dtype: str, capability: str) -> None:

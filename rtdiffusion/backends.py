@@ -27,8 +27,16 @@ from .models.loading import Components
 log = logging.getLogger(__name__)
 
 
-def tensorrt_available() -> bool:
-    return importlib.util.find_spec("tensorrt") is not None
+def tensorrt_usable() -> tuple[bool, str]:
+    """(whether a supported TensorRT is installed, why not); engines/trt_caps.py decides what is supported."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return False, "the tensorrt package is not installed (pip install 'rtdiffusion[tensorrt]')"
+    from engines.trt_caps import installed_caps
+
+    caps, why = installed_caps()
+    if caps is None or caps.problem:
+        return False, why
+    return True, why
 
 
 def choose_backend(config: EngineConfig) -> tuple[Backend, str]:
@@ -44,21 +52,24 @@ def choose_backend(config: EngineConfig) -> tuple[Backend, str]:
     if requested is Backend.AUTO:
         if not cuda:
             return Backend.EAGER, "auto: no CUDA device, so eager (CUDA graphs, compile and TensorRT need one)"
-        if tensorrt_available():
-            return Backend.TRT, "auto: CUDA device and TensorRT installed"
+        trt_ok, trt_why = tensorrt_usable()
+        if trt_ok:
+            return Backend.TRT, f"auto: CUDA device and {trt_why}"
         if importlib.util.find_spec("triton") is not None:
-            return Backend.COMPILED, ("auto: CUDA device without TensorRT; torch.compile'd networks in a "
+            return Backend.COMPILED, (f"auto: CUDA device without a usable TensorRT ({trt_why}); torch.compile'd networks in a "
                                       "whole-frame CUDA graph are the fastest measured (H200 sd-turbo 512: "
                                       "6.3 ms vs 9.7 ms for 'graph'), at the price of about 90 s of "
                                       "compile on a first start (about 35 s on restarts, cached on disk); use "
                                       "'graph' to start fast")
-        return Backend.GRAPH, "auto: CUDA device without TensorRT or Triton; whole-frame CUDA graph"
+        return Backend.GRAPH, f"auto: CUDA device without a usable TensorRT ({trt_why}) or Triton; whole-frame CUDA graph"
     if requested in (Backend.GRAPH, Backend.TRT) and not cuda:
         raise_config(f"backend {requested.value!r} needs a CUDA device; use backend 'eager', 'compiled' or 'auto' "
                      "on the CPU")
-    if requested is Backend.TRT and not tensorrt_available():
-        raise_config("backend 'trt' needs the tensorrt package (pip install 'rtdiffusion[tensorrt]'); "
-                     "use 'graph' or 'compiled' without it")
+    if requested is Backend.TRT:
+        trt_ok, trt_why = tensorrt_usable()
+        if not trt_ok:
+            raise_config(f"backend 'trt' needs TensorRT 10.1+ or 11.x: {trt_why}; use 'graph' or 'compiled' "
+                         "without it")
     return requested, f"{requested.value}: asked for"
 
 
@@ -123,7 +134,8 @@ def trt_networks(config: EngineConfig, comps: Components, min_steps: int = TRT_M
     """TensorRT engines for UNet, VAE encoder and decoder, from the engine cache or built now (minutes).
 
     The UNet profile covers 1..4 steps with any CFG mode, so switching steps or guidance needs no rebuild.
-    Written against the TensorRT 10 Python API; not run in this project's CI (no TensorRT there).
+    Engines are strongly typed: their precision is the modules' dtype (fp16, bf16 or fp32 engines).
+    Written against the TensorRT 10.1+ and 11.x Python APIs; not run here (no TensorRT could be installed).
     """
     from engines.cache import EngineCache
     from engines.specs import AxisRange, SpecParams, unet_batch_range
@@ -137,8 +149,7 @@ def trt_networks(config: EngineConfig, comps: Components, min_steps: int = TRT_M
     F = config.frame_buffer_size
     params = SpecParams.from_modules(comps.unet, comps.vae, config.width, config.height,
                                      batch=unet_batch_range(min_steps, max_steps, F, TRT_GUIDANCE),
-                                     frames=AxisRange(F, F, F), dtype=config.dtype if config.dtype != torch.float32
-                                     else torch.float16)
+                                     frames=AxisRange(F, F, F), dtype=config.dtype)
     lora = lora_identity([tuple(x) for x in comps.identity.get("lora", [])]) if comps.identity.get("lora") else ()
     return load_or_build_trt(comps.unet, comps.vae, params, EngineCache(config.engine_dir), model=config.model,
                              lora=lora, device=config.device)

@@ -183,7 +183,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def check_engine_args(args: argparse.Namespace) -> None:
     """Check every engine option before anything loads or opens, with errors that name the flags."""
-    from ..backends import choose_backend, tensorrt_available
+    from ..backends import choose_backend, tensorrt_usable
     from ..config import (Backend, EngineConfig, FilterSettings, StreamSettings, VaeKind, apply_updates,
                           parse_device, parse_dtype, parse_enum)
     from ..errors import ConfigError
@@ -198,9 +198,11 @@ def check_engine_args(args: argparse.Namespace) -> None:
         if config.backend in (Backend.GRAPH, Backend.TRT) and dev.type != "cuda":
             raise ConfigError(f"--backend {args.backend} needs a CUDA device; torch sees none. Use --backend eager, "
                               "compiled or auto on the CPU")
-        if config.backend is Backend.TRT and not tensorrt_available():
-            raise ConfigError("--backend trt needs the tensorrt package (pip install 'rtdiffusion[tensorrt]'); "
-                              "use --backend graph or compiled without it")
+        if config.backend is Backend.TRT:
+            trt_ok, trt_why = tensorrt_usable()
+            if not trt_ok:
+                raise ConfigError(f"--backend trt needs TensorRT 10.1+ or 11.x: {trt_why}; use --backend graph or "
+                                  "compiled without it")
         choose_backend(config)
         threshold = 0.98 if args.similar_filter is None else args.similar_filter
         apply_updates(StreamSettings(filter=FilterSettings(args.similar_filter is not None, threshold)),

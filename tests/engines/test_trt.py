@@ -296,3 +296,30 @@ def test_modules_must_be_in_the_engine_dtype(tmp_path):
     with pytest.raises(ValueError, match="the vae must be in the engine dtype float16.*it is float32"):
         check_module_dtypes(params, unet=unet, vae=vae.float())
     assert not list(tmp_path.iterdir())  # nothing exported or built
+
+
+def _installed(monkeypatch, trt) -> None:
+    """Make ``trt`` the installed tensorrt module for find_spec and import alike."""
+    import importlib.machinery
+
+    trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+
+
+def test_backend_choice_asks_trt_caps_whether_the_installed_tensorrt_is_supported(monkeypatch):
+    from rtdiffusion.backends import choose_backend
+    from rtdiffusion.config import Backend
+    from rtdiffusion.errors import ConfigError
+
+    def config(backend):  # choose_backend reads these three fields only; no CUDA device is touched
+        return types.SimpleNamespace(backend=backend, device=torch.device("cuda"), max_vram_gb=None)
+
+    _installed(monkeypatch, _fake_trt({}))  # a supported 10.x with user-managed memory
+    assert choose_backend(config(Backend.AUTO))[0] is Backend.TRT
+    old = types.ModuleType("tensorrt")
+    old.__version__ = "9.2.0"
+    _installed(monkeypatch, old)
+    backend, why = choose_backend(config(Backend.AUTO))
+    assert backend is not Backend.TRT and "TensorRT 9.2.0 is not supported" in why
+    with pytest.raises(ConfigError, match=r"needs TensorRT 10.1\+ or 11.x: TensorRT 9.2.0 is not supported"):
+        choose_backend(config(Backend.TRT))
