@@ -3,8 +3,8 @@
     python tests/engines/fetch_trt_bindings.py [DIR]      # default: $RTD_TRT_BINDINGS or
                                                           # ~/.cache/rtdiffusion/trt-bindings
 
-``.ci/run`` calls it before the tests, so the test itself never downloads: without the wheels it skips and
-says how to get them. The wheels are fixed (version, Python tag, platform) and checked against their sha256,
+``test_trt_api_names.py`` calls ``fetch`` once when a wheel is missing (PyPI only) and skips, saying why, when
+they cannot be had; run this script to fetch them ahead of time. The wheels are fixed (version, Python tag, platform) and checked against their sha256,
 so every machine reads the same bytes; the x86-64 Linux build is read whatever this machine is (nothing is
 imported or run). Exit status 0 when both wheels are in DIR, 1 otherwise.
 """
@@ -55,7 +55,7 @@ def fetch(folder: Path) -> list[str]:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", *TAGS,
                "--dest", str(folder), req]
         try:
-            subprocess.run(cmd, check=True, timeout=600, capture_output=True, text=True)
+            subprocess.run(cmd, check=True, timeout=180, capture_output=True, text=True)
         except subprocess.CalledProcessError as exc:
             problems.append(f"{req}: pip download failed: {exc.stderr.strip().splitlines()[-1:]}")
             continue

@@ -3,8 +3,9 @@
 TensorRT cannot be installed or run here, so the API is read from the published bindings wheels
 (``tensorrt-cu12-bindings`` 10.16.1.11, ``tensorrt-cu13-bindings`` 11.4.0.106; ``trt_api_scan``), and the
 names the code uses are read from the code (engines/trt_*.py; ``trt_api_uses``), so new code is checked too.
-The wheels are fetched by ``python tests/engines/fetch_trt_bindings.py`` (``.ci/run`` does it); without them
-the wheel tests skip and say so. Nothing here imports TensorRT or needs a GPU.
+The first test that needs a wheel fetches both from PyPI into a cache folder (``fetch_trt_bindings.py``; fixed
+versions and sha256), so the README's test command checks them on any machine that reaches PyPI; where they
+cannot be had the wheel tests skip and say why. Nothing here imports TensorRT or needs a GPU.
 """
 
 from __future__ import annotations
@@ -26,15 +27,19 @@ ROOT = Path(__file__).resolve().parents[2]
 SOURCES = sorted((ROOT / "engines").glob("trt_*.py"))
 VERSIONS = {"10": "10.16.1.11", "11": "11.4.0.106"}
 _APIS: dict[str, trt_api_scan.TrtApi] = {}
+_FETCH_PROBLEMS: list[str] = []  # filled by the one download attempt of this session
 
 
 def api(major: str) -> trt_api_scan.TrtApi:
     if major not in _APIS:
         path = fetch_trt_bindings.wheel_path(major)
+        if path is None and not _FETCH_PROBLEMS:
+            _FETCH_PROBLEMS.extend(fetch_trt_bindings.fetch(fetch_trt_bindings.wheel_dir()) or ["fetched"])
+            path = fetch_trt_bindings.wheel_path(major)
         if path is None:
             req = fetch_trt_bindings.WHEELS[major][0]
-            pytest.skip(f"the {req} wheel is not in {fetch_trt_bindings.wheel_dir()} (or its sha256 differs): run "
-                        "`python tests/engines/fetch_trt_bindings.py` (needs PyPI; .ci/run does it)")
+            pytest.skip(f"the {req} wheel could not be had in {fetch_trt_bindings.wheel_dir()}: "
+                        f"{'; '.join(_FETCH_PROBLEMS)} (`python tests/engines/fetch_trt_bindings.py` retries)")
         _APIS[major] = trt_api_scan.read_wheel(path)
     return _APIS[major]
 
