@@ -13,12 +13,14 @@ It makes a Base COMP ``rtdiffusion`` (rebuilding one of that name keeps its para
     ring out -> output_top (Script TOP) -> null_out (Null TOP) -> out1 (Out TOP)
     oscout1 (OSC Out DAT -> Host:Controlport)      oscin1 (OSC In DAT <- Statusport, oscin_callbacks)
     par_exec (Parameter Execute DAT: controls -> OSC; Start / Stop -> launcher)
-    frame_exec (Execute DAT: onStart clears status, onFrameStart force-cooks both Script TOPs, onExit stops)
+    frame_exec (Execute DAT: onStart clears status, onFrameStart force-cooks both Script TOPs and shows their
+                link state, onExit stops)
     input_callbacks, output_callbacks, oscin_callbacks (Text DATs: the scripts in this folder)
 
 Custom pages: Engine (Python, Repo, Model, Width, Height, Host, Controlport, Statusport, Inputname,
 Outputname, Extraargs, Start, Stop), Controls (controls.PARAMETERS, then controls.CONTROLNET, Sendall),
-Status (read-only: State, Active, Fps, Frames, Buildstage, Error, Inputring, Outputring, Enginepid, Logfile),
+Status (read-only: State, Active, Fps, Frames, Buildstage, Error, Inputring, Outputring, Enginepid, Logfile,
+Inputlink, Inputreconnects, Outputlink, Outputreconnects, Ringevent),
 Channels (Swaprb, Testred, Checkorder, Channelorder). The callback DATs hold copies of this folder's scripts:
 after updating the repository, run build() again.
 """
@@ -53,6 +55,9 @@ STATUS = (  # read-only readouts
     ("Frames", "Frames Published", "int"), ("Buildstage", "Build Stage", "str"), ("Error", "Last Error", "str"),
     ("Inputring", "Input Ring", "str"), ("Outputring", "Output Ring", "str"), ("Enginepid", "Engine PID", "int"),
     ("Logfile", "Engine Log", "str"),
+    ("Inputlink", "Input Link", "str"), ("Inputreconnects", "Input Reconnects", "int"),
+    ("Outputlink", "Output Link", "str"), ("Outputreconnects", "Output Reconnects", "int"),
+    ("Ringevent", "Last Ring Event", "str"),
 )
 READOUTS = {s[0] for s in STATUS} | {"Channelorder"}
 CHANNELS = (

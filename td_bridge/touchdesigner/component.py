@@ -5,7 +5,8 @@ TouchDesigner's documented Python: ``comp.op(name)``, ``comp.par.<Name>`` (``eva
 
 Who calls what::
 
-    frame_exec  (Execute DAT)            onStart/onCreate -> on_start   onFrameStart -> force_cook
+    frame_exec  (Execute DAT)            onStart/onCreate -> on_start
+                                         onFrameStart -> force_cook, show_links, watch_engine
                                          onExit -> stop(wait=True)
     par_exec    (Parameter Execute DAT)  onValueChange/onPulse -> on_parameter
     oscin1      (OSC In DAT, callbacks)  onReceiveOSC -> osc_in_callbacks.handle + on_osc
@@ -13,6 +14,9 @@ Who calls what::
 Live status (State, Fps, Frames, ...) is written to read-only parameters and cleared by ``on_start``:
 parameter values are saved with the project, so without the clearing the next open would show the last
 session's "streaming". Storage written by the OSC callbacks gets a startup value of None for the same reason.
+The link readouts (Input Link, Output Link and their reconnect counts) are copied every frame from what the
+Script TOPs stored on themselves (link_status.py) and the last ``/stream-info/ring-event`` the bridge sent
+goes to Ring Event: the artist sees a bridge crash, the reconnect, and what the bridge said about it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from td_bridge.touchdesigner import controls, launcher
+from td_bridge.touchdesigner import controls, launcher, link_status
 from td_bridge.touchdesigner.channel_order import check_red
 
 log = logging.getLogger(__name__)
@@ -35,7 +39,11 @@ STATUS = {"/stream-info/state": "State", "/stream-info/fps": "Fps", "/framecount
           "/stream-info/build-stage": "Buildstage", "/server_active": "Active"}
 # status parameter -> value it has when nothing is known (at start, and after clear_status)
 CLEARED = {"State": "", "Fps": 0.0, "Frames": 0, "Buildstage": "", "Active": False, "Error": "",
-           "Enginepid": 0, "Logfile": "", "Channelorder": ""}
+           "Enginepid": 0, "Logfile": "", "Channelorder": "", "Inputlink": "", "Inputreconnects": 0,
+           "Outputlink": "", "Outputreconnects": 0, "Ringevent": ""}
+# Script TOP -> (its link readout, its reconnect count), on the Status page
+LINKS = {"input_top": ("Inputlink", "Inputreconnects"), "output_top": ("Outputlink", "Outputreconnects")}
+RING_EVENT = "/stream-info/ring-event"  # <what> <text>: the bridge made, adopted, re-made or repaired a ring
 
 
 def _set(comp, name: str, value) -> None:
@@ -88,6 +96,17 @@ def force_cook(comp) -> None:
         top = comp.op(name)
         if top is not None:
             top.cook(force=True)
+
+
+def show_links(comp) -> None:
+    """Copy each Script TOP's link state (stored by its onCook, see link_status.py) into the Status page;
+    a parameter is written only when its value changed."""
+    for name, (text_par, count_par) in LINKS.items():
+        top = comp.op(name)
+        if top is not None:
+            text, count = link_status.read(top)
+            _set(comp, text_par, text)
+            _set(comp, count_par, count)
 
 
 def watch_engine(comp) -> None:
@@ -168,6 +187,9 @@ def on_osc(comp, address: str, args: list) -> None:
         return
     if address == "/error":
         _set(comp, "Error", ": ".join(str(a) for a in args if str(a)) or "error")
+        return
+    if address == RING_EVENT:  # e.g. "/ring/input", "made ring 'rtd_in_7' (session ...)"
+        _set(comp, "Ringevent", ": ".join(str(a) for a in args if str(a))[:1000])
         return
     name = STATUS.get(address)
     if name is None:

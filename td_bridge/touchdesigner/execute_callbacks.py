@@ -6,7 +6,9 @@
 #                       inputs, cooks once and shows a frozen frame, and the input TOP, a sink, cooks only
 #                       while its viewer is visible (never in Perform mode or inside a closed component).
 #                       (On TouchDesigner 2025+ the Script TOPs also ask for CookLevel.ALWAYS.)
-#                       It also notices an engine process that exited by itself (State "exited", Error).
+#                       Then it copies the Script TOPs' link state (connected / lost / reconnected, with
+#                       the reconnect counts) into the Status page, and notices an engine process that
+#                       exited by itself (State "exited", Error).
 #   onExit:             stop the engine process (OSC /stop, then terminate) when TouchDesigner quits.
 import sys
 
@@ -52,5 +54,6 @@ def onFrameStart(frame):
     component, comp = _component()
     if component is not None:
         component.force_cook(comp)
+        component.show_links(comp)  # Input Link / Output Link: what the cooks just saw
         component.watch_engine(comp)  # an engine that exited by itself shows in State and Error
     return

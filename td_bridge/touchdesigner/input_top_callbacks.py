@@ -7,8 +7,12 @@
 # This TOP is a sink: something must cook it every frame (the component's Execute DAT does, and on
 # TouchDesigner 2025+ onGetCookLevel asks for ALWAYS), or it sends only while its viewer is visible.
 # A ring that cannot be opened (missing, closed, no permission) is shown as a warning on this TOP, not raised.
+# The link's state (connected, lost, reconnected after a bridge crash, and the reconnect count) is stored on
+# this TOP every cook it changes (link_status.publish: op.store, startup value None); the component's Status
+# page shows it as Input Link / Input Reconnects.
 import numpy as np
 
+from td_bridge.touchdesigner import link_status
 from td_bridge.touchdesigner.channel_order import as_rgb_view
 from td_bridge.touchdesigner.td_frames import InputSender
 
@@ -55,4 +59,5 @@ def onCook(scriptOp):
     scriptOp.copyNumpyArray(_blank)  # this TOP is only a sink; show a 1x1 pixel
     if _sender.error:
         scriptOp.addWarning(_sender.error)
+    link_status.publish(scriptOp, _sender, name)
     return

@@ -4,7 +4,8 @@
 # (fps, framecount, /status JSON, /error) is kept in the component's storage under the address
 # (parent().fetch('/stream-info/fps')), with a startup value of None so a saved project never shows the last
 # session's values; a component with the status parameters (built by build_component.py) also shows them
-# there (State, Fps, Frames, Buildstage, Error).
+# there (State, Fps, Frames, Buildstage, Error, and the last /stream-info/ring-event <what> <text> as
+# Ringevent: the bridge made, adopted, re-made or repaired a ring).
 
 targets = {
     "/stream-info/input-name": ("input_top", "Ringname"),

@@ -4,6 +4,9 @@
 # frame unless something cooks it every frame: the component's Execute DAT force-cooks it in onFrameStart,
 # and on TouchDesigner 2025+ onGetCookLevel asks for ALWAYS. Swaprb: hand copyNumpyArray() BGRA instead of
 # RGBA (turn on only if the component's red test frame says numpyArray() is BGRA on this machine).
+# The link's state (connected, lost, reconnected after a bridge crash, and the reconnect count) is stored on
+# this TOP every cook it changes (link_status.publish); the component's Status page shows it as Output Link.
+from td_bridge.touchdesigner import link_status
 from td_bridge.touchdesigner.channel_order import SwapOut
 from td_bridge.touchdesigner.td_frames import OutputReceiver
 
@@ -34,4 +37,5 @@ def onCook(scriptOp):
         scriptOp.copyNumpyArray(_swap(frame, swap))
     if _receiver.error:
         scriptOp.addWarning(_receiver.error)
+    link_status.publish(scriptOp, _receiver, name)
     return

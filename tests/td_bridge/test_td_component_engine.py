@@ -51,6 +51,11 @@ def test_component_starts_the_engine_streams_and_stops_it(monkeypatch):
         assert shown.shape == (64, 64, 4) and np.isfinite(shown).all()
         assert not comp.op("input_top").warnings() and not comp.op("output_top").warnings()
         assert comp.par.Error.eval() == ""  # nothing the component sent was rejected
+        # the Status page shows both links up, and what the bridge said when it made its rings
+        assert comp.par.Inputlink.eval().startswith(f"connected to ring {comp.par.Inputring.eval()!r}")
+        assert comp.par.Outputlink.eval().startswith(f"connected to ring {comp.par.Outputring.eval()!r}")
+        assert comp.par.Inputreconnects.eval() == 0 and comp.par.Outputreconnects.eval() == 0
+        assert "made ring" in comp.par.Ringevent.eval()
         out_ring = comp.par.Outputring.eval()
         comp.par.Stop.pulse()
         wait(lambda: comp.par.State.eval() == "stopped", "the bridge honouring /stop", timeout=120, alive=False)

@@ -56,6 +56,16 @@ class ScriptOp:
     def addWarning(self, text):
         self.warnings.append(text)
 
+    def store(self, key, value):  # OP storage, as every TouchDesigner operator has it
+        self.__dict__.setdefault("storage", {})[key] = value
+        return value
+
+    def fetch(self, key, default=None, search=True, storeDefault=False):
+        return self.__dict__.get("storage", {}).get(key, default)
+
+    def storeStartupValue(self, key, value):
+        pass
+
 
 def load(script):
     ns = {"__name__": f"td_script_{script}"}
