@@ -77,8 +77,9 @@ class TorchNetworks:
         # AutoencoderTiny returns `.latents`; AutoencoderKL returns a distribution (we take its mode, as
         # StreamDiffusion's deterministic path does).
         self._tiny = hasattr(self.vae_module, "encoder") and not hasattr(self.vae_module, "quant_conv")
-        self._added_names = tuple(n for n, _ in unet_added_inputs(self.unet_module.config))
-        self._vae_dtype = next(self.vae_module.parameters()).dtype
+        self._added_names = tuple(n for n, _ in unet_added_inputs(getattr(self.unet_module, "config", None) or {}))
+        first = next(iter(self.vae_module.parameters()), None)
+        self._vae_dtype = first.dtype if first is not None else None  # None: no cast (a VAE without weights)
         # the callables the three calls go through; CompiledNetworks swaps in compiled ones
         self._unet_fn = self.unet_module  # through __call__: module hooks (weight streaming) must run
         self._encode_fn = self.vae_module.encode
@@ -86,7 +87,7 @@ class TorchNetworks:
 
     @torch.no_grad()
     def encode(self, image: torch.Tensor) -> torch.Tensor:
-        out = self._encode_fn(image.to(self._vae_dtype), return_dict=False)[0]  # .to: no-op unless upcast
+        out = self._encode_fn(image.to(self._vae_dtype or image.dtype), return_dict=False)[0]  # no-op unless upcast
         return (out if self._tiny else out.mode()).to(image.dtype)
 
     @torch.no_grad()
@@ -97,7 +98,7 @@ class TorchNetworks:
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        return self._decode_fn(latent.to(self._vae_dtype), return_dict=False)[0].to(latent.dtype)
+        return self._decode_fn(latent.to(self._vae_dtype or latent.dtype), return_dict=False)[0].to(latent.dtype)
 
     def describe(self) -> dict:
         return {"runs": "torch modules"}
