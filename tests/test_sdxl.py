@@ -114,7 +114,8 @@ def test_one_step_matches_diffusers_sdxl_img2img(xl_folder, cfg, negative):
 
     Two inference steps at strength 0.5 make the pipeline run exactly one step, the schedule's last (t=499,
     EulerAncestral's sigma_to = 0, so its output is the x0 prediction our TURBO slot computes); the engine
-    runs that timestep as t_index [1] of 2. Pixels agree within 1 grey level."""
+    runs that timestep as t_index [1] of 2. The step's latent agrees to 1e-5 (relative), pixels within 1 grey
+    level."""
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
     from transformers import CLIPTokenizer
 
@@ -132,14 +133,20 @@ def test_one_step_matches_diffusers_sdxl_img2img(xl_folder, cfg, negative):
         requires_aesthetics_score=False, force_zeros_for_empty_prompt=True)
     pipe.set_progress_bar_config(disable=True)
     f = frame(3)
-    image = torch.from_numpy(f).permute(2, 0, 1)[None].float() / 255.0 * 2.0 - 1.0  # [1, 3, H, W]
+    image = torch.from_numpy(f).permute(2, 0, 1)[None].float() / 255.0  # [1, 3, H, W] in [0, 1]
     with torch.no_grad():
         ref = pipe(prompt="a red cat", negative_prompt=negative or None, image=image, strength=0.5,
                    num_inference_steps=2, guidance_scale=g, generator=torch.Generator().manual_seed(11),
                    output_type="pt").images  # [1, 3, H, W] in [0, 1]
+        ref_latent = pipe(prompt="a red cat", negative_prompt=negative or None, image=image, strength=0.5,
+                          num_inference_steps=2, guidance_scale=g, generator=torch.Generator().manual_seed(11),
+                          output_type="latent").images  # [1, 4, h, w]: the step's x0, scaled latent space
     expect = (ref[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
     out = engine(f)
     assert engine.status()["t_index_list"] == [1]
+    latent = engine._state.buffers.denoised  # [1, 4, h, w]
+    rel = float((latent - ref_latent).norm() / ref_latent.norm())
+    assert rel < 1e-5, f"latent relative difference {rel:.2e}"
     diff = np.abs(out.astype(int) - expect.astype(int))
     assert diff.max() <= 1, f"max pixel difference {diff.max()}"
     assert expect.std() > 5  # a real picture, not a flat one that would match anything
