@@ -5,7 +5,12 @@ RingWriter.create and closed as a bridge closes them when it exits; a new bridge
 same names. Every wait is on a condition (frames are run until it holds), never on a pace.
 """
 
+import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,3 +124,63 @@ def test_a_ring_event_from_the_bridge_over_real_osc_reaches_the_readout(project)
     assert comp.fetch("/stream-info/ring-event") == list(event)
     project.reopen()
     assert comp.par.Ringevent.eval() == "" and comp.fetch("/stream-info/ring-event") is None
+
+
+ECHO_BRIDGE = Path(__file__).with_name("_echo_bridge.py")
+
+
+def start_echo_bridge(status_port, in_name, out_name, log):
+    """A real bridge process (echo engine, 16x16) that reports to the component's Status Port, in a session
+    of its own (it and its resource tracker form one process group)."""
+    return subprocess.Popen([sys.executable, str(ECHO_BRIDGE), str(status_port), in_name, out_name],
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGKILL and process groups are POSIX")
+def test_sigkill_of_a_real_bridge_and_a_restart_show_on_the_status_page(project, shm_name, tmp_path):
+    """The bridge process is killed with SIGKILL while the component streams; its resource tracker removes the
+    segments; a new bridge starts with the same names. The artist sees it all on the Status page."""
+    comp = build(project.project1)
+    comp.par.Width, comp.par.Height, comp.par.Statusport = 16, 16, td.free_udp_port()
+    project.start()
+    project.frame()  # oscin1 listens from here on
+    in_name, out_name = shm_name + "i", shm_name + "o"
+    procs = []
+    try:
+        with open(tmp_path / "first.log", "w") as log:
+            procs.append(start_echo_bridge(comp.par.Statusport.eval(), in_name, out_name, log))
+        frames_until(project, lambda: comp.par.Inputlink.eval().startswith(f"connected to ring {in_name!r}")
+                     and comp.par.Outputlink.eval().startswith(f"connected to ring {out_name!r}")
+                     and comp.par.Frames.eval() >= 2, "both links up and frames through the first bridge")
+        assert "made ring" in comp.par.Ringevent.eval() and comp.par.Inputreconnects.eval() == 0
+        first_event = comp.par.Ringevent.eval()
+
+        procs[0].kill()  # the bridge alone: its resource tracker removes the segments it made
+        procs[0].wait(timeout=TIMEOUT)
+        frames_until(project, lambda: comp.par.Inputlink.eval().startswith("lost ring")
+                     and comp.par.Outputlink.eval().startswith("lost ring"), "the lost links")
+
+        with open(tmp_path / "second.log", "w") as log:
+            procs.append(start_echo_bridge(comp.par.Statusport.eval(), in_name, out_name, log))
+        frames_until(project, lambda: comp.par.Inputreconnects.eval() == 1 and comp.par.Outputreconnects.eval() == 1,
+                     "the reconnects")
+        for par in (comp.par.Inputlink, comp.par.Outputlink):
+            assert par.eval().startswith("reconnected to ring") and "1 reconnect(s) so far" in par.eval()
+        frames_until(project, lambda: "made ring" in comp.par.Ringevent.eval()
+                     and comp.par.Ringevent.eval() != first_event, "the new bridge's ring event")
+        with RingReader.attach(out_name) as out:  # the new bridge's output ring: frames flow through it again
+            published = out.published
+            frames_until(project, lambda: out.published > published + 2, "frames through the new bridge")
+
+        SimpleUDPClient("127.0.0.1", comp.fetch("/stream-info/osc-in-port")).send_message("/stop", [])
+        assert procs[1].wait(timeout=TIMEOUT) == 0
+        frames_until(project, lambda: "its bridge exited" in comp.par.Inputlink.eval()
+                     and "its bridge exited" in comp.par.Outputlink.eval(), "the clean exit")
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)  # whatever is left of its group (a resource tracker)
+            except ProcessLookupError:
+                pass
+            p.wait(timeout=TIMEOUT)
