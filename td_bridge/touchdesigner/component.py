@@ -16,7 +16,7 @@ parameter values are saved with the project, so without the clearing the next op
 session's "streaming". Storage written by the OSC callbacks gets a startup value of None for the same reason.
 The link readouts (Input Link, Output Link and their reconnect counts) are copied every frame from what the
 Script TOPs stored on themselves (link_status.py) and the last ``/stream-info/ring-event`` the bridge sent
-goes to Ring Event: the artist sees a bridge crash, the reconnect, and what the bridge said about it.
+goes to Last Ring Event (Ringevent): the artist sees a bridge crash, the reconnect, and what the bridge said about it.
 """
 
 from __future__ import annotations
