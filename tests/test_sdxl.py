@@ -329,3 +329,32 @@ def test_aoti_unet_call_exports_the_added_conditioning(xl_components):
     with torch.no_grad():
         program = torch.export.export(call, args, strict=False)
         torch.testing.assert_close(program.module()(*args), call(*args))
+
+
+def test_an_sdxl_lora_is_fused(xl_folder, tmp_path):
+    """An SDXL LoRA (diffusers format, as latent-consistency/lcm-lora-sdxl ships) fits and is fused:
+    W' = W + scale * up @ down on the cross-attention that reads the 64-wide SDXL text embedding."""
+    pytest.importorskip("peft", reason="LoRA fusing needs peft: pip install rtdiffusion[lora]")
+    import copy
+
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe, taesd, saved = xl_folder
+    donor = copy.deepcopy(saved["unet"])
+    donor.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    g = torch.Generator().manual_seed(5)
+    for name, p in donor.named_parameters():
+        if "lora" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.2
+    lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(donor))
+    StableDiffusionXLPipeline.save_lora_weights(tmp_path / "xl_lora", unet_lora_layers=lora)
+    comps = load_components(str(pipe), CPU, torch.float32, VaeKind.TINY, vae_id=str(taesd),
+                            lora=((str(tmp_path / "xl_lora"), 0.5),))
+    key = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+    base = saved["unet"].state_dict()[key + ".weight"]
+    expect = base + 0.5 * lora[key + ".lora.up.weight"] @ lora[key + ".lora.down.weight"]
+    fused = comps.unet.state_dict()[key + ".weight"]
+    assert fused.shape == (64, 64) and torch.allclose(fused, expect, atol=1e-5) and not torch.allclose(fused, base)
