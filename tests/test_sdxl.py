@@ -358,3 +358,8 @@ def test_an_sdxl_lora_is_fused(xl_folder, tmp_path):
     expect = base + 0.5 * lora[key + ".lora.up.weight"] @ lora[key + ".lora.down.weight"]
     fused = comps.unet.state_dict()[key + ".weight"]
     assert fused.shape == (64, 64) and torch.allclose(fused, expect, atol=1e-5) and not torch.allclose(fused, base)
+
+
+def test_a_pickled_checkpoint_is_refused_clearly():
+    with pytest.raises(ConfigError, match=r"from \.safetensors only"):
+        load_components("model.ckpt", CPU, torch.float32)

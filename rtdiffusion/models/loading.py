@@ -1,4 +1,6 @@
-"""Build the networks an engine needs: from the hub / a local diffusers folder, or ``random:<arch>``.
+"""Build the networks an engine needs: from the hub / a local diffusers folder, one ``.safetensors``
+checkpoint in the original layout (``single_file.py``), or ``random:<arch>``. What differs between SD 1.5,
+SD 2.1 and SDXL is data in ``families.py``.
 
 ``random:sd-turbo``, ``random:sd15``, ``random:sdxl-turbo``, ``random:sdxl`` (SDXL base, 1024 px, LCM) and the
 CPU-test ``random:tiny`` / ``random:tiny-sdxl`` are the exact published architectures (configs in ``configs/``,
@@ -100,7 +102,8 @@ def load_components(model: str, device: torch.device, dtype: torch.dtype, vae: V
                     *, seed: int = 0, vae_id: str | None = None,
                     lora: tuple[tuple[str, float], ...] = (), local_files_only: bool | None = None,
                     unet_device: torch.device | None = None) -> Components:
-    """Load ``model`` (a hub id, a local diffusers folder or ``random:<arch>``) onto ``device`` in ``dtype``.
+    """Load ``model`` (a hub id, a local diffusers folder, a .safetensors file or ``random:<arch>``) onto
+    ``device`` in ``dtype``.
 
     unet_device: where the UNet's weights go (default ``device``); low-VRAM mode keeps them on the CPU and
     streams them."""
@@ -112,6 +115,9 @@ def load_components(model: str, device: torch.device, dtype: torch.dtype, vae: V
         if lora:
             raise ConfigError("LoRA weights cannot be fused into a random: model")
         return _random_components(model[len(RANDOM_PREFIX):], device, dtype, vae, seed, unet_device)
+    if model.lower().endswith((".ckpt", ".pt", ".pth", ".bin")):
+        raise ConfigError(f"{model!r}: single-file checkpoints are loaded from .safetensors only (a pickled "
+                          "checkpoint can run code when loaded); convert it to .safetensors or a diffusers folder")
     if is_single_file(model):
         return _single_file_components(model, device, dtype, vae, vae_id, lora, local_files_only, unet_device)
     return _pretrained_components(model, device, dtype, vae, vae_id, lora, local_files_only, unet_device)
