@@ -80,7 +80,7 @@ def main() -> int:
     times.sort()
     nets = engine.status()["networks"]
     rec = {"run": args.run, "artifacts": args.artifacts, "cudnn_benchmark": args.cudnn_benchmark,
-           "marks_s": MARKS, "frame_ms_median": times[len(times) // 2], "frame_ms_p99": times[int(0.99 * (len(times) - 1))],
+           "marks_s": MARKS, "frame_ms_median": times[len(times) // 2], "frame_ms_p99": times[round(0.99 * (len(times) - 1))],
            "networks": nets, "torch": torch.__version__,
            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d")}
     if args.parity:

@@ -250,7 +250,7 @@ class AotiNetwork:
         self.fallbacks: dict[str, str] = {}  # signature (as text) -> why the fallback runs it
         self.folders: list[str] = []  # cache entries in use
         self._weights: str | None = None  # fingerprint, taken at the first package (weights are fixed then)
-        self.seconds: dict[str, float] = {}  # start-up cost: fingerprint, lookup (+ build), load
+        self.seconds: dict[str, float] = {}  # start-up cost: fingerprint, cache lookup (or build), load
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         if not self.exportable():  # e.g. the temporal KV cache's processors: stateful, run by the fallback
@@ -289,7 +289,7 @@ class AotiNetwork:
                         raise
                     ctx.cache.invalidate(key, f"AOTInductor could not load it: {type(exc).__name__}: {exc}")
                     continue
-                self.seconds.update(lookup=round(t2 - t1, 3), load=round(time.perf_counter() - t2, 3))
+                self.seconds.update(lookup_or_build=round(t2 - t1, 3), load=round(time.perf_counter() - t2, 3))
                 self.folders.append(entry.path.name)
                 self.built += bool(built)
                 self.loaded += not built

@@ -299,6 +299,7 @@ def run_bench(engine, *, frames: int = 300, warmup: int = 30, prompt_change_ever
                   "guidance_scale": s.guidance_scale, "frames": frames, "warmup": warmup,
                   "dtype": str(engine.config.dtype).replace("torch.", ""), "vae": engine.config.vae.value,
                   "frame_buffer_size": engine.config.frame_buffer_size,
+                  "vae_overlap": getattr(engine.config, "vae_overlap", False),
                   "backend_fallback": engine.backend_fallback},
         environment=environment(), frame_ms=stats, fps=1e3 / stats["median"],
         latency_ms=(latency_frames + 1) * stats["median"], allocations_per_frame=allocs,
