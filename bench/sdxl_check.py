@@ -17,6 +17,7 @@ Prints each table as it goes and a summary last; writes $OUT/sdxl_check.json aft
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.gpu_check import compare, memory_check  # noqa: E402
 from rtdiffusion import StreamEngine  # noqa: E402
 from rtdiffusion.bench import environment, run_bench, synthetic_frames  # noqa: E402
-from rtdiffusion.config import Backend, EngineConfig, StreamSettings, apply_updates  # noqa: E402
+from rtdiffusion.config import Backend, EngineConfig, PromptSpec, StreamSettings, apply_updates  # noqa: E402
 from rtdiffusion.models.loading import load_components  # noqa: E402
 
 SCENARIOS = {"X1": dict(size=512, t_index_list=[32]), "X2": dict(size=512, t_index_list=[20, 35]),
@@ -39,9 +40,9 @@ SCENARIOS = {"X1": dict(size=512, t_index_list=[32]), "X2": dict(size=512, t_ind
 
 def engine_for(comps, model, backend, device, dtype, size, **updates) -> StreamEngine:
     config = EngineConfig(model, size, size, device, dtype, Backend(backend))
-    engine = StreamEngine(config, comps, apply_updates(StreamSettings(), 50, **updates))
-    engine.update_prompt("a glass jellyfish")
-    return engine
+    # the prompt is part of the starting settings: no update is pending when memory_check wraps the networks
+    settings = dataclasses.replace(StreamSettings(), prompt=PromptSpec.parse("a glass jellyfish", "linear", ""))
+    return StreamEngine(config, comps, apply_updates(settings, 50, **updates))
 
 
 def main() -> int:
