@@ -11,9 +11,13 @@ from td_bridge.bridge import Bridge, BridgeConfig
 
 
 class Echo:
-    width = height = 16
+    """An engine that returns its input: width, height, __call__, update, update_seed, status."""
+
+    def __init__(self, width=16, height=16):
+        self.width, self.height, self.calls = width, height, 0
 
     def __call__(self, rgb):
+        self.calls += 1
         return rgb.copy()
 
     def update(self, **kw):

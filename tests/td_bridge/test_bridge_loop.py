@@ -13,27 +13,8 @@ from pythonosc.udp_client import SimpleUDPClient
 
 from td_bridge.bridge import Bridge, BridgeConfig
 from td_bridge.ring import FLAG_CLOSED, RingError, RingLayout, RingReader, RingWriter
+from _echo_bridge import Echo  # noqa: E402
 from osc_inbox import Inbox  # noqa: E402
-
-
-class Echo:
-    """An engine that returns its input: width, height, __call__, update, update_seed, status."""
-
-    def __init__(self, width=16, height=16):
-        self.width, self.height, self.calls = width, height, 0
-
-    def __call__(self, rgb):
-        self.calls += 1
-        return rgb.copy()
-
-    def update(self, **kw):
-        pass
-
-    def update_seed(self, seed):
-        pass
-
-    def status(self):
-        return {}
 
 
 class Running:
