@@ -23,6 +23,7 @@ from engines.base import TorchNetworks
 from .config import Backend, CompileArtifacts, EngineConfig
 from .executors import EagerExecutor, GraphExecutor
 from .models.loading import Components
+from .vocabulary import spell
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,8 @@ def choose_backend(config: EngineConfig) -> tuple[Backend, str]:
         if requested is Backend.AUTO:
             return Backend.GRAPH, "auto: low-VRAM weight streaming (max_vram_gb) runs with the graph backend"
         if requested in (Backend.COMPILED, Backend.TRT):
-            raise_config(f"max_vram_gb (low-VRAM weight streaming) works with backend 'eager' or 'graph'; "
-                         f"got {requested.value!r}")
+            raise_config(f"{spell('max_vram_gb')} (low-VRAM weight streaming) works with {spell('backend', 'eager')} "
+                         f"or {spell('backend', 'graph')}; got {spell('backend', requested.value)}")
     if requested is Backend.AUTO:
         if not cuda:
             return Backend.EAGER, "auto: no CUDA device, so eager (CUDA graphs, compile and TensorRT need one)"
@@ -63,13 +64,13 @@ def choose_backend(config: EngineConfig) -> tuple[Backend, str]:
                                       "'graph' to start fast")
         return Backend.GRAPH, f"auto: CUDA device without a usable TensorRT ({trt_why}) or Triton; whole-frame CUDA graph"
     if requested in (Backend.GRAPH, Backend.TRT) and not cuda:
-        raise_config(f"backend {requested.value!r} needs a CUDA device; use backend 'eager', 'compiled' or 'auto' "
-                     "on the CPU")
+        raise_config(f"{spell('backend', requested.value)} needs a CUDA device; use {spell('backend', 'eager')}, "
+                     f"{spell('backend', 'compiled')} or {spell('backend', 'auto')} on the CPU")
     if requested is Backend.TRT:
         trt_ok, trt_why = tensorrt_usable()
         if not trt_ok:
-            raise_config(f"backend 'trt' needs TensorRT 10.1+ or 11.x: {trt_why}; use 'graph' or 'compiled' "
-                         "without it")
+            raise_config(f"{spell('backend', 'trt')} needs TensorRT 10.1+ or 11.x: {trt_why}; use "
+                         f"{spell('backend', 'graph')} or {spell('backend', 'compiled')} without it")
     return requested, f"{requested.value}: asked for"
 
 
@@ -144,8 +145,9 @@ def trt_networks(config: EngineConfig, comps: Components, min_steps: int = TRT_M
 
     if next(comps.vae.parameters()).dtype != next(comps.unet.parameters()).dtype:
         raise_config("TensorRT engines run the VAE in the UNet's dtype, but this model's KL VAE runs in float32 "
-                     "(SDXL's stock VAE overflows in float16): use vae='tiny', the fp16-fix VAE "
-                     "(vae_id='madebyollin/sdxl-vae-fp16-fix'), or backend 'compiled' / 'graph'")
+                     f"(SDXL's stock VAE overflows in float16): use {spell('vae', 'tiny')}, the fp16-fix VAE "
+                     f"({spell('vae_id', 'madebyollin/sdxl-vae-fp16-fix')}), or {spell('backend', 'compiled')} / "
+                     f"{spell('backend', 'graph')}")
     F = config.frame_buffer_size
     params = SpecParams.from_modules(comps.unet, comps.vae, config.width, config.height,
                                      batch=unet_batch_range(min_steps, max_steps, F, TRT_GUIDANCE),

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import types
 
 import pytest
+import torch
 
 from rtdiffusion.cli import build_parser, main
 from rtdiffusion.cli.common import ALIASES, OPTIONS, engine_kwargs
@@ -131,6 +133,23 @@ def test_errors_name_the_flag_in_the_cli_and_the_argument_in_the_api():
             apply_updates(StreamSettings(), 50, strength=0.5, t_index_list=[3])
         assert spell("device", "cpu") == "--device cpu" and spell("guidance_scale") == "--guidance"
     assert spell("device", "cpu") == "device='cpu'" and spell("guidance_scale") == "guidance_scale"
+
+
+def test_model_and_backend_errors_name_flags_in_the_cli_and_arguments_in_the_api(caplog):
+    from rtdiffusion import StreamEngine
+    from rtdiffusion.backends import choose_backend
+    from rtdiffusion.config import Backend
+
+    with pytest.raises(ConfigError, match=r"^width must be a multiple of 32 pixels for random:sdxl-turbo; got 528"):
+        StreamEngine.from_pretrained("random:sdxl-turbo", width=528, height=512, device="cpu")
+    assert main(["run", "--model", "random:sdxl-turbo", "--width", "528", "--height", "512", "--device", "cpu",
+                 "--input", "synthetic", "--output", "o.mp4"]) == 2
+    assert "--width must be a multiple of 32 pixels for random:sdxl-turbo; got 528" in caplog.text
+    config = types.SimpleNamespace(backend=Backend.COMPILED, device=torch.device("cuda"), max_vram_gb=2.0)
+    with pytest.raises(ConfigError, match=r"max_vram_gb \(low-VRAM weight streaming\) works with backend='eager'"):
+        choose_backend(config)
+    with cli_spelling(), pytest.raises(ConfigError, match=r"--max-vram-gb \(low-VRAM .* got --backend compiled"):
+        choose_backend(config)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -46,6 +46,7 @@ def register(subparsers) -> None:
     add_option(p, "--cfg", default=TRT_GUIDANCE, note=f"build covers this mode and every cheaper one (default "
                f"{TRT_GUIDANCE}, as the engine loads)")
     add_option(p, "--vae")
+    add_option(p, "--vae-id")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA to fuse (repeatable)")
     add_option(p, "--dtype")
     add_option(p, "--device")
@@ -132,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     lora = _parse_lora(args.lora)
 
     cache = EngineCache(args.engine_dir)
-    comps = load_components(args.model, device, dtype, vae_kind, lora=lora)
+    comps = load_components(args.model, device, dtype, vae_kind, vae_id=args.vae_id, lora=lora)
     width = args.width or comps.default_size
     height = args.height or comps.default_size
     params = SpecParams.from_modules(comps.unet, comps.vae, width, height, batch=batch,

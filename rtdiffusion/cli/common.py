@@ -95,6 +95,9 @@ OPTIONS: dict[str, dict[str, Any]] = {
                                      "engine cache, loaded on restart without compiling (aoti); auto: jit on CUDA, "
                                      "aoti on the CPU"),
     "--vae": dict(default="tiny", choices=["tiny", "kl"], help="tiny (TAESD, default) or kl (the model's full VAE)"),
+    "--vae-id": dict(default=None, metavar="ID_OR_FOLDER",
+                     help="another VAE of the --vae kind, by hub id or local folder (e.g. --vae kl --vae-id "
+                          "madebyollin/sdxl-vae-fp16-fix runs SDXL's KL VAE in float16; default: the model's own)"),
     "--frame-buffer-size": dict(type=int, default=1, metavar="F",
                                 help="frames per UNet call, 1-16: more throughput, F-1 frames more latency "
                                      "(default 1)"),
@@ -112,7 +115,7 @@ ALIASES = {"--t-index": "--t-index-list", "--frame-buffer": "--frame-buffer-size
 
 ENGINE_OPTIONS = ["--model", "--width", "--height", "--strength", "--steps", "--t-index-list", "--cfg", "--guidance",
                   "--delta", "--prompt", "--negative-prompt", "--seed", "--device", "--dtype", "--backend",
-                  "--threads", "--compile-preset", "--compile-artifacts", "--vae", "--frame-buffer-size",
+                  "--threads", "--compile-preset", "--compile-artifacts", "--vae", "--vae-id", "--frame-buffer-size",
                   "--max-vram-gb", "--similar-filter"]
 
 
@@ -173,7 +176,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kw = dict(width=args.width, height=args.height, strength=args.strength, steps=args.steps,
               t_index_list=args.t_index_list, cfg=args.cfg, guidance_scale=args.guidance, delta=args.delta,
               prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, device=args.device,
-              dtype=args.dtype, backend=args.backend, vae=args.vae, frame_buffer_size=args.frame_buffer_size,
+              dtype=args.dtype, backend=args.backend, vae=args.vae, vae_id=args.vae_id, frame_buffer_size=args.frame_buffer_size,
               max_vram_gb=args.max_vram_gb, compile_preset=args.compile_preset,
               compile_artifacts=args.compile_artifacts, threads=args.threads)
     if args.similar_filter is not None:

@@ -22,6 +22,7 @@ import torch
 
 from ..config import SchedulerKind, VaeKind
 from ..errors import ConfigError, ModelNotFoundError
+from ..vocabulary import spell
 from .families import RANDOM_ARCHS, ModelFamily, family_of
 from .single_file import is_single_file
 from .text import ClipText, DualClipText, TextStack
@@ -91,7 +92,7 @@ def check_size_early(model: str, width: int | None, height: int | None, vae: Vae
     multiple = size_multiple(read_config(arch.unet), read_config(arch.taesd if vae is VaeKind.TINY else arch.vae_kl))
     for name, v in (("width", width), ("height", height)):
         if v is not None and v % multiple:
-            raise ConfigError(f"{name} must be a multiple of {multiple} pixels for {model}; got {v}")
+            raise ConfigError(f"{spell(name)} must be a multiple of {multiple} pixels for {model}; got {v}")
 
 
 def _vae_blocks(cfg) -> list:
