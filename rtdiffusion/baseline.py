@@ -151,8 +151,11 @@ def build_baseline(engine, comps: Components) -> BaselineStream:
     s = engine.settings
     if engine.config.frame_buffer_size != 1 or engine.config.vae is not VaeKind.TINY:
         raise ValueError("the baseline runs one frame per call (frame_buffer_size 1) with TAESD (vae 'tiny')")
+    if engine.components.unet.config.get("addition_embed_type"):
+        raise ValueError("the baseline covers SD 1.5 / 2.1 UNets (no added conditioning); got an SDXL-style UNet")
     cond = engine._prompts.embed(s.prompt)  # [1, T, D], the same embedding the engine uses
     uncond = engine._prompts.negative(s.prompt) if s.effective_cfg in (CfgMode.FULL, CfgMode.INITIALIZE) else None
+    cond, uncond = (getattr(e, "embeds", e) for e in (cond, uncond))  # a TextEmbedding bundle or a tensor
     consts = engine._slot_constants(s.t_index_list)
     return BaselineStream(comps, consts, s, cond, uncond, engine.height, engine.width)
 
