@@ -91,7 +91,10 @@ class StreamEngine:
         strength (0 keeps the input, 1 restyles fully) and steps (denoising steps per frame) are the friendly
         form of t_index_list (rtdiffusion/vocabulary.py); give one form or the other. Default: strength 0.35,
         1 step, which is t_index_list [32]. threads: torch threads for CPU inference (None: half the cores,
-        at most 8; process-wide, set here only when the device is the CPU).
+        at most 8; process-wide, set here only when the device is the CPU). vae_overlap: run the TAESD encode
+        of each call's frames and the decode of the previous call's results next to the UNet, on a parallel
+        branch of the captured frame: faster frames (BENCHMARKS.md, issue 17), each coming out 2 calls later
+        (status()["latency_frames"] counts them).
         """
         dev = parse_device(device)
         set_cpu_threads(dev, parse_threads(threads))
