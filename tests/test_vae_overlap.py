@@ -9,7 +9,7 @@ import torch
 
 from rtdiffusion import StreamEngine
 from rtdiffusion.bench import synthetic_frames
-from rtdiffusion.config import EngineConfig, StreamSettings, apply_updates
+from rtdiffusion.config import Backend, EngineConfig, StreamSettings, apply_updates
 from rtdiffusion.errors import ConfigError
 
 
@@ -44,3 +44,31 @@ def test_overlap_eager_bypass_keeps_the_same_flow(tiny_components):
 def test_vae_overlap_must_be_a_bool():
     with pytest.raises(ConfigError, match="vae_overlap must be True or False"):
         EngineConfig("random:tiny", 64, 64, torch.device("cpu"), torch.float32, vae_overlap="yes")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the device machine)")
+def test_overlap_captured_on_cuda_is_the_plain_graph_two_calls_later():
+    """On a GPU the branch is a second stream inside the captured graph: same pixels, 2 calls later, and no
+    allocation per frame."""
+    from rtdiffusion.config import VaeKind
+    from rtdiffusion.models.loading import load_components
+
+    comps = load_components("random:tiny", torch.device("cuda"), torch.float16, VaeKind.TINY, seed=0)
+
+    def engine(overlap):
+        config = EngineConfig("random:tiny", 64, 64, torch.device("cuda"), torch.float16, backend=Backend.GRAPH,
+                              vae_overlap=overlap)
+        return StreamEngine(config, comps, apply_updates(StreamSettings(), 50, t_index_list=[10, 30], cfg="self"))
+
+    plain, over = engine(False), engine(True)
+    assert plain.backend_fallback is None and over.backend_fallback is None
+    frames = synthetic_frames(8, 64, 64)
+    want = [plain(f) for f in frames]
+    got = [over(f) for f in frames[:4]]
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    got += [over(f) for f in frames[4:]]
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
+    for n in range(1, len(frames) - 2):
+        assert np.array_equal(got[n + 2], want[n])
