@@ -209,7 +209,7 @@ def test_bad_construction_argument_fails_before_loading(kw, match):
 
 def test_graph_backend_on_cpu_is_a_config_error(tiny_components):
     config = EngineConfig("random:tiny", W, H, torch.device("cpu"), torch.float32, backend=Backend.GRAPH)
-    with pytest.raises(ConfigError, match="backend 'graph' needs a CUDA device"):
+    with pytest.raises(ConfigError, match="backend='graph' needs a CUDA device"):
         StreamEngine(config, tiny_components)
     with pytest.raises(ConfigError, match="CUDA"):
         StreamEngine.from_pretrained("random:tiny", device="cpu", backend="graph", width=W, height=H)
@@ -578,7 +578,7 @@ def test_backend_choice_follows_device_and_low_vram_mode():
     backend, reason = choose_backend(cfg("auto", "cuda", max_vram_gb=4.0))
     assert backend is Backend.GRAPH and "low-VRAM" in reason
     for bad in ("compiled", "trt"):
-        with pytest.raises(ConfigError, match="max_vram_gb .* 'eager' or 'graph'"):
+        with pytest.raises(ConfigError, match="max_vram_gb .* backend='eager' or backend='graph'"):
             choose_backend(cfg(bad, "cuda", max_vram_gb=4.0))
     with pytest.raises(ConfigError, match="needs a CUDA device"):
         choose_backend(cfg("graph"))
