@@ -7,6 +7,9 @@
 set -u
 export RTDIFFUSION_CACHE=${RTDIFFUSION_CACHE:-/tmp/rtd_cache}
 ARTIFACTS=${ARTIFACTS:-jit}
+# the engine refuses AOTInductor packages on CUDA (loading one segfaulted on the H200, BENCHMARKS.md); this
+# script exists to measure and debug exactly that, so it lifts the refusal
+export RTDIFFUSION_AOTI_CUDA=1
 for run in cold restart; do
   python3 - "$run" "$ARTIFACTS" <<'PY'
 import sys, time, logging

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 
 import torch
 
@@ -71,7 +72,25 @@ def choose_backend(config: EngineConfig) -> tuple[Backend, str]:
         if not trt_ok:
             raise_config(f"{spell('backend', 'trt')} needs TensorRT 10.1+ or 11.x: {trt_why}; use "
                          f"{spell('backend', 'graph')} or {spell('backend', 'compiled')} without it")
+    if requested is Backend.COMPILED:
+        check_aoti_on_cuda(config.compile_artifacts, config.device)
     return requested, f"{requested.value}: asked for"
+
+
+# Loading an AOTInductor package on CUDA crashed the process (segfault inside aoti_load_package) on the
+# H200 with torch 2.11 / CUDA 13, cold and on restart, on one- and two-GPU machines (BENCHMARKS.md, issue 17
+# start-up). Until that is understood, CUDA + aoti is refused with this reason instead of crashing; setting
+# RTDIFFUSION_AOTI_CUDA=1 lifts the refusal for whoever is debugging it.
+AOTI_CUDA_ENV = "RTDIFFUSION_AOTI_CUDA"
+AOTI_CUDA_REFUSED = ("AOTInductor packages on CUDA are disabled: loading one crashed the process (segfault in "
+                     "aoti_load_package) on an H200 with torch 2.11 / CUDA 13 (BENCHMARKS.md); use {jit} (the "
+                     "default on CUDA), or set " + AOTI_CUDA_ENV + "=1 to try anyway")
+
+
+def check_aoti_on_cuda(artifacts: CompileArtifacts, device: torch.device) -> None:
+    """ConfigError for AOTInductor packages on CUDA unless RTDIFFUSION_AOTI_CUDA=1 (see AOTI_CUDA_REFUSED)."""
+    if artifacts is CompileArtifacts.AOTI and device.type == "cuda" and os.environ.get(AOTI_CUDA_ENV) != "1":
+        raise_config(AOTI_CUDA_REFUSED.format(jit=spell("compile_artifacts", "jit")))
 
 
 def compile_artifacts(config: EngineConfig) -> CompileArtifacts:

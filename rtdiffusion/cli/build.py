@@ -19,7 +19,7 @@ import logging
 import os
 from pathlib import Path
 
-from ..backends import TRT_GUIDANCE, TRT_MAX_STEPS, TRT_MIN_STEPS, prepare_cuda_modules
+from ..backends import TRT_GUIDANCE, TRT_MAX_STEPS, TRT_MIN_STEPS, check_aoti_on_cuda, prepare_cuda_modules
 from ..vocabulary import cli_spelling
 from .common import Deprecated, Renamed, add_option
 
@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     from engines.specs import AxisRange, SpecParams, make_specs, unet_batch_range
     from engines.versions import lora_identity, weights_fingerprint
 
-    from ..config import CfgMode, VaeKind, parse_device, parse_dtype, parse_enum, parse_threads, set_cpu_threads
+    from ..config import (CfgMode, CompileArtifacts, VaeKind, parse_device, parse_dtype, parse_enum, parse_threads,
+                          set_cpu_threads)
     from ..models.loading import load_components
 
     # ---- validate every flag before any work (boundary) ----
@@ -125,6 +126,9 @@ def run(args: argparse.Namespace) -> int:
         dtype = parse_dtype(args.dtype, device)
     set_cpu_threads(device, threads)
     aoti = args.compile_artifacts == "aoti" or (args.compile_artifacts == "auto" and device.type != "cuda")
+    if args.backend == "compiled" and aoti:
+        with cli_spelling():
+            check_aoti_on_cuda(CompileArtifacts.AOTI, device)
     if args.backend == "compiled" and not aoti and device.type != "cuda":
         raise ValueError("--backend compiled --compile-artifacts jit warms Inductor's caches for a CUDA device; "
                          "torch sees none (use --compile-artifacts aoti, or build on the GPU machine)")

@@ -47,8 +47,8 @@ def collect(engine_dir: str | None = None) -> dict[str, Any]:
     if cuda:
         why = ("CUDA device and triton found" if triton else
                "needs triton (ships with CUDA builds of torch)")
-        why += "; AOTInductor packages (--compile-artifacts aoti) " + (
-            "can be built (C++ compiler found)" if cxx else "need a C++ compiler (g++)")
+        why += ("; AOTInductor packages (--compile-artifacts aoti) are refused on CUDA for now (loading one "
+                "crashed on the H200; see BENCHMARKS.md)")
         backends["compiled"] = (triton, why)
     else:
         backends["compiled"] = (bool(cxx), "no CUDA device: AOTInductor packages for the CPU (C++ compiler found)"

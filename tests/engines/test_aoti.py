@@ -208,3 +208,24 @@ def test_build_command_finds_what_the_engine_built(first_start):
         if not name.startswith("."):
             assert name in r.stderr + r.stdout
     assert "AOTInductor: loaded unet" in r.stderr + r.stdout
+
+
+def test_aoti_on_cuda_is_refused_with_the_reason_unless_asked_for(monkeypatch):
+    """Loading packages segfaulted on the H200 (BENCHMARKS.md): refuse it up front, never crash the process."""
+    import types
+
+    from rtdiffusion.backends import AOTI_CUDA_ENV, choose_backend
+    from rtdiffusion.config import Backend, CompileArtifacts
+    from rtdiffusion.errors import ConfigError
+
+    monkeypatch.delenv(AOTI_CUDA_ENV, raising=False)
+    config = types.SimpleNamespace(backend=Backend.COMPILED, device=torch.device("cuda"), max_vram_gb=None,
+                                   compile_artifacts=CompileArtifacts.AOTI)
+    with pytest.raises(ConfigError, match=r"AOTInductor packages on CUDA are disabled: .*segfault.*"
+                                          r"compile_artifacts='jit'.*RTDIFFUSION_AOTI_CUDA=1"):
+        choose_backend(config)
+    monkeypatch.setenv(AOTI_CUDA_ENV, "1")
+    assert choose_backend(config)[0] is Backend.COMPILED
+    config.device = torch.device("cpu")  # the CPU path is what the tests above run
+    monkeypatch.delenv(AOTI_CUDA_ENV)
+    assert choose_backend(config)[0] is Backend.COMPILED
