@@ -25,15 +25,6 @@ REPO = Path(build_component.__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def project():
-    p = td.Project(build=2023)
-    yield p
-    launcher.stop_all(wait=True, grace_s=0.5)
-    launcher.forget_stopped()
-    p.exit()
-
-
-@pytest.fixture
 def inbox():
     box = Inbox()
     yield box

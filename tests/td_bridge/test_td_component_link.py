@@ -18,20 +18,11 @@ from pythonosc.udp_client import SimpleUDPClient
 
 import td_standin as td
 from td_bridge.ring import PixelFormat, RingLayout, RingReader, RingWriter, RowOrder
-from td_bridge.touchdesigner import launcher, link_status
+from td_bridge.touchdesigner import link_status
 from td_bridge.touchdesigner.build_component import build
 
 TIMEOUT = 60.0
 LINK_PARS = ("Inputlink", "Inputreconnects", "Outputlink", "Outputreconnects", "Ringevent")
-
-
-@pytest.fixture
-def project():
-    p = td.Project(build=2023)
-    yield p
-    launcher.stop_all(wait=True, grace_s=0.5)
-    launcher.forget_stopped()
-    p.exit()
 
 
 def frames_until(project, cond, what):
