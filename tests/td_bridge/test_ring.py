@@ -1,5 +1,6 @@
 """Frame rings: layout, conversions, validation, and a real second process writing faster than we read."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -182,11 +183,10 @@ def test_fast_writer_in_another_process_never_tears(shm_name, checksum):
     print(f"read {got} of {written} frames, {retries} seqlock retries, {held} reads with the writer held")
 
 
-def test_a_writer_that_died_mid_frame_leaves_no_stuck_slot(shm_name):
-    """A writer process killed between begin() and commit() leaves its slot's seq odd; the next writer to
-    attach must repair it, or that slot's seqlock stays inverted and reads fail forever."""
-    lay = RingLayout(16, 16, slot_count=3)
-    reader = RingReader.create(shm_name, lay)
+@contextlib.contextmanager
+def writer_killed_mid_frame(shm_name: str):
+    """A real writer process that writes one frame into ring ``shm_name``, begins the next one (its slot's seq
+    left odd) and is killed there with SIGKILL."""
     code = ("import sys, time, numpy; from td_bridge.ring import RingWriter; w = RingWriter.attach(sys.argv[1]); "
             "w.write(numpy.zeros((16, 16, 4), 'uint8')); w.begin(); print('begun', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code, shm_name], stdout=subprocess.PIPE, text=True,
@@ -195,18 +195,29 @@ def test_a_writer_that_died_mid_frame_leaves_no_stuck_slot(shm_name):
         assert proc.stdout.readline().strip() == "begun"
         proc.kill()
         proc.wait(timeout=10)
-        assert reader.published == 1 and int(reader._seq[1]) & 1  # slot 1 left mid-write
-        out = reader.empty_frame()
-        with RingWriter.attach(shm_name) as w:
-            for n in range(1, 8):
-                frame = np.full((16, 16, 4), n, np.uint8)
-                assert w.write(frame) == n
-                info = reader.read(out)  # no RingError, never a stale or torn frame
-                assert info is not None and info.index == n and (out == n).all()
+        yield
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.communicate(timeout=10)
+
+
+def test_a_writer_that_died_mid_frame_leaves_no_stuck_slot(shm_name):
+    """A writer process killed between begin() and commit() leaves its slot's seq odd; the next writer to
+    attach must repair it, or that slot's seqlock stays inverted and reads fail forever."""
+    lay = RingLayout(16, 16, slot_count=3)
+    reader = RingReader.create(shm_name, lay)
+    try:
+        with writer_killed_mid_frame(shm_name):
+            assert reader.published == 1 and int(reader._seq[1]) & 1  # slot 1 left mid-write
+            out = reader.empty_frame()
+            with RingWriter.attach(shm_name) as w:
+                for n in range(1, 8):
+                    frame = np.full((16, 16, 4), n, np.uint8)
+                    assert w.write(frame) == n
+                    info = reader.read(out)  # no RingError, never a stale or torn frame
+                    assert info is not None and info.index == n and (out == n).all()
+    finally:
         reader.close()
 
 
@@ -225,21 +236,12 @@ def test_a_dead_writer_and_a_corrupt_published_counter_each_get_their_own_messag
     """A one-slot ring whose writer process died inside a frame, and a published counter pointing at a slot
     never written: each read failure says what was seen (before: "give the ring more slots" for all)."""
     reader = RingReader.create(shm_name, RingLayout(16, 16, slot_count=1))
-    code = ("import sys, time, numpy; from td_bridge.ring import RingWriter; w = RingWriter.attach(sys.argv[1]); "
-            "w.write(numpy.zeros((16, 16, 4), 'uint8')); w.begin(); print('begun', flush=True); time.sleep(60)")
-    proc = subprocess.Popen([sys.executable, "-c", code, shm_name], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     try:
-        assert proc.stdout.readline().strip() == "begun"
-        proc.kill()
-        proc.wait(timeout=10)
-        with pytest.raises(RingError, match=r"slot 0 stayed mid-write .*died or hangs inside a frame") as exc:
-            reader.read(reader.empty_frame())
-        assert "more slots" not in str(exc.value)
+        with writer_killed_mid_frame(shm_name):
+            with pytest.raises(RingError, match=r"slot 0 stayed mid-write .*died or hangs inside a frame") as exc:
+                reader.read(reader.empty_frame())
+            assert "more slots" not in str(exc.value)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=10)
         reader.close()
     with RingWriter.create(shm_name, RingLayout(8, 8, slot_count=3)) as w, RingReader.attach(shm_name) as r:
         w.write(np.zeros((8, 8, 4), np.uint8))
