@@ -284,6 +284,17 @@ def make_python(tmp_path, monkeypatch, stubborn=False, exits=False):
     return py
 
 
+def start_stand_in_engine(comp, tmp_path):
+    """Pulse Start and wait until the stand-in python (make_python) has written out.json; its launcher entry."""
+    comp.par.Start.pulse()
+    engine = launcher.get(comp.path)
+    end = time.monotonic() + 60
+    while not (tmp_path / "out.json").exists():
+        assert time.monotonic() < end
+        time.sleep(0.02)
+    return engine
+
+
 @pytest.mark.skipif(os.name == "nt", reason="the stand-in python is a shell script")
 def test_launcher_runs_the_configured_python_and_stops_it(project, tmp_path, monkeypatch):
     monkeypatch.setattr(component, "STOP_GRACE_S", 120.0)  # a loaded machine never gets to SIGTERM
@@ -318,12 +329,7 @@ def test_an_engine_that_ignores_stop_is_terminated_then_killed(project, tmp_path
     comp = build(project.project1, python=str(make_python(tmp_path, monkeypatch, stubborn=True)),
                  model="random:tiny")
     comp.par.Controlport = td.free_udp_port()
-    comp.par.Start.pulse()
-    engine = launcher.get(comp.path)
-    end = time.monotonic() + 60
-    while not (tmp_path / "out.json").exists():
-        assert time.monotonic() < end
-        time.sleep(0.02)
+    engine = start_stand_in_engine(comp, tmp_path)
     engine.stop(lambda: None, grace_s=0.2, kill_after_s=0.5)  # what onExit does, with short waits
     assert not engine.running() and engine.proc.returncode != 0
 
@@ -334,12 +340,7 @@ def test_quitting_touchdesigner_stops_the_engine(project, tmp_path, monkeypatch)
     comp = build(project.project1, python=str(make_python(tmp_path, monkeypatch)), model="random:tiny")
     comp.par.Controlport = td.free_udp_port()
     project.start()
-    comp.par.Start.pulse()
-    engine = launcher.get(comp.path)
-    end = time.monotonic() + 60
-    while not (tmp_path / "out.json").exists():
-        assert time.monotonic() < end
-        time.sleep(0.02)
+    engine = start_stand_in_engine(comp, tmp_path)
     project.exit()  # frame_exec's onExit: /stop, and waits for the process
     assert not engine.running() and engine.proc.returncode == 0
 
@@ -386,12 +387,7 @@ def test_two_cooks_in_one_frame_send_the_picture_once(shm_name):
 def test_opening_a_project_without_the_component_stops_its_engine(project, tmp_path, monkeypatch):
     comp = build(project.project1, python=str(make_python(tmp_path, monkeypatch)), model="random:tiny")
     comp.par.Controlport = td.free_udp_port()
-    comp.par.Start.pulse()
-    engine = launcher.get(comp.path)
-    end = time.monotonic() + 60
-    while not (tmp_path / "out.json").exists():
-        assert time.monotonic() < end
-        time.sleep(0.02)
+    engine = start_stand_in_engine(comp, tmp_path)
     comp.destroy()  # the next project in this TouchDesigner process has its component elsewhere
     other = build(project.project1, name="rtd2")
     project.reopen()  # its frame_exec's onStart
