@@ -43,11 +43,11 @@ from .config import (Backend, CacheSettings, EngineConfig, FilterSettings, Promp
 from .errors import ConfigError, FrameError
 from .executors import OVERLAP_LATENCY, CapturedFrame, EagerExecutor, LayoutState
 from .guidance import make_guidance
-from .models.loading import Components, check_size_early, load_components
+from .models.loading import Components, check_size, check_size_early, load_components
 from .prompts import PromptEncoder
 from .schedule import SlotConstants, slot_constants
 from .temporal import TemporalCache
-from .vocabulary import spell, strength_of
+from .vocabulary import strength_of
 
 log = logging.getLogger(__name__)
 
@@ -187,9 +187,7 @@ class StreamEngine:
     def _check_resolution(self) -> None:
         c, unet = self.config, self.components.unet
         multiple = self.components.vae_scale_factor * 2 ** (len(unet.config.down_block_types) - 1)
-        for name, v in (("width", c.width), ("height", c.height)):
-            if v % multiple:
-                raise ConfigError(f"{spell(name)} must be a multiple of {multiple} pixels for {c.model}; got {v}")
+        check_size(c.model, c.width, c.height, multiple)
 
     # ------------------------------------------------------------------ properties
     @property

@@ -90,6 +90,11 @@ def check_size_early(model: str, width: int | None, height: int | None, vae: Vae
     if arch is None:
         return
     multiple = size_multiple(read_config(arch.unet), read_config(arch.taesd if vae is VaeKind.TINY else arch.vae_kl))
+    check_size(model, width, height, multiple)
+
+
+def check_size(model: str, width: int | None, height: int | None, multiple: int) -> None:
+    """ConfigError naming the first of width / height (None: not given) that is not a multiple of ``multiple``."""
     for name, v in (("width", width), ("height", height)):
         if v is not None and v % multiple:
             raise ConfigError(f"{spell(name)} must be a multiple of {multiple} pixels for {model}; got {v}")

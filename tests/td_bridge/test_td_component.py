@@ -18,7 +18,7 @@ import td_standin as td
 from osc_inbox import Inbox
 from td_bridge.osc import ACTIONS, CONTROLS
 from td_bridge.ring import PixelFormat, RingLayout, RingReader, RingWriter, RowOrder
-from td_bridge.touchdesigner import build_component, component, controls, launcher
+from td_bridge.touchdesigner import build_component, component, launcher
 from td_bridge.touchdesigner.build_component import build
 
 REPO = Path(build_component.__file__).resolve().parents[2]
