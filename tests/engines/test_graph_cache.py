@@ -20,17 +20,27 @@ from rtdiffusion.errors import ConfigError
 
 
 class Entry:
-    """Stands in for a CapturedFrame: counts release() calls (thread-safe)."""
+    """Stands in for a CapturedFrame: counts release() calls (thread-safe) and stamps the first one with a
+    tick of one clock shared by all entries (``Entry.tick()``), so a test can order a release and a get."""
 
     _lock = threading.Lock()
+    _clock = itertools.count()
 
     def __init__(self, name):
         self.name = name
         self.released = 0
+        self.released_at: int | None = None
+
+    @staticmethod
+    def tick() -> int:
+        with Entry._lock:
+            return next(Entry._clock)
 
     def release(self):
         with Entry._lock:
             self.released += 1
+            if self.released_at is None:
+                self.released_at = next(Entry._clock)
 
     def __repr__(self):
         return f"Entry({self.name!r}, released={self.released})"
@@ -208,9 +218,13 @@ def test_concurrent_get_put_remove_purge_capacity_stay_consistent():
                 op = rng.random()
                 k = rng.choice(keys)
                 if op < 0.40:
+                    # Another thread may evict and release v between get() returning and the check below;
+                    # that is allowed. What must never happen: get() returning a value whose release had
+                    # already happened before get() was called.
+                    before = Entry.tick()
                     v = cache.get(k)
-                    if v is not None and v.released:
-                        violations.append(f"get returned a released value {v!r}")
+                    if v is not None and v.released_at is not None and v.released_at < before:
+                        violations.append(f"get returned a value released before the call: {v!r}")
                 elif op < 0.75:
                     cache.put(k, new_entry(k))
                 elif op < 0.90:
