@@ -55,13 +55,16 @@ class CompiledNetworks(TorchNetworks):
     def __init__(self, unet_module: torch.nn.Module, vae_module: torch.nn.Module, preset: str = "default"):
         super().__init__(unet_module, vae_module, name="compiled")
         compile_fn = jit_compiler(preset)
-        self.preset = preset
+        self.preset, self._compile_fn = preset, compile_fn
         _prepare_unet(unet_module, preset)
         # forward itself, as measured in BENCHMARKS.md: hooks on the UNet module are not run here (weight
         # streaming, which uses them, goes with the eager and graph backends)
         self._unet_fn = compile_fn(unet_module.forward)
         self._encode_fn = compile_fn(vae_module.encode)
         self._decode_fn = compile_fn(vae_module.decode)
+
+    def _prepare_controlnet(self, module: torch.nn.Module):
+        return self._compile_fn(module.forward)  # each ControlNet compiled like the UNet (attach_controlnets)
 
     def describe(self) -> dict:
         return {"runs": "torch.compile (jit)", "preset": self.preset,

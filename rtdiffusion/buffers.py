@@ -15,11 +15,13 @@ frame r of the frames that arrived s calls ago.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .conditioning import AddedConditioning, NoAddedConditioning
 from .config import CfgMode
+from .control.stack import NoControl
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,8 @@ class FrameBuffers:
     """All per-layout device state. Constants are rewritten in place by :meth:`write_constants` and
     friends when settings change, so a graph captured against these addresses stays valid."""
 
-    def __init__(self, layout: StreamLayout, io: FrameIO, conditioning: AddedConditioning = NoAddedConditioning()):
+    def __init__(self, layout: StreamLayout, io: FrameIO, conditioning: AddedConditioning = NoAddedConditioning(),
+                 control: Any = None):
         L, dev, dt = layout, layout.device, layout.dtype
         F, SF, U, B = L.frames, L.stream_rows, L.uncond_rows, L.unet_rows
         lat = (L.latent_h, L.latent_w)
@@ -88,6 +91,9 @@ class FrameBuffers:
         self.conditioning = conditioning
         self.added = conditioning.allocate(B, dt, dev)
         conditioning.write_size(self.added, L.height, L.width)
+        # ControlNets (rtdiffusion/control/stack.py): this layout's control rows, row scales and residual sums,
+        # and the frame stage that fills them; NoControl (no ControlNets) has no buffers and no residuals
+        self.control = (control or NoControl()).frame(layout)
         self.denoised = z(SF, 4, *lat)  # [SF, 4, h, w]
         self.pred = z(SF, 4, *lat)  # [SF, 4, h, w] guided eps (unused with CFG NONE)
         self.stock = z(SF, 4, *lat)  # [SF, 4, h, w] residual-CFG stock noise

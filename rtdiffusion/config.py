@@ -315,6 +315,88 @@ class CacheSettings:
 
 
 @dataclass(frozen=True)
+class ControlNetSettings:
+    """One ControlNet's live settings (rtdiffusion/control): written into buffers between frames, never recaptured.
+
+    scale: conditioning scale (0..10; 1.0 as trained). enabled: False is scale 0 (the ControlNet still runs, so
+    enabling it again is one buffer write). start, end: the fraction of the denoising steps it acts on, as
+    diffusers' control_guidance_start / _end: slot s of S is kept unless s/S < start or (s+1)/S > end.
+    """
+
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if not (_is_number(self.scale) and _finite(self.scale) and 0.0 <= self.scale <= 10.0):
+            raise ConfigError(f"a ControlNet scale must be a number from 0 to 10; got {self.scale!r}")
+        for name in ("start", "end"):
+            v = getattr(self, name)
+            if not (_is_number(v) and _finite(v) and 0.0 <= v <= 1.0):
+                raise ConfigError(f"a ControlNet {name} must be a number from 0 to 1 (a fraction of the steps); "
+                                  f"got {v!r}")
+        if self.start > self.end:
+            raise ConfigError(f"a ControlNet start must be <= its end; got start {self.start!r}, end {self.end!r}")
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"a ControlNet's enabled must be true or false; got {self.enabled!r}")
+
+    def keep(self, slot: int, slots: int) -> float:
+        """diffusers' controlnet_keep for denoising step ``slot`` of ``slots``: 1.0 or 0.0."""
+        return 1.0 - float(slot / slots < self.start or (slot + 1) / slots > self.end)
+
+
+CONTROLNET_KEYS = ("scale", "start", "end", "enabled")
+
+
+def update_controlnets(current: tuple[ControlNetSettings, ...], value: Any) -> tuple[ControlNetSettings, ...]:
+    """``update(controlnets=...)``: a list (by position) or a dict {index: {...}} of partial settings."""
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, (list, tuple)):
+        items = list(enumerate(value))
+    else:
+        raise ConfigError("controlnets must be a list of settings dicts (by index) or a dict {index: settings}; "
+                          f"got {type(value).__name__}")
+    new = list(current)
+    for index, change in items:
+        if isinstance(index, str) and index.isdigit():
+            index = int(index)  # JSON object keys (OSC, websocket)
+        if not _is_int(index) or not 0 <= index < len(new):
+            raise ConfigError(f"ControlNet index must be an integer from 0 to {len(new) - 1} (this engine has "
+                              f"{len(new)} ControlNet(s)); got {index!r}")
+        if not isinstance(change, dict) or set(change) - set(CONTROLNET_KEYS):
+            raise ConfigError(f"ControlNet {index}: settings must be a dict with keys among "
+                              f"{', '.join(CONTROLNET_KEYS)}; got {change!r}")
+        try:
+            new[index] = dataclasses.replace(new[index], **change)
+        except ConfigError as exc:
+            raise ConfigError(f"ControlNet {index}: {exc}") from None
+    return tuple(new)
+
+
+@dataclass(frozen=True)
+class IPAdapterSettings:
+    """The IP-Adapter's live settings (used only when the engine has one; rtdiffusion/control/ip_adapter.py).
+
+    scale: how strongly the style image's tokens act (0..5; 1.0 as trained, 0.6 the default); a buffer
+    written between frames, never a recapture. enabled: False is scale 0. style: the style image blend as
+    ((image key, weight), ...): the images themselves are held by the adapter (control/style.py), keyed by
+    content, so an unchanged image compares equal and is never encoded again.
+    """
+
+    scale: float = 0.6
+    enabled: bool = True
+    style: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not (_is_number(self.scale) and _finite(self.scale) and 0.0 <= self.scale <= 5.0):
+            raise ConfigError(f"ip_adapter_scale must be a number from 0 to 5; got {self.scale!r}")
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"ip_adapter_enabled must be true or false; got {self.enabled!r}")
+
+
+@dataclass(frozen=True)
 class StreamSettings:
     """What may change between frames. Derived sizes come from :meth:`batch_rows`.
 
@@ -331,6 +413,8 @@ class StreamSettings:
     seed: SeedSpec = field(default_factory=lambda: SeedSpec(((2, 1.0),)))
     filter: FilterSettings = field(default_factory=FilterSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    ip_adapter: IPAdapterSettings = field(default_factory=IPAdapterSettings)  # with an IP-Adapter only
+    controlnets: tuple[ControlNetSettings, ...] = ()  # one per ControlNet of the engine, in index order
 
     def validate(self, num_inference_steps: int) -> "StreamSettings":
         t, name = self.t_index_list, spell("t_index_list")
@@ -408,6 +492,10 @@ UPDATE_KEYS = {
     "cache_enabled": lambda s, v: _set_cache(s, enabled=v),
     "cache_maxframes": lambda s, v: _set_cache(s, maxframes=v),
     "cache_interval": lambda s, v: _set_cache(s, interval=v),
+    "ip_adapter_scale": lambda s, v: dataclasses.replace(s, ip_adapter=dataclasses.replace(s.ip_adapter, scale=v)),
+    "ip_adapter_enabled": lambda s, v: dataclasses.replace(s, ip_adapter=dataclasses.replace(s.ip_adapter,
+                                                                                               enabled=v)),
+    "controlnets": lambda s, v: dataclasses.replace(s, controlnets=update_controlnets(s.controlnets, v)),
 }
 
 

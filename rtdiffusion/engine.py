@@ -33,13 +33,14 @@ import torch
 
 from engines.graph import CaptureError, GraphCache
 
-from . import prepare
+from . import control, prepare
 from .backends import build_executor, choose_backend
 from .buffers import FrameBuffers, FrameIO, StreamLayout
 from .conditioning import conditioning_for
 from .config import (Backend, CacheSettings, EngineConfig, FilterSettings, PromptSpec, SchedulerKind, SeedSpec,
                      StreamSettings, VaeKind, apply_updates, parse_device, parse_dtype, parse_enum,
                      parse_threads, set_cpu_threads)
+from .control import ip_adapter as ip_adapter_mod
 from .errors import ConfigError, FrameError
 from .executors import OVERLAP_LATENCY, CapturedFrame, EagerExecutor, LayoutState
 from .guidance import make_guidance
@@ -81,20 +82,24 @@ class StreamEngine:
                         model_seed: int = 0, graph_cache_size: int = 4, kv_max_frames: int = 4,
                         cache_enabled: bool = False, cache_maxframes: int = 1,
                         cache_interval: int = 1, compile_preset: str = "default",
-                        compile_artifacts: str = "auto", threads: int | None = None,
-                        vae_overlap: bool = False) -> "StreamEngine":
+                        compile_artifacts: str = "auto", threads: int | None = None, ip_adapter: Any = None,
+                        vae_overlap: bool = False, controlnets: Any = ()) -> "StreamEngine":
         """Load ``model`` (hub id, local diffusers folder, one ``.safetensors`` checkpoint, or
         ``random:sd-turbo|sd15|sdxl-turbo|sdxl|tiny|tiny-sdxl``) and prepare. Width and height default to the
         model's own size (512 for sd-turbo and SDXL-Turbo, 1024 for SDXL base).
 
         Every argument is checked before the model loads, so a typo fails in milliseconds.
+        ip_adapter: {"model": "random:ip-adapter-sd15" | a .bin / .safetensors file, "image_encoder": folder or
+        hub id, "scale": 0.6, "enabled": True} (rtdiffusion/control/ip_adapter.py); style images come with
+        set_style_image(), scale and on/off with update(ip_adapter_scale=, ip_adapter_enabled=).
         strength (0 keeps the input, 1 restyles fully) and steps (denoising steps per frame) are the friendly
         form of t_index_list (rtdiffusion/vocabulary.py); give one form or the other. Default: strength 0.35,
         1 step, which is t_index_list [32]. threads: torch threads for CPU inference (None: half the cores,
         at most 8; process-wide, set here only when the device is the CPU). vae_overlap: run the TAESD encode
         of each call's frames and the decode of the previous call's results next to the UNet, on a parallel
         branch of the captured frame: faster frames (BENCHMARKS.md, issue 17), each coming out 2 calls later
-        (status()["latency_frames"] counts them).
+        (status()["latency_frames"] counts them). controlnets: ControlNets, each a dict (model, preprocessor,
+        scale, start, end, enabled, preprocessor_options), a ControlNetSpec or a model name (rtdiffusion/control).
         """
         dev = parse_device(device)
         set_cpu_threads(dev, parse_threads(threads))
@@ -113,22 +118,34 @@ class StreamEngine:
             num_inference_steps, strength=strength, steps=steps, t_index_list=t_index_list, cfg=cfg,
             guidance_scale=guidance_scale, delta=delta)
         _check_cache_frames(settings, kv_max_frames)
+        ip_spec = None if ip_adapter is None else ip_adapter_mod.IPAdapterSpec.parse(ip_adapter)
+        if ip_spec is not None:
+            ip_adapter_mod.check_family_early(ip_spec, model)  # random: models: before building
+            settings = dataclasses.replace(settings, ip_adapter=ip_spec.settings())
+        specs = control.parse_specs(controlnets)
         low_vram = max_vram_gb is not None and dev.type == "cuda"
         check_size_early(model, width, height, vk)  # random: models: a wrong size fails before building
         comps = load_components(model, dev, dt, vk, seed=model_seed, vae_id=vae_id, lora=tuple(lora),
                                 local_files_only=local_files_only,
                                 unet_device=torch.device("cpu") if low_vram else None)
+        ip = None if ip_spec is None else ip_adapter_mod.load(ip_spec, comps, dev, dt, seed=model_seed,
+                                                            local_files_only=local_files_only)
         size = comps.default_size
         config = EngineConfig(model, _given(width, size), _given(height, size), dev, dt, be, vk, frame_buffer_size,
                               num_inference_steps, sk, max_vram_gb, engine_dir, kv_max_frames, compile_preset,
                               compile_artifacts, vae_overlap=vae_overlap)
-        return cls(config, comps, settings, graph_cache_size=graph_cache_size)
+        stack = control.make_control(specs, comps, config, seed=model_seed, local_files_only=local_files_only)
+        return cls(config, comps, settings, ip_adapter=ip, graph_cache_size=graph_cache_size, controlnets=stack)
 
     def __init__(self, config: EngineConfig, components: Components, settings: StreamSettings | None = None,
-                 *, graph_cache_size: int = 4):
+                 *, ip_adapter: Any = None, graph_cache_size: int = 4, controlnets: Any = ()):
         self.config, self.components = config, components
         self.device = config.device
         self._check_resolution()
+        # IP-Adapter (control/ip_adapter.py): its processors go on the UNet before any backend sees it
+        self._ip: ip_adapter_mod.IPAdapter | None = ip_adapter
+        if ip_adapter is not None:
+            ip_adapter.install(components.unet, components.text.tokens)
         self.scheduler_kind = config.scheduler or components.scheduler
         self._streamer, self.low_vram = None, None
         if config.max_vram_gb is not None and config.device.type == "cuda":
@@ -139,6 +156,7 @@ class StreamEngine:
         cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if cuda else None
         self._prompts = PromptEncoder(components.text, self.device, config.dtype)
+        self._tokens = self._prompts.tokens + (ip_adapter.tokens if ip_adapter is not None else 0)  # T (+ T_ip)
         self._conditioning = conditioning_for(components.unet.config)  # the UNet's added inputs (SDXL)
         self._io = FrameIO.allocate(F, H, W, self.device)
         # pinned host staging for uploads / readback, and for the filter's three dot products
@@ -160,6 +178,10 @@ class StreamEngine:
         self.backend_fallback: str | None = (self.backend_reason.split("FALLBACK ", 1)[1]
                                              if "FALLBACK " in self.backend_reason else None)
         self._temporal = TemporalCache(components.unet, config.kv_max_frames)
+        # ControlNets (rtdiffusion/control): specs are loaded here, a stack from from_pretrained is used as is
+        self._control = (controlnets if isinstance(controlnets, (control.NoControl, control.ControlStack))
+                         else control.make_control(controlnets, components, config))
+        self._control.attach(self._base_nets)
         self._constants: dict[tuple[int, ...], SlotConstants] = {}
         self._lock = threading.Lock()  # guards _pending
         self._frame_lock = threading.RLock()  # one frame (or settings application) at a time
@@ -174,7 +196,7 @@ class StreamEngine:
         self._host_probe_ref: np.ndarray | None = None
         self._frame_times: deque[float] = deque(maxlen=240)
         self._last_frame_at: float | None = None
-        self._accepted = (settings or StreamSettings()).validate(config.num_inference_steps)
+        self._accepted = self._control.initial_settings(settings or StreamSettings()).validate(config.num_inference_steps)
         self._check_cache_backend(self._accepted)
         self._apply(self._accepted)
         log.info("engine ready: %s, backend %s (%s)", config.model, self.backend, self.backend_reason)
@@ -236,7 +258,8 @@ class StreamEngine:
         """Change settings: strength and/or steps (or, for experts, t_index_list), guidance_scale, delta,
         cfg, similar_filter, similar_threshold,
         similar_max_skip, cache_enabled, cache_maxframes, cache_interval, cache_reset, prompt, seed,
-        negative_prompt. Validated now; applied at the next frame boundary."""
+        negative_prompt, controlnets (by index: [{"scale": 0.5}, ...] or {1: {"enabled": False}}).
+        Validated now; applied at the next frame boundary."""
         with self._lock:
             base = self._accepted
             if "prompt" in kw or "negative_prompt" in kw or "prompt_method" in kw:
@@ -249,6 +272,9 @@ class StreamEngine:
             if kw.pop("cache_reset", False):
                 base = dataclasses.replace(base, cache=dataclasses.replace(
                     base.cache, reset_token=base.cache.reset_token + 1))
+            if self._ip is None and ("ip_adapter_scale" in kw or "ip_adapter_enabled" in kw):
+                raise ConfigError("ip_adapter_scale / ip_adapter_enabled need an IP-Adapter: pass ip_adapter=... "
+                                  "to from_pretrained")
             new = apply_updates(base, self.config.num_inference_steps, **kw)
             _check_cache_frames(new, self.config.kv_max_frames)
             self._check_cache_backend(new)
@@ -277,7 +303,7 @@ class StreamEngine:
         scale = self.components.vae_scale_factor
         return StreamLayout(frames=c.frame_buffer_size, slots=len(s.t_index_list), cfg=s.effective_cfg,
                             height=c.height, width=c.width, latent_h=c.height // scale, latent_w=c.width // scale,
-                            text_tokens=self._prompts.tokens, text_dim=self._prompts.dim, dtype=c.dtype,
+                            text_tokens=self._tokens, text_dim=self._prompts.dim, dtype=c.dtype,
                             device=self.device)
 
     def _apply(self, s: StreamSettings, force: bool = False) -> None:
@@ -288,7 +314,8 @@ class StreamEngine:
             st = self._layouts.get(layout)
             fresh = st is None
             if fresh:
-                st = LayoutState(FrameBuffers(layout, self._io, self._conditioning), make_guidance(layout.cfg, layout.slots),
+                st = LayoutState(FrameBuffers(layout, self._io, self._conditioning, self._control),
+                                 make_guidance(layout.cfg, layout.slots),
                                  layout.slots > 1)
                 self._layouts[layout] = st
             switched = st is not prev_state
@@ -302,6 +329,10 @@ class StreamEngine:
             if fresh or switched or s.prompt != prev.prompt or s.effective_cfg != prev.effective_cfg:
                 uncond = self._prompts.negative(s.prompt) if layout.uncond_rows else None
                 prepare.write_embeds(b, self._prompts.embed(s.prompt), uncond)
+            if fresh or switched or s.controlnets != prev.controlnets:
+                self._control.write_settings(b.control, s.controlnets)  # row scales: buffer writes, no recapture
+            if self._ip is not None and (fresh or switched or s.ip_adapter != prev.ip_adapter):
+                self._ip.apply(b, s.ip_adapter)  # scale: a buffer write; a new style image: encoded once
             if switched:
                 b.reset_stream()  # the frames in flight belong to the old layout
             if self._temporal.apply(s.cache, layout, switched):
@@ -377,6 +408,24 @@ class StreamEngine:
             if result.ready is not None:
                 torch.cuda.current_stream(self.device).wait_event(result.ready)
             return result
+
+    def set_control_image(self, frame: Any, index: int = 0) -> None:
+        """The control image of an 'external' ControlNet: uint8 [H, W, 3] or [F, H, W, 3], numpy or torch.
+        Checked now (FrameError / ConfigError naming what was expected); used from the next frame on."""
+        with self._frame_lock, self._stream_ctx():
+            self._control.set_image(frame, index)
+
+    def set_style_image(self, image: Any) -> None:
+        """The IP-Adapter's style image: a path, a PIL image, uint8 [H, W, 3] numpy / torch, or [(image, weight),
+        ...] (a weighted blend). Checked now (ConfigError naming what was expected; the previous style stays);
+        encoded at the next frame boundary, once per distinct image (status()["ip_adapter"]["encodes"])."""
+        if self._ip is None:
+            raise ConfigError("set_style_image needs an IP-Adapter: pass ip_adapter=... to from_pretrained")
+        style = self._ip.accept_style(image)
+        with self._lock:
+            base = self._accepted
+            ip = dataclasses.replace(base.ip_adapter, style=style)
+            self._pending = self._accepted = dataclasses.replace(base, ip_adapter=ip)
 
     def register_input(self, tensor: torch.Tensor) -> None:
         """Make the caller's own device tensor the input buffer: step() then reads it in place, no copy.
@@ -549,6 +598,8 @@ class StreamEngine:
             "temporal_cache": self._temporal.describe(), "text_encoder_graphed": self._prompts.graphed,
             "low_vram": self.low_vram, "networks": self._base_nets.describe(),
             "threads": torch.get_num_threads() if self.device.type == "cpu" else None,
+            "ip_adapter": self._ip.describe(s.ip_adapter) if self._ip is not None else None,
+            "controlnets": self._control.describe(s.controlnets),
         }
 
 

@@ -12,7 +12,7 @@ The whole step can therefore be replayed as one CUDA graph (engines/graph.py). B
 enqueue work on the current stream.
 
     probe:  frame_u8 -> 8x-subsampled probe, dot products with the last processed probe (similar-frame filter)
-    main:   preprocess -> VAE encode -> add noise -> [uncond rows] -> UNet over the stream batch -> guidance
+    main:   preprocess -> VAE encode -> add noise -> [uncond rows] -> [ControlNets] -> UNet over the stream batch -> guidance
             -> scheduler step -> stock update -> shift the ring -> VAE decode -> postprocess to uint8
     overlapped (vae_overlap): the same stages, with the VAE on a parallel branch of the same graph:
 
@@ -55,7 +55,9 @@ def denoise(b: FrameBuffers, nets: Networks, guidance: Guidance, ring_shift: boo
     # 3. UNet over the stream batch (plus uncond rows for INITIALIZE / FULL), with the family's added
     #    conditioning bundle (b.added: () for SD 1.5 / 2.1; SDXL's text_embeds [B, P], time_ids [B, 6])
     guidance.fill_uncond_rows(b)
-    eps = nets.unet(b.unet_in, b.t_unet, b.embeds, *b.added)  # [B, 4, h, w]
+    #    ControlNets (control/stack.py): the summed, per-row scaled residuals (down_0 .. mid), or () without
+    residuals = b.control.run(b, nets)
+    eps = nets.unet(b.unet_in, b.t_unet, b.embeds, *b.added, *residuals)  # [B, 4, h, w]
     mark("unet")
     guided = guidance.combine(b, eps)  # [SF, 4, h, w]
     # 4. scheduler step: denoised = A * x_t + B * eps   (schedule.py, equations 1-2)

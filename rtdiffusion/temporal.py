@@ -40,6 +40,9 @@ class CachedAttentionNetworks:
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         return self.nets.decode(latent)
 
+    def controlnet(self, index: int, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.nets.controlnet(index, *args)  # ControlNets: no cached attention, nothing to wrap
+
 
 class TemporalCache:
     """The cache's life in the engine.
