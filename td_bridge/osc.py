@@ -37,7 +37,7 @@ from pythonosc.osc_packet import OscPacket
 from rtdiffusion.errors import ConfigError
 
 from .osc_controls import (ACTIONS, ADDRESSES, CONTROLS, MAX_LIST_ITEMS, MAX_TEXT, Action, Control, Key,  # noqa: F401
-                           OscError, _action_fires)
+                           OscError, _action_fires, lookup)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,18 @@ class Mailbox:
         with self._lock:
             self._values[key] = (address, value)
             self._values.move_to_end(key)
+        self.changed.set()
+
+    def merge(self, key: Key, address: str, units: dict[int, dict[str, Any]]) -> None:
+        """Per-unit partial updates (ControlNets): merged field by field with what is pending, so
+        /controlnet/0/scale and /controlnet/1/scale between two frames both arrive. The value drained is
+        {index: (address of the unit's last message, {field: value})}."""
+        with self._lock:
+            _, pending = self._values.pop(key, ("", {}))
+            for index, fields in units.items():
+                _, old = pending.get(index, ("", {}))
+                pending[index] = (address, {**old, **fields})
+            self._values[key] = (address, pending)
         self.changed.set()
 
     def act(self, action: Action) -> None:
@@ -245,9 +257,12 @@ class OscReceiver:
     def handle_message(self, address: str, args: tuple) -> None:
         self.received += 1
         try:
-            control = CONTROLS.get(address)
+            control = lookup(address)
             if control is not None:
-                self._mailbox.put(control.key, address, control.parse(args))
+                if control.merge:
+                    self._mailbox.merge(control.key, address, control.parse(args))
+                else:
+                    self._mailbox.put(control.key, address, control.parse(args))
                 return
             action = ACTIONS.get(address)
             if action is None:

@@ -14,8 +14,17 @@ Addresses (the names StreamDiffusionTD users know)::
     /t_list i...             1 to 16 step indices, strictly increasing
     /similar_filter f        0 = off; 0 < threshold <= 1 = on with that cosine-similarity threshold
     /cached_attention s      JSON {"enabled": bool, "maxframes": 1..16, "interval": 1..1000}, any subset
-    /pause /play /process_frame /get_status /stop
-                             no argument, or one number (0 / false is ignored: a pulse's release)
+    /controlnets s           JSON list by ControlNet index (or {"<index>": {...}}), partial: each item any of
+                             scale | conditioning_scale 0..5, enabled bool, start | control_guidance_start
+                             0..1, end | control_guidance_end 0..1; model | model_id, preprocessor (checked
+                             against the running unit: they cannot change live); {} or null skips a unit
+    /controlnet/<i>/scale f, /controlnet/<i>/enabled i, /controlnet/<i>/start f, /controlnet/<i>/end f
+                             the same for ControlNet <i> (0-based), one field per message
+    /ipadapter_scale f       0 .. 5
+    /ipadapter_enable i      0 | 1 (a toggle's float 0.0 / 1.0 too)
+    /pause /play /process_frame /get_status /stop /ipadapter_update
+                             no argument, or one number (0 / false is ignored: a pulse's release);
+                             /ipadapter_update re-reads the style image from the style ring
 """
 
 from __future__ import annotations
@@ -51,6 +60,9 @@ class Key(enum.Enum):
     STEPS = "steps"
     SIMILAR_FILTER = "similar_filter"
     CACHED_ATTENTION = "cached_attention"
+    CONTROLNETS = "controlnets"  # /controlnets and /controlnet/<i>/<field>: merged per unit and field
+    IP_ADAPTER_SCALE = "ip_adapter_scale"
+    IP_ADAPTER_ENABLED = "ip_adapter_enabled"
 
 
 class Action(enum.Enum):
@@ -59,6 +71,7 @@ class Action(enum.Enum):
     PROCESS_FRAME = "/process_frame"
     GET_STATUS = "/get_status"
     STOP = "/stop"
+    IPADAPTER_UPDATE = "/ipadapter_update"
 
 
 # ----------------------------------------------------------------------------------------------- validators
@@ -191,11 +204,116 @@ def _cached_attention(args: tuple) -> dict[str, Any]:
     return out
 
 
+# ------------------------------------------------------------------------------------------- ControlNets
+MAX_CONTROLNETS = 8
+MAX_CONTROL_SCALE = 5.0
+# JSON field -> the API's name (StreamDiffusion's own spellings are accepted beside ours)
+_CN_FIELDS = {"scale": "scale", "conditioning_scale": "scale", "enabled": "enabled", "start": "start",
+              "control_guidance_start": "start", "end": "end", "control_guidance_end": "end",
+              "model": "model", "model_id": "model", "preprocessor": "preprocessor"}
+_CN_SHAPE = ('[{"scale": 0..5, "enabled": true, "start": 0..1, "end": 0..1}, ...] by ControlNet index '
+             '(or {"<index>": {...}})')
+LIVE_CN_FIELDS = ("scale", "enabled", "start", "end")  # what engine.update(controlnets=...) changes live
+
+
+def _flag(v: Any, what: str) -> bool:
+    """true/false, or 0/1 as a number (TouchDesigner toggles send 0.0 / 1.0)."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and v in (0, 1):
+        return bool(v)
+    raise OscError(f"{what} must be true or false (or 0 / 1); got {_type(v)}")
+
+
+def _cn_field(field: str, v: Any, where: str) -> Any:
+    if field == "scale":
+        try:
+            return _number(v, 0.0, MAX_CONTROL_SCALE)
+        except OscError as exc:
+            raise OscError(f"{where}scale: {exc}") from None
+    if field in ("start", "end"):
+        try:
+            return _number(v, 0.0, 1.0)
+        except OscError as exc:
+            raise OscError(f"{where}{field}: {exc}") from None
+    if field == "enabled":
+        return _flag(v, f"{where}enabled")
+    if not isinstance(v, str) or not v or len(v) > 1000:
+        raise OscError(f"{where}{field} must be a non-empty string; got {_type(v)}")
+    return v
+
+
+def _cn_item(index: Any, item: Any) -> tuple[int, dict[str, Any]] | None:
+    i = _cn_index(index)
+    if item is None:
+        return None
+    where = f"ControlNet {i}: "
+    if not isinstance(item, dict):
+        raise OscError(f"{where}expected an object like {{\"scale\": 0.8}}; got {_type(item)}")
+    fields: dict[str, Any] = {}
+    for key, v in item.items():
+        if key == "index":
+            continue
+        if key in ("preprocessor_params", "preprocessor_options"):
+            if v in (None, {}):
+                continue
+            raise OscError(f"{where}{key} cannot change while streaming (restart the engine with them)")
+        field = _CN_FIELDS.get(key)
+        if field is None:
+            raise OscError(f"{where}unknown key {key!r}; expected any of {sorted(_CN_FIELDS)}")
+        fields[field] = _cn_field(field, v, where)
+    if "start" in fields and "end" in fields and fields["start"] > fields["end"]:
+        raise OscError(f"{where}start must not be after end; got start {fields['start']:g}, end {fields['end']:g}")
+    return (i, fields) if fields else None
+
+
+def _cn_index(v: Any) -> int:
+    if isinstance(v, str) and v.strip().isdigit():
+        v = int(v)
+    try:
+        return _integer(v, 0, MAX_CONTROLNETS - 1)
+    except OscError as exc:
+        raise OscError(f"ControlNet index: {exc}") from None
+
+
+def _controlnets(args: tuple) -> dict[int, dict[str, Any]]:
+    """/controlnets JSON -> {index: {field: value}}, every item checked before anything is kept."""
+    v = _json(args, _CN_SHAPE)
+    if isinstance(v, dict) and any(k in _CN_FIELDS for k in v):
+        v = [v]  # one bare object: ControlNet 0 (or its "index")
+    if isinstance(v, list):
+        if not 1 <= len(v) <= MAX_CONTROLNETS:
+            raise OscError(f"expected JSON {_CN_SHAPE} with 1 to {MAX_CONTROLNETS} items; got {len(v)} items")
+        pairs = [(item.get("index", n) if isinstance(item, dict) else n, item) for n, item in enumerate(v)]
+    elif isinstance(v, dict) and v:
+        pairs = list(v.items())
+    else:
+        raise OscError(f"expected JSON {_CN_SHAPE}; got {_type(v)}")
+    out: dict[int, dict[str, Any]] = {}
+    for index, item in pairs:
+        got = _cn_item(index, item)
+        if got is not None:
+            out.setdefault(got[0], {}).update(got[1])
+    return out
+
+
+def _cn_unit(index: int, field: str) -> Callable[[tuple], dict[int, dict[str, Any]]]:
+    def parse(args: tuple) -> dict[int, dict[str, Any]]:
+        v = _one(args, "boolean" if field == "enabled" else "number")
+        return {index: {field: _cn_field(field, v, "")}}
+    return parse
+
+
+def _ip_enable(args: tuple) -> bool:
+    return _flag(_one(args, "number"), "/ipadapter_enable")
+
+
 @dataclass(frozen=True)
 class Control:
     key: Key
     parse: Callable[[tuple], Any]
     signature: str
+    merge: bool = False  # the value is {index: {field: value}}, merged with what is pending (not replaced)
 
 
 CONTROLS: dict[str, Control] = {
@@ -212,9 +330,27 @@ CONTROLS: dict[str, Control] = {
     "/steps": Control(Key.STEPS, lambda a: _integer(_one(a, "integer"), 1, 16), "i"),
     "/similar_filter": Control(Key.SIMILAR_FILTER, _similar_filter, "f"),
     "/cached_attention": Control(Key.CACHED_ATTENTION, _cached_attention, "s (JSON)"),
+    "/controlnets": Control(Key.CONTROLNETS, _controlnets, "s (JSON)", merge=True),
+    "/ipadapter_scale": Control(Key.IP_ADAPTER_SCALE, lambda a: _number(_one(a, "number"), 0.0, 5.0), "f"),
+    "/ipadapter_enable": Control(Key.IP_ADAPTER_ENABLED, _ip_enable, "i"),
 }
 ACTIONS = {a.value: a for a in Action}
-ADDRESSES = sorted([*CONTROLS, *ACTIONS])
+UNIT_ADDRESS = "/controlnet/<i>/scale|enabled|start|end"
+ADDRESSES = sorted([*CONTROLS, *ACTIONS, UNIT_ADDRESS])
+
+
+def lookup(address: str) -> Control | None:
+    """The control for ``address``: one of CONTROLS, or a per-unit /controlnet/<i>/<field> address."""
+    control = CONTROLS.get(address)
+    if control is not None or not address.startswith("/controlnet/"):
+        return control
+    parts = address.split("/")  # ['', 'controlnet', i, field]
+    if len(parts) != 4 or parts[3] not in LIVE_CN_FIELDS:
+        raise OscError(f"expected {UNIT_ADDRESS} (i from 0, one field per message); got {address[:120]!r}")
+    if not parts[2].isdigit() or not 0 <= int(parts[2]) < MAX_CONTROLNETS:
+        raise OscError(f"ControlNet index in the address must be 0 to {MAX_CONTROLNETS - 1}; got {parts[2][:20]!r}")
+    sig = "i" if parts[3] == "enabled" else "f"
+    return Control(Key.CONTROLNETS, _cn_unit(int(parts[2]), parts[3]), sig, merge=True)
 
 
 def _action_fires(args: tuple) -> bool:
