@@ -1,6 +1,8 @@
-"""ONNX export of the three networks from their specs, parity against torch with ONNX Runtime, and caching.
+"""ONNX export of the networks (UNet, VAE encoder and decoder, ControlNets) from their specs, parity against
+torch with ONNX Runtime, and caching.
 
-Export reads everything from the ``NetworkSpec``: input/output names, dynamic axes, sample inputs, opset.
+Export reads everything from the ``NetworkSpec``: input/output names, dynamic axes, sample inputs, opset; the
+module is wrapped to take the spec's inputs in order by ``onnx_adapters.export_adapter``.
 The TorchScript exporter (``dynamo=False``) is tried first: it is the one TensorRT's demo and most tools use
 and it exports the diffusers UNet in seconds; if it fails, the torch.export-based exporter is used with
 dynamic shapes taken from the same spec (the log says which one ran and why).
@@ -28,8 +30,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .base import unet_added_inputs
 from .cache import CacheEntry, CacheKey, EngineCache
+from .onnx_adapters import export_adapter
 from .specs import NetworkSpec, torch_dtype
 from .versions import package_version
 
@@ -38,69 +40,6 @@ log = logging.getLogger(__name__)
 ONNX_FILE = "model.onnx"
 ONNX_DATA = "model.onnx.data"
 _INLINE_LIMIT = 1 << 30  # above this many bytes of weights, store them in the side file
-
-
-# ---- adapters: spec-ordered forward() ----------------------------------------------------------------
-
-class UNetAdapter(torch.nn.Module):
-    """forward(sample, timestep, embeds, *added) -> eps, for a diffusers UNet2DConditionModel; ``added`` is
-    its added conditioning in ``engines.base.unet_added_inputs`` order (SDXL: text_embeds, time_ids)."""
-
-    def __init__(self, unet: torch.nn.Module) -> None:
-        super().__init__()
-        self.unet = unet
-        self.added_names = [n for n, _ in unet_added_inputs(unet.config)]
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor,
-                *added: torch.Tensor) -> torch.Tensor:
-        kw = {"added_cond_kwargs": dict(zip(self.added_names, added))} if self.added_names else {}
-        return self.unet(sample, timestep, encoder_hidden_states=embeds, return_dict=False, **kw)[0]
-
-
-class VaeEncoderAdapter(torch.nn.Module):
-    """forward(image) -> latent (TAESD latents, or the KL posterior's mode), unscaled."""
-
-    def __init__(self, vae: torch.nn.Module) -> None:
-        super().__init__()
-        self.vae = vae
-        self.tiny = not hasattr(vae, "quant_conv")
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        out = self.vae.encode(image, return_dict=False)[0]
-        return out if self.tiny else out.mode()
-
-
-class VaeDecoderAdapter(torch.nn.Module):
-    def __init__(self, vae: torch.nn.Module) -> None:
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latent, return_dict=False)[0]
-
-
-_STANDARD = {"unet": ["sample", "timestep", "embeds"], "vae_encoder": ["image"], "vae_decoder": ["latent"]}
-_ADAPTERS = {"unet": UNetAdapter, "vae_encoder": VaeEncoderAdapter, "vae_decoder": VaeDecoderAdapter}
-
-
-def export_adapter(spec: NetworkSpec, module: torch.nn.Module) -> torch.nn.Module:
-    """A module whose forward takes ``spec.inputs`` in order and returns ``spec.outputs`` in order.
-
-    The standard bindings wrap the diffusers module (UNet, or the VAE for the encoder / decoder); a UNet's
-    standard bindings include its added conditioning (SDXL's text_embeds and time_ids). A spec
-    with extra bindings (the KV cache) needs ``module`` to be spec-ordered already; mark such a module with
-    ``spec_ordered = True`` (any module with that attribute is used as it is).
-    """
-    if getattr(module, "spec_ordered", False):
-        return module
-    standard = _STANDARD.get(spec.name, [])
-    if spec.name == "unet" and hasattr(module, "config"):
-        standard = standard + [n for n, _ in unet_added_inputs(module.config)]
-    if spec.name not in _ADAPTERS or spec.input_names != standard or len(spec.outputs) != 1:
-        raise ValueError(f"spec {spec.name!r} has bindings {spec.input_names} -> {spec.output_names}; "
-                         "pass a module with `spec_ordered = True` whose forward takes those inputs in order "
-                         "and returns those outputs in order")
-    return _ADAPTERS[spec.name](module)
 
 
 # ---- export ------------------------------------------------------------------------------------------
@@ -283,29 +222,37 @@ def export_to_cache(module: torch.nn.Module, spec: NetworkSpec, cache: EngineCac
     return cache.get_or_build(key, build, versions={"torch": torch.__version__, "onnx": package_version("onnx")})
 
 
-def network_modules(unet: torch.nn.Module, vae: torch.nn.Module,
-                    unet_export: torch.nn.Module | None = None) -> dict[str, torch.nn.Module]:
-    """The module each network is exported from (``unet_export``: a spec-ordered UNet, e.g. with KV banks)."""
-    return {"unet": unet_export if unet_export is not None else unet, "vae_encoder": vae, "vae_decoder": vae}
+def network_modules(unet: torch.nn.Module, vae: torch.nn.Module, unet_export: torch.nn.Module | None = None,
+                    controlnets: Sequence[torch.nn.Module] = ()) -> dict[str, torch.nn.Module]:
+    """The module each network is exported from (``unet_export``: a spec-ordered UNet, e.g. with KV banks;
+    ``controlnets``: one per ``controlnet_<i>`` spec)."""
+    return {"unet": unet_export if unet_export is not None else unet, "vae_encoder": vae, "vae_decoder": vae,
+            **{f"controlnet_{i}": cn for i, cn in enumerate(controlnets)}}
 
 
 def export_all_to_cache(unet: torch.nn.Module, vae: torch.nn.Module, specs: Mapping[str, NetworkSpec],
                         cache: EngineCache, *, model: str, lora: Sequence[tuple[str, str, float]] = (),
                         weights: Mapping[str, str] | None = None, unet_export: torch.nn.Module | None = None,
-                        verify: bool = True) -> dict[str, CacheEntry]:
+                        controlnets: Sequence[torch.nn.Module] = (), verify: bool = True) -> dict[str, CacheEntry]:
     """ONNX cache entries for every spec in ``specs`` (exported where missing).
 
-    ``weights``: precomputed fingerprints {"unet": ..., "vae": ...}; computed here when not given.
+    ``weights``: precomputed fingerprints {"unet": ..., "vae": ..., "controlnet_0": ...}; computed here when
+    not given. Each ControlNet is keyed by its own weights (two engines with the same ControlNet share one).
     """
     from .versions import weights_fingerprint
 
+    modules = network_modules(unet, vae, unet_export, controlnets)
+    missing = [n for n in specs if n not in modules]
+    if missing:
+        raise ValueError(f"no module to export {missing} from: pass one ControlNet per controlnet_<i> spec")
     weights = dict(weights or {})
     weights.setdefault("unet", weights_fingerprint(unet))
     weights.setdefault("vae", weights_fingerprint(vae))
-    modules = network_modules(unet, vae, unet_export)
+    for i, cn in enumerate(controlnets):
+        weights.setdefault(f"controlnet_{i}", weights_fingerprint(cn))
     out = {}
     for name, spec in specs.items():
-        wid = weights["unet"] if name == "unet" else weights["vae"]
+        wid = weights[name] if name.startswith("controlnet_") else weights["unet" if name == "unet" else "vae"]
         out[name] = export_to_cache(modules[name], spec, cache, model=model, weights=wid,
                                     lora=lora if name == "unet" else (), verify=verify)  # LoRA: UNet only
     return out

@@ -17,6 +17,13 @@ T text tokens, D the text embedding width, h = H / vae_scale and w = W / vae_sca
                  (+ extra inputs)                               -> eps [B, 4, h, w] dtype (+ extra outputs)
     vae_encoder  image  [F, 3, H, W] dtype                      -> latent [F, 4, h, w] dtype
     vae_decoder  latent [F, 4, h, w] dtype                      -> image  [F, 3, H, W] dtype
+    controlnet   sample, timestep, embeds [B, T, D], controlnet_cond [B, 3, H, W] dtype (+ added)
+                                                                -> down_res_0..down_res_{n-1}, mid_res dtype
+
+With ControlNets (``SpecParams.residuals``, one ``controlnet_<i>`` spec each, all of one layout) the UNet
+takes the summed residuals as inputs ``down_res_*``, ``mid_res`` right after the added conditioning; with an
+IP-Adapter (``SpecParams.ip_tokens``) its embeds are [B, T + T_ip, D] and it takes ``ip_scale [1] float32``
+after the residuals. Both change the UNet's bindings, hence its cache key (``cache_fields``).
 
 Only B and F are dynamic: resolution is fixed per engine (it is part of the cache key), which lets
 TensorRT pick the best kernels for the one size that runs. B covers every stream batch a user may switch
@@ -30,7 +37,7 @@ Extra bindings: the temporal KV cache adds bank inputs and fresh K/V outputs to 
 ``extra_inputs`` / ``extra_outputs`` (``Binding`` objects, dims may use the same axis names "B", or their
 own axes with their own ranges in ``extra_axes``). Export, build and runtime then carry them without
 change; the module exported must then take the inputs in spec order and return the outputs in spec order
-(see ``onnx_export.export_adapter``).
+(see ``onnx_adapters.export_adapter``).
 """
 
 from __future__ import annotations
@@ -245,6 +252,10 @@ class SpecParams:
     text_len, embed_dim: T and D of the text embeddings (77 and cross_attention_dim for SD).
     dtype: dtype name of every float binding except the timestep (float32).
     added: the UNet's added conditioning inputs, (name, dims after B) in call order; () for SD 1.5 / 2.1.
+    controlnets: how many ControlNet engines (0: a plain UNet).
+    residuals: the UNet's ControlNet residual inputs, (name, dims after B) in diffusers' order; () without
+        ControlNets (``engines.base.unet_control_inputs`` at the latent size).
+    ip_tokens: IP-Adapter image tokens after the text tokens in embeds (0: no IP-Adapter, no ip_scale).
     """
 
     width: int
@@ -258,9 +269,17 @@ class SpecParams:
     dtype: str = "float16"
     opset: int = 17
     added: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    controlnets: int = 0
+    residuals: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    ip_tokens: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "added", tuple((str(n), tuple(d)) for n, d in self.added))
+        for n in ("added", "residuals"):
+            object.__setattr__(self, n, tuple((str(k), tuple(d)) for k, d in getattr(self, n)))
+        if not (isinstance(self.controlnets, int) and self.controlnets >= 0 and isinstance(self.ip_tokens, int)
+                and self.ip_tokens >= 0) or (self.controlnets > 0) != bool(self.residuals):
+            raise ValueError("controlnets and ip_tokens must be integers >= 0, and residuals given exactly when "
+                             f"controlnets > 0; got {self.controlnets}, {self.ip_tokens}, {len(self.residuals)} residuals")
         if isinstance(self.batch, AxisRange):
             object.__setattr__(self, "batch", (self.batch,))
         object.__setattr__(self, "batch", tuple(self.batch))
@@ -277,19 +296,32 @@ class SpecParams:
     @staticmethod
     def from_modules(unet: torch.nn.Module, vae: torch.nn.Module, width: int, height: int, *,
                      batch: AxisRange | Sequence[AxisRange], frames: AxisRange = AxisRange(1, 1, 1),
-                     dtype: torch.dtype | str | None = None, text_len: int = 77, opset: int = 17) -> "SpecParams":
-        """Read latent channels, embedding width, added conditioning and VAE scale from the modules' configs."""
+                     dtype: torch.dtype | str | None = None, text_len: int = 77, opset: int = 17,
+                     controlnets: Sequence[torch.nn.Module] = (), ip_tokens: int = 0) -> "SpecParams":
+        """Read latent channels, embedding width, added conditioning and VAE scale from the modules' configs;
+        with ``controlnets`` (diffusers ControlNetModels), the residual layout, which each must share with
+        the UNet (ValueError naming both otherwise)."""
         from .base import unet_added_inputs
+        from .control_shapes import unet_control_inputs
 
         ucfg, vcfg = unet.config, vae.config
         blocks = vcfg.get("encoder_block_out_channels") or vcfg.get("block_out_channels")
         if dtype is None:
             dtype = next(unet.parameters()).dtype
-        return SpecParams(width=width, height=height, vae_scale=2 ** (len(blocks) - 1),
+        vae_scale = 2 ** (len(blocks) - 1)
+        lat = (height // vae_scale, width // vae_scale)
+        residuals = unet_control_inputs(ucfg, *lat) if controlnets else ()
+        for i, cn in enumerate(controlnets):
+            got = (unet_control_inputs(cn.config, *lat), unet_added_inputs(cn.config))
+            if got != (residuals, unet_added_inputs(ucfg)):
+                raise ValueError(f"ControlNet {i} has residuals and added inputs {got}; the UNet takes "
+                                 f"{(residuals, unet_added_inputs(ucfg))} (a ControlNet of another model family?)")
+        return SpecParams(width=width, height=height, vae_scale=vae_scale,
                           latent_channels=int(ucfg["in_channels"]), batch=batch, frames=frames,
                           text_len=text_len, embed_dim=int(ucfg["cross_attention_dim"]),
                           dtype=dtype if isinstance(dtype, str) else dtype_name(dtype), opset=opset,
-                          added=unet_added_inputs(ucfg))
+                          added=unet_added_inputs(ucfg), controlnets=len(controlnets), residuals=residuals,
+                          ip_tokens=ip_tokens)
 
 
 def unet_batch_range(min_steps: int, max_steps: int, frames: int = 1, guidance: str = "self",
@@ -317,8 +349,9 @@ def unet_spec(p: SpecParams, extra_inputs: Sequence[Binding] = (), extra_outputs
         name="unet",
         inputs=(Binding("sample", ("B", c, h, w), p.dtype),
                 Binding("timestep", ("B",), "float32"),
-                Binding("embeds", ("B", p.text_len, p.embed_dim), p.dtype))
-        + tuple(Binding(name, ("B", *dims), p.dtype) for name, dims in p.added),
+                Binding("embeds", ("B", p.text_len + p.ip_tokens, p.embed_dim), p.dtype))
+        + tuple(Binding(name, ("B", *dims), p.dtype) for name, dims in p.added + p.residuals)
+        + ((Binding("ip_scale", (1,), "float32"),) if p.ip_tokens else ()),
         outputs=(Binding("eps", ("B", c, h, w), p.dtype),),
         profiles=tuple(_profile({"B": r}) for r in p.batch),
         opset=p.opset,
@@ -344,12 +377,30 @@ def vae_decoder_spec(p: SpecParams) -> NetworkSpec:
                        profiles=(_profile({"F": p.frames}),), opset=p.opset)
 
 
-NETWORKS = ("unet", "vae_encoder", "vae_decoder")
+def controlnet_spec(p: SpecParams) -> NetworkSpec:
+    """One ControlNet: text-only embeds (IP tokens are the UNet's), the control image at the pixel size,
+    unscaled residuals out in diffusers' order (the UNet's ``residuals`` inputs)."""
+    h, w = p.latent_hw
+    if not p.residuals:
+        raise ValueError("a ControlNet spec needs SpecParams.residuals (from_modules(..., controlnets=...))")
+    return NetworkSpec(
+        name="controlnet",
+        inputs=(Binding("sample", ("B", p.latent_channels, h, w), p.dtype),
+                Binding("timestep", ("B",), "float32"),
+                Binding("embeds", ("B", p.text_len, p.embed_dim), p.dtype),
+                Binding("controlnet_cond", ("B", 3, p.height, p.width), p.dtype))
+        + tuple(Binding(name, ("B", *dims), p.dtype) for name, dims in p.added),
+        outputs=tuple(Binding(name, ("B", *dims), p.dtype) for name, dims in p.residuals),
+        profiles=tuple(_profile({"B": r}) for r in p.batch), opset=p.opset)
+
+
+NETWORKS = ("unet", "vae_encoder", "vae_decoder")  # + "controlnet_<i>" per ControlNet (SpecParams.controlnets)
 
 
 def make_specs(p: SpecParams, unet_extra_inputs: Iterable[Binding] = (), unet_extra_outputs: Iterable[Binding] = (),
                unet_extra_axes: Mapping[str, AxisRange] | None = None) -> dict[str, NetworkSpec]:
-    """The three specs, keyed by network name (order: unet, vae_encoder, vae_decoder)."""
+    """The specs, keyed by network name (order: unet, vae_encoder, vae_decoder, controlnet_0, ...)."""
     return {"unet": unet_spec(p, tuple(unet_extra_inputs), tuple(unet_extra_outputs), unet_extra_axes),
             "vae_encoder": vae_encoder_spec(p),
-            "vae_decoder": vae_decoder_spec(p)}
+            "vae_decoder": vae_decoder_spec(p),
+            **{f"controlnet_{i}": controlnet_spec(p) for i in range(p.controlnets)}}
