@@ -2,7 +2,8 @@
 
     onnx (cache entry) --OnnxParser--> INetworkDefinition, strongly typed (``trt_caps``: the
         STRONGLY_TYPED creation flag on 10.x, always on 11.x)
-        + one IOptimizationProfile per spec profile (min/opt/max of every input, from the spec)
+        + one IOptimizationProfile per spec profile (min/opt/max of every dynamic input, from the spec: the
+          ControlNet residuals and the ControlNet engines' inputs too, by name)
         + IBuilderConfig: builder optimisation level, workspace limit, timing cache, progress monitor
     --build_serialized_network--> engine.plan (a cache entry of its own)
 
@@ -207,10 +208,12 @@ def build_engine(onnx_path: str | os.PathLike, spec: NetworkSpec, engine_path: s
     if options.workspace_gb is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gb * 2**30))
 
+    dynamic = {b.name for b in spec.inputs if b.axes}  # every input by name, whatever the network adds
     for i in range(len(spec.profiles)):
         profile = builder.create_optimization_profile()
         for name, (lo, mid, hi) in spec.profile_shapes(i).items():
-            profile.set_shape(name, lo, mid, hi)
+            if name in dynamic:  # a static input (an IP-Adapter UNet's ip_scale [1]) takes the graph's dims
+                profile.set_shape(name, lo, mid, hi)
         config.add_optimization_profile(profile)
 
     monitor = None

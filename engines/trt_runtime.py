@@ -1,6 +1,7 @@
 """TensorRT runtime: deserialise, bind preallocated buffers once, enqueue on the caller's stream.
 
-One :class:`TrtEngine` per network; :class:`TrtNetworks` holds three and implements ``base.Networks``.
+One :class:`TrtEngine` per network; ``trt_networks.TrtNetworks`` holds them (UNet, VAE encoder and decoder, one
+per ControlNet) and implements ``base.Networks``, binding call arguments to engine inputs by name.
 
 Per engine, at load (never again):
     deserialise engine.plan -> ICudaEngine (None -> TrtEngineError naming the file and TensorRT's error)
@@ -42,6 +43,7 @@ from .onnx_export import ONNX_FILE, export_all_to_cache
 from .specs import Binding, NetworkSpec, SpecParams, make_specs, torch_dtype
 from .trt_build import ENGINE_FILE, TrtBuildOptions, build_engine, check_dtype, timing_cache_path, trt_logger
 from .trt_caps import import_tensorrt
+from .trt_networks import TrtNetworks
 from .versions import gpu_capability, weights_fingerprint
 
 if TYPE_CHECKING:
@@ -204,7 +206,7 @@ class TrtEngine:
             want = b.shape(named)
             if tuple(x.shape) != want:
                 raise ValueError(f"{self.spec.name} input {b.name} must have shape {list(want)}; got {list(x.shape)}")
-            if not self.context.set_input_shape(b.name, want):
+            if b.axes and not self.context.set_input_shape(b.name, want):  # static inputs: the engine's dims
                 raise TrtEngineError(f"{self.path}: shape {want} for {b.name} is outside the engine's profile")
         if sizes not in self._views:  # built once per size; the same tensors are returned afterwards
             self._views[sizes] = tuple(t[tuple(slice(0, n) for n in b.shape(named))] if b.axes else t
@@ -228,53 +230,6 @@ def torch_dtype_of(trt, dt: trt.DataType) -> torch.dtype:
              trt.DataType.INT8: torch.int8, trt.DataType.BOOL: torch.bool, trt.DataType.BF16: torch.bfloat16,
              trt.DataType.INT64: torch.int64, trt.DataType.UINT8: torch.uint8}
     return table[dt]
-
-
-class TrtNetworks:
-    """``base.Networks`` on three TensorRT engines sharing one activation workspace.
-
-    ``unet`` returns eps only; with extra UNet bindings (the KV cache), bind persistent extra inputs once
-    with ``bind_extra`` (an extra input not passed to ``unet`` keeps its bound address) and read extra outputs
-    from ``unet_outputs`` (the preallocated tensors at max size).
-    """
-
-    name = "trt"
-
-    def __init__(self, engines: Mapping[str, TrtEngine], workspace: SharedWorkspace | None) -> None:
-        self._enc = engines["vae_encoder"]
-        self._unet = engines["unet"]
-        self._dec = engines["vae_decoder"]
-        self.workspace = workspace
-        self._extra: tuple[torch.Tensor, ...] = ()
-        # the UNet's added conditioning inputs (SDXL: text_embeds, time_ids), passed to unet() after embeds
-        self.added = [n for n in self._unet.spec.input_names[3:] if n in ("text_embeds", "time_ids")]
-        self.paths = {k: e.path for k, e in engines.items()}
-
-    def encode(self, image: torch.Tensor) -> torch.Tensor:
-        return self._enc.run(image)[0]
-
-    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor,
-             *added: torch.Tensor) -> torch.Tensor:
-        return self._unet.run(sample, timestep, embeds, *added, *self._extra)[0]
-
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        return self._dec.run(latent)[0]
-
-    def describe(self) -> dict:
-        return {"runs": "TensorRT engines", "engines": {k: str(p) for k, p in self.paths.items()}}
-
-    def bind_extra(self, *tensors: torch.Tensor) -> None:
-        """Persistent tensors for the UNet's extra inputs, in spec order (called once, not per frame)."""
-        first = 3 + len(self.added)  # sample, timestep, embeds, added conditioning (SDXL), then the extras
-        n = len(self._unet.spec.inputs) - first
-        if len(tensors) != n:
-            raise ValueError(f"the UNet engine has {n} extra inputs "
-                             f"{self._unet.spec.input_names[first:]}; got {len(tensors)} tensors")
-        self._extra = tuple(tensors)
-
-    @property
-    def unet_outputs(self) -> dict[str, torch.Tensor]:
-        return self._unet.outputs
 
 
 # ---- cache and orchestration -------------------------------------------------------------------------
@@ -316,12 +271,18 @@ def ensure_trt_engines(unet: torch.nn.Module, vae: torch.nn.Module, params: Spec
                        model: str, lora: Sequence[tuple[str, str, float]] = (),
                        options: TrtBuildOptions = TrtBuildOptions(), extras: UNetExtras | None = None,
                        weights: Mapping[str, str] | None = None, device: torch.device | None = None,
-                       progress: bool = True, rebuild: Sequence[str] = ()) -> dict[str, CacheEntry]:
-    """Cache entries of the three engines, exporting ONNX and building engines where missing.
+                       progress: bool = True, rebuild: Sequence[str] = (),
+                       controlnets: Sequence[torch.nn.Module] = ()) -> dict[str, CacheEntry]:
+    """Cache entries of the engines (UNet, VAE encoder, decoder, ``controlnet_<i>`` for each of
+    ``controlnets``, which ``params`` must have been made for), exporting ONNX and building where missing.
 
     ``rebuild``: network names whose engine entries are discarded first (e.g. after a failed deserialise).
     """
-    check_module_dtypes(params, unet=unet, vae=vae)  # before anything slow; needs no TensorRT
+    if len(controlnets) != params.controlnets:
+        raise ValueError(f"the specs were made for {params.controlnets} ControlNets; got {len(controlnets)} "
+                         "(SpecParams.from_modules(..., controlnets=...))")
+    check_module_dtypes(params, unet=unet, vae=vae,  # before anything slow; needs no TensorRT
+                        **{f"controlnet {i}": cn for i, cn in enumerate(controlnets)})
     trt = import_tensorrt()
     device = device or next(unet.parameters()).device
     capability = gpu_capability(device)
@@ -333,8 +294,10 @@ def ensure_trt_engines(unet: torch.nn.Module, vae: torch.nn.Module, params: Spec
     weights = dict(weights or {})
     weights.setdefault("unet", weights_fingerprint(unet))
     weights.setdefault("vae", weights_fingerprint(vae))
+    for i, cn in enumerate(controlnets):
+        weights.setdefault(f"controlnet_{i}", weights_fingerprint(cn))
     onnx = export_all_to_cache(unet, vae, specs, cache, model=model, lora=lora, weights=weights,
-                               unet_export=extras.module, verify=False)
+                               unet_export=extras.module, controlnets=controlnets, verify=False)
     tc = timing_cache_path(cache.root, trt.__version__, capability)
     out = {}
     for name, spec in specs.items():
@@ -355,10 +318,14 @@ def load_or_build_trt(unet: torch.nn.Module, vae: torch.nn.Module, params: SpecP
                       options: TrtBuildOptions = TrtBuildOptions(), extras: UNetExtras | None = None,
                       weights: Mapping[str, str] | None = None, device: torch.device | None = None,
                       capture_graphs: bool = False, share_workspace: bool = True,
-                      progress: bool = True) -> TrtNetworks:
+                      progress: bool = True, controlnets: Sequence[torch.nn.Module] = ()) -> TrtNetworks:
     """Load the engines for ``params`` from ``cache`` (building them first if needed) as ``TrtNetworks``.
 
-    unet, vae: the diffusers modules on ``device`` in the engine dtype (exported when an ONNX is missing).
+    unet, vae: the diffusers modules on ``device`` in the engine dtype (exported when an ONNX is missing);
+        with an IP-Adapter (``params.ip_tokens``) the UNet has its IP attention processors installed, and the
+        caller binds the ``ip_scale`` tensor with ``TrtNetworks.bind_inputs(ip_scale=...)``.
+    controlnets: the diffusers ControlNetModels, one ``controlnet_<i>`` engine each (``params`` made with
+        ``SpecParams.from_modules(..., controlnets=...)``, which gives the UNet its residual inputs).
     params: sizes and profiles (``SpecParams.from_modules(..., batch=unet_batch_range(...))``).
     model: the model id, for readable cache folders; identity comes from ``weights`` (fingerprints
         {"unet": ..., "vae": ...}; computed when not given) and ``lora`` (``versions.lora_identity``).
@@ -366,9 +333,10 @@ def load_or_build_trt(unet: torch.nn.Module, vae: torch.nn.Module, params: SpecP
     """
     device = device or next(unet.parameters()).device
     args = dict(model=model, lora=lora, options=options, extras=extras, weights=weights, device=device,
-                progress=progress)
+                progress=progress, controlnets=tuple(controlnets))
     if weights is None:  # hash once, not on the retry
-        args["weights"] = {"unet": weights_fingerprint(unet), "vae": weights_fingerprint(vae)}
+        args["weights"] = {"unet": weights_fingerprint(unet), "vae": weights_fingerprint(vae),
+                           **{f"controlnet_{i}": weights_fingerprint(cn) for i, cn in enumerate(controlnets)}}
     entries = ensure_trt_engines(unet, vae, params, cache, **args)
     specs = make_specs(params, *(((extras.inputs, extras.outputs, extras.axes)) if extras else ()))
     engines: dict[str, TrtEngine] = {}

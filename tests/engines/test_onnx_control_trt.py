@@ -1,0 +1,97 @@
+"""TensorRT side of ControlNet / IP-Adapter (issue 14), on the CPU: which engine input each call argument of
+``TrtNetworks`` becomes (by name, from the specs), and the specs' control bindings.
+
+TensorRT is not run here (not installable); the engines are recorders standing in for ``TrtEngine``: they
+keep the tensors each run received, by the spec's input names, so the test checks our routing, not TensorRT.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engines.specs import NetworkSpec, SpecParams, make_specs, unet_batch_range
+from engines.trt_networks import TrtNetworks, unet_call_inputs
+
+RESIDUALS = tuple((f"down_res_{i}", (8, 4, 4)) for i in range(3)) + (("mid_res", (8, 2, 2)),)
+
+
+class _Recorder:
+    """Stands in for ``TrtEngine``: ``run`` keeps its inputs by the spec's names, returns one tensor per output."""
+
+    def __init__(self, name: str, spec: NetworkSpec) -> None:
+        self.spec, self.path = spec, Path(f"{name}.plan")
+        self.outputs = {b.name: torch.full(b.shape(spec.max_sizes()), float(i)) for i, b in enumerate(spec.outputs)}
+        self.got: dict[str, torch.Tensor] = {}
+
+    def run(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        assert len(inputs) == len(self.spec.inputs), "an engine gets every one of its inputs on each run"
+        self.got = dict(zip(self.spec.input_names, inputs))
+        return tuple(self.outputs.values())
+
+
+def _params(**kw) -> SpecParams:
+    base = dict(width=16, height=16, vae_scale=2, batch=unet_batch_range(1, 2), text_len=5, embed_dim=8,
+                dtype="float32", added=(("text_embeds", (6,)), ("time_ids", (6,))))
+    return SpecParams(**{**base, **kw})
+
+
+def _nets(params: SpecParams):
+    specs = make_specs(params)
+    engines = {n: _Recorder(n, s) for n, s in specs.items()}
+    return TrtNetworks(engines, None), engines, specs
+
+
+def test_ip_adapter_and_controlnet_specs():
+    specs = make_specs(_params(controlnets=2, residuals=RESIDUALS, ip_tokens=4))
+    u = specs["unet"]
+    assert u.input_names == ["sample", "timestep", "embeds", "text_embeds", "time_ids",
+                             "down_res_0", "down_res_1", "down_res_2", "mid_res", "ip_scale"]
+    assert u.binding("embeds").dims == ("B", 9, 8)  # text then image tokens
+    assert u.binding("ip_scale").dims == (1,) and u.binding("ip_scale").dtype == "float32"
+    assert "ip_scale" not in u.dynamic_axes() and u.profile_shapes(0)["ip_scale"] == ((1,), (1,), (1,))
+    for i in (0, 1):
+        c = specs[f"controlnet_{i}"]
+        assert c.binding("embeds").dims == ("B", 5, 8)  # text tokens only: the image tokens are the UNet's
+        assert c.input_names[4:] == ["text_embeds", "time_ids"] and c.output_names == [n for n, _ in RESIDUALS]
+    assert unet_call_inputs(u) == u.input_names[:-1]
+    plain = make_specs(_params())["unet"].cache_fields()
+    assert plain != make_specs(_params(ip_tokens=4))["unet"].cache_fields() != u.cache_fields()
+    with pytest.raises(ValueError, match="residuals given exactly when controlnets > 0"):
+        _params(controlnets=1)
+
+
+def test_trt_networks_route_by_name():
+    nets, engines, specs = _nets(_params(controlnets=2, residuals=RESIDUALS, ip_tokens=4))
+    assert nets.added == ["text_embeds", "time_ids"] and nets.residuals == [n for n, _ in RESIDUALS]
+    assert nets.persistent == ["ip_scale"] and nets.controlnet_count == 2
+    args = specs["unet"].sample_inputs(sizes={"B": 2})
+    per_call, ip_scale = args[:-1], torch.tensor([0.6])
+    with pytest.raises(ValueError, match=r"persistent inputs \['ip_scale'\] first"):
+        nets.unet(*per_call)
+    with pytest.raises(ValueError, match="no persistent inputs .'kv_bank'."):
+        nets.bind_inputs(kv_bank=ip_scale)
+    nets.bind_inputs(ip_scale=ip_scale)
+    with pytest.raises(ValueError, match=r"takes sample, timestep, embeds and 6 more inputs"):
+        nets.unet(*per_call[:-1])  # mid_res left out
+    eps = nets.unet(*per_call)
+    got = engines["unet"].got
+    assert all(got[b.name] is a for b, a in zip(specs["unet"].inputs, per_call))
+    assert got["ip_scale"] is ip_scale and eps is engines["unet"].outputs["eps"]
+    # the ControlNet call goes to its own engine and returns its outputs in spec order (down..., mid)
+    cn_args = specs["controlnet_1"].sample_inputs(sizes={"B": 2})
+    out = nets.controlnet(1, *cn_args)
+    assert engines["controlnet_1"].got["controlnet_cond"] is cn_args[3] and not engines["controlnet_0"].got
+    assert [o.shape[1:] for o in out] == [torch.Size(d) for _, d in RESIDUALS]
+
+
+def test_trt_networks_without_control_keep_the_old_calls():
+    nets, engines, specs = _nets(_params(added=()))
+    assert nets.persistent == [] and nets.residuals == [] and nets.controlnet_count == 0
+    args = specs["unet"].sample_inputs(sizes={"B": 1})
+    nets.unet(*args)
+    assert list(engines["unet"].got) == ["sample", "timestep", "embeds"]
+    with pytest.raises(ValueError, match="ControlNet engines must be controlnet_0"):
+        TrtNetworks({**engines, "controlnet_1": engines["unet"]}, None)
