@@ -150,7 +150,10 @@ def load_controlnet(model: str, device: torch.device, dtype: torch.dtype, unet_c
     """Load one ControlNet onto ``device`` in ``dtype`` and check it fits the UNet (ConfigError naming both
     families otherwise)."""
     if model.startswith(RANDOM_PREFIX):
-        module = build_random_controlnet(model[len(RANDOM_PREFIX):], seed=seed, device=device)
+        name = model[len(RANDOM_PREFIX):]
+        if name in RANDOM_CONTROLNETS:  # checked before any weights are made
+            check_family(read_config(RANDOM_CONTROLNETS[name]), unet_config, model)
+        module = build_random_controlnet(name, seed=seed, device=device)
     elif model.lower().endswith(".safetensors"):
         module = _single_file(model, dtype, unet_config, local_files_only)
     else:
@@ -158,9 +161,12 @@ def load_controlnet(model: str, device: torch.device, dtype: torch.dtype, unet_c
 
         root = resolve_model_folder(model, local_files_only=local_files_only, subfolders=())
         sub = "controlnet" if os.path.isfile(os.path.join(root, "controlnet", "config.json")) else None
-        if not os.path.isfile(os.path.join(root, sub or "", "config.json")):
+        config_path = os.path.join(root, sub or "", "config.json")
+        if not os.path.isfile(config_path):
             raise ModelNotFoundError(f"{root!r} is not a diffusers ControlNet folder: it has no config.json "
                                      "(nor controlnet/config.json)")
+        with open(config_path) as f:
+            check_family(json.load(f), unet_config, model)
         module = ControlNetModel.from_pretrained(root, subfolder=sub, torch_dtype=dtype)
     check_family(module.config, unet_config, model)
     return _ready(module.to(device), dtype)
