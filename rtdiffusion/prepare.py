@@ -63,9 +63,10 @@ def _write_noise_terms(b: FrameBuffers) -> None:
 
 def write_embeds(b: FrameBuffers, cond: TextEmbedding, uncond: TextEmbedding | None) -> None:
     """Prompt embeddings [1, T, D] into every row, and the prompt's part of the added conditioning (SDXL's
-    pooled embedding). Uncond rows (INITIALIZE / FULL) come first, as in unet_in."""
-    U = b.layout.uncond_rows
-    b.embeds[U:].copy_(cond.embeds.expand(b.layout.stream_rows, -1, -1))
+    pooled embedding). Uncond rows (INITIALIZE / FULL) come first, as in unet_in. With an IP-Adapter the
+    embeds are [B, T + T_ip, D]: only the first T tokens are the prompt's (control/style.py writes the rest)."""
+    U, T = b.layout.uncond_rows, cond.embeds.shape[1]
+    b.embeds[U:, :T].copy_(cond.embeds.expand(b.layout.stream_rows, -1, -1))
     if U:
-        b.embeds[:U].copy_(uncond.embeds.expand(U, -1, -1))
+        b.embeds[:U, :T].copy_(uncond.embeds.expand(U, -1, -1))
     b.conditioning.write_prompt(b.added, cond, uncond, U)

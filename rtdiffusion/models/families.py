@@ -79,6 +79,9 @@ RANDOM_ARCHS = {
                            "sd21base_vae_kl.json", SchedulerKind.TURBO, "sd_turbo_scheduler.json", 512),
     "sd15": RandomArch(SD15, "sd15_unet.json", ("clip_vit_l14_text_sd15.json",), "taesd.json", "sd_vae_kl.json",
                        SchedulerKind.LCM, "lcm_scheduler_sd15_lcmlora.json", 512),
+    # SD 1.5-style tiny UNet (no linear projection, 8 heads), the CPU-test size for SD 1.5 features (IP-Adapter)
+    "tiny-sd15": RandomArch(SD15, "tiny_unet_sd15style.json", ("tiny_clip_text.json",), "tiny_taesd_test.json",
+                            "tiny_vae_kl.json", SchedulerKind.LCM, "lcm_scheduler_sd15_lcmlora.json", 64),
     "tiny": RandomArch(SD21, "tiny_unet_sd2style.json", ("tiny_clip_text.json",), "tiny_taesd_test.json",
                        "tiny_vae_kl.json", SchedulerKind.TURBO, "sd_turbo_scheduler.json", 64),
     # SDXL-Turbo: EulerAncestral with trailing spacing; one step (or a schedule's last) is plain Euler's x0

@@ -1,0 +1,253 @@
+"""IP-Adapter on the CPU with tiny configs: our stream step against diffusers' own IP-Adapter forward.
+
+The adapters are written to disk in the published layout (``.safetensors`` with ``image_proj.`` / ``ip_adapter.``
+prefixes, and a ``.bin`` pickle as h94/IP-Adapter ships them) with a saved CLIP vision encoder folder, and the
+engine loads them as a user would. The reference is diffusers' UNet with the same state dict loaded by
+``unet._load_ip_adapter_weights`` and called with ``added_cond_kwargs={"image_embeds": [...]}`` as its pipelines
+call it (uncond rows: zero image embeds for base, a zero image's hidden states for plus).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from rtdiffusion import ConfigError, StreamEngine
+from rtdiffusion.control import ip_adapter as ipa
+from rtdiffusion.control.ip_attention import IPAttnProcessor
+from rtdiffusion.models.loading import load_components, read_config
+
+CPU = torch.device("cpu")
+MODELS = {"sd15": "random:tiny-sd15", "sdxl": "random:tiny-sdxl"}
+
+
+def image(seed: int, h: int = 48, w: int = 40) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """{(family, kind): (file, image encoder folder, state dict)} for the tiny UNets, saved in the published layout."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("ip-adapters")
+    vision_cfg = read_config("tiny_clip_vision_ipadapter.json")
+    folder = root / "image_encoder"
+    ipa._random_vision(vision_cfg, seed=5).save_pretrained(folder)
+    out = {}
+    for family, model in MODELS.items():
+        unet = load_components(model, CPU, torch.float32).unet
+        for kind in ("base", "plus"):
+            arch = ipa.RANDOM_IP_ADAPTERS["ip-adapter-plus-tiny" if kind == "plus" else "ip-adapter-tiny"]
+            sd = ipa.random_state_dict(arch, unet, vision_cfg, seed=11)
+            if kind == "plus" and family == "sd15":  # the .bin pickle layout
+                path = root / f"ip-adapter-{kind}_{family}.bin"
+                torch.save(sd, path)
+            else:
+                path = root / f"ip-adapter-{kind}_{family}.safetensors"
+                save_file({f"{s}.{k}": v.contiguous() for s in sd for k, v in sd[s].items()}, str(path))
+            out[family, kind] = (str(path), str(folder), sd)
+    return out
+
+
+def make(family, adapters=None, kind="base", scale=0.7, **kw):
+    ip = None
+    if adapters is not None:
+        path, folder, _ = adapters[family, kind]
+        ip = {"model": path, "image_encoder": folder, "scale": scale}
+    return StreamEngine.from_pretrained(MODELS[family], device="cpu", ip_adapter=ip, prompt="a red cat", seed=3,
+                                        **kw)
+
+
+def reference_eps(engine, sd, kind, scale, style):
+    """diffusers' UNet with the same IP-Adapter weights, on the engine's buffers after a frame."""
+    from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
+    from transformers import CLIPVisionModelWithProjection
+
+    b, T = engine._state.buffers, engine._prompts.tokens
+    unet = copy.deepcopy(engine.components.unet)
+    unet.set_attn_processor(AttnProcessor2_0())
+    unet._load_ip_adapter_weights([sd])
+    for proc in unet.attn_processors.values():
+        if isinstance(proc, IPAdapterAttnProcessor2_0):
+            proc.scale = [scale]
+    vision = CLIPVisionModelWithProjection.from_pretrained(engine._ip.spec.image_encoder).eval()
+    pix = engine._ip.style.preprocess(torch.from_numpy(style))  # [1, 3, S, S]
+    with torch.no_grad():
+        if kind == "plus":
+            cond = vision(pix, output_hidden_states=True).hidden_states[-2]
+            uncond = vision(torch.zeros_like(pix), output_hidden_states=True).hidden_states[-2]
+        else:
+            cond = vision(pix).image_embeds
+            uncond = torch.zeros_like(cond)
+        U, B = b.layout.uncond_rows, b.layout.unet_rows
+        embeds = torch.cat([uncond.expand(U, *cond.shape[1:]), cond.expand(B - U, *cond.shape[1:])])[:, None]
+        added = dict(zip(("text_embeds", "time_ids"), b.added))
+        return unet(b.unet_in, b.t_unet, encoder_hidden_states=b.embeds[:, :T],
+                    added_cond_kwargs={**added, "image_embeds": [embeds]}, return_dict=False)[0]
+
+
+@pytest.mark.parametrize("family,kind,cfg", [("sd15", "base", "none"), ("sd15", "plus", "full"),
+                                             ("sdxl", "base", "full"), ("sdxl", "plus", "none")])
+def test_stream_step_matches_diffusers_ip_adapter(adapters, family, kind, cfg):
+    """One stream step (1 step, uncond rows with cfg full) against diffusers' IP-Adapter UNet forward."""
+    g = 1.5 if cfg == "full" else 1.0
+    engine = make(family, adapters, kind, scale=0.7, cfg=cfg, guidance_scale=g)
+    style = image(1)
+    engine.set_style_image(style)
+    engine(image(2, 64, 64))
+    b = engine._state.buffers
+    assert b.embeds.shape[1] == engine._prompts.tokens + engine._ip.tokens
+    eps_ref = reference_eps(engine, adapters[family, kind][2], kind, 0.7, style)
+    with torch.no_grad():
+        eps_ours = engine._base_nets.unet(b.unet_in, b.t_unet, b.embeds, *b.added)
+        eps_plain = reference_eps(engine, adapters[family, kind][2], kind, 0.0, style)
+    assert (eps_ref - eps_plain).abs().max() > 1e-3  # the image tokens matter
+    assert torch.allclose(eps_ours, eps_ref, atol=1e-5, rtol=1e-4), (eps_ours - eps_ref).abs().max()
+    # the step itself: denoised = A * x_t + B * (guided eps)
+    SF = b.layout.stream_rows
+    pred = eps_ref[-SF:] if cfg == "none" else g * eps_ref[SF:] + (1 - g) * eps_ref[:SF]
+    expect = b.coef_A * b.x_t + b.coef_B * pred
+    assert torch.allclose(b.denoised, expect, atol=1e-5, rtol=1e-4), (b.denoised - expect).abs().max()
+
+
+def test_live_scale_applies_at_the_next_frame_boundary(adapters):
+    engine = make("sd15", adapters, "base", scale=0.7)
+    plain = make("sd15")
+    engine.set_style_image(image(1))
+    frame = image(2, 64, 64)
+    engine(frame)
+    state, embeds_ptr = engine._state, engine._state.buffers.embeds.data_ptr()
+    engine.update(ip_adapter_scale=0.0)
+    assert engine._ip.scale.tensor.item() == pytest.approx(0.7)  # not before the boundary
+    out = engine(frame)
+    assert engine._ip.scale.tensor.item() == 0.0 and engine.status()["ip_adapter"]["scale"] == 0.0
+    assert engine._state is state and engine._state.buffers.embeds.data_ptr() == embeds_ptr  # buffer write only
+    plain(frame)
+    assert np.abs(out.astype(int) - plain(frame).astype(int)).max() <= 1  # scale 0: the plain model
+    engine.update(ip_adapter_scale=1.3)
+    engine(frame)
+    assert engine._ip.scale.tensor.item() == pytest.approx(1.3)
+    engine.update(ip_adapter_enabled=False)
+    engine(frame)
+    st = engine.status()["ip_adapter"]
+    assert engine._ip.scale.tensor.item() == 0.0 and st["scale"] == pytest.approx(1.3) and st["enabled"] is False
+    engine.update(ip_adapter_enabled=True)
+    engine(frame)
+    assert engine._ip.scale.tensor.item() == pytest.approx(1.3) and st["encodes"] == 1
+
+
+def test_blend_of_two_images_is_the_weighted_average_of_their_embeddings(adapters):
+    engine = make("sd15", adapters, "plus", cfg="initialize", guidance_scale=1.4)
+    a, c = image(1), image(4, 30, 70)
+    engine.set_style_image([(a, 1.0), (c, 3.0)])
+    engine(image(2, 64, 64))
+    style, b, T = engine._ip.style, engine._state.buffers, engine._prompts.tokens
+    with torch.no_grad():
+        fa, fc = (style.encode(style.preprocess(torch.from_numpy(x))) for x in (a, c))
+        expect = style.projection(0.25 * fa + 0.75 * fc)  # [1, T_ip, D]
+    assert torch.allclose(b.embeds[1:, T:], expect.expand(b.layout.stream_rows, -1, -1), atol=1e-6)
+    assert torch.allclose(b.embeds[:1, T:], style.uncond_tokens, atol=1e-6)  # the uncond row: a zero image
+    st = engine.status()["ip_adapter"]
+    assert st["encodes"] == 2 and [w for _, w in st["images"]] == [1.0, 3.0] and st["tokens"] == 4
+    engine.set_style_image([(torch.from_numpy(a), 2.0), (c, 6.0)])  # same blend, same images: nothing encoded
+    engine(image(2, 64, 64))
+    assert engine.status()["ip_adapter"]["encodes"] == 2
+    assert torch.allclose(b.embeds[1:, T:], expect.expand(b.layout.stream_rows, -1, -1), atol=1e-6)
+
+
+def test_style_image_is_encoded_once_per_distinct_image(adapters, tmp_path):
+    from PIL import Image
+
+    engine = make("sd15", adapters, "base")
+    frame = image(2, 64, 64)
+    assert engine.status()["ip_adapter"]["encodes"] == 0 and engine.status()["ip_adapter"]["images"] == []
+    a, c = image(1), image(5)
+    encodes = []
+    for style in (a, a.copy(), None, c, a):
+        if style is not None:
+            engine.set_style_image(style)
+        engine(frame)
+        encodes.append(engine.status()["ip_adapter"]["encodes"])
+    assert encodes == [1, 1, 1, 2, 2]  # unchanged: never again; back to an earlier one: cached
+    Image.fromarray(c).save(tmp_path / "style.png")
+    engine.set_style_image(str(tmp_path / "style.png"))  # the same pixels from a file
+    engine(frame)
+    st = engine.status()["ip_adapter"]
+    assert st["encodes"] == 2 and st["images"] == [[str(tmp_path / "style.png"), 1.0]]
+
+
+def test_sd_turbo_and_other_families_are_refused():
+    with pytest.raises(ConfigError, match="SD 2.x"):
+        StreamEngine.from_pretrained("random:sd-turbo", device="cpu", ip_adapter="random:ip-adapter-sd15")
+    with pytest.raises(ConfigError, match="SD 2.x"):
+        StreamEngine.from_pretrained("random:tiny", device="cpu", ip_adapter="random:ip-adapter-tiny")
+    with pytest.raises(ConfigError, match="sd15.*sdxl"):
+        StreamEngine.from_pretrained("random:sdxl-turbo", device="cpu", ip_adapter="random:ip-adapter-sd15")
+    with pytest.raises(ConfigError, match="ip-adapter-plus-sdxl"):  # the message lists the known names
+        StreamEngine.from_pretrained("random:tiny-sd15", device="cpu", ip_adapter="random:ip-adapter-vit-g")
+
+
+def test_a_file_of_another_family_is_refused_naming_both(adapters):
+    path, folder, sd = adapters["sd15", "base"]
+    with pytest.raises(ConfigError, match=r"width 32\) but the model is sdxl \(width 64\)"):
+        StreamEngine.from_pretrained("random:tiny-sdxl", device="cpu", ip_adapter={"model": path,
+                                                                                  "image_encoder": folder})
+    from rtdiffusion.models.families import SDXL
+
+    published_sd15 = {"image_proj": sd["image_proj"], "ip_adapter": {"1.to_k_ip.weight": torch.zeros(320, 768)}}
+    with pytest.raises(ConfigError, match=r"for sd15 models .* the model is sdxl"):
+        ipa.check_fits(published_sd15, load_components("random:tiny-sdxl", CPU, torch.float32).unet, SDXL, "x.bin")
+
+
+def test_bad_input_is_refused_and_the_stream_keeps_its_style(adapters, tmp_path):
+    engine = make("sd15", adapters, "base")
+    frame = image(2, 64, 64)
+    engine.set_style_image(image(1))
+    engine(frame)
+    before = engine.status()["ip_adapter"]
+    (tmp_path / "notes.png").write_text("not an image")
+    bad = [(str(tmp_path / "missing.png"), "could not be read"), (str(tmp_path / "notes.png"), "could not be read"),
+           (image(1).astype(np.float32), "uint8"), (np.zeros((8, 8, 4), np.uint8), r"\[H, W, 3\]"),
+           ([(image(1), -1.0)], ">= 0"), ([(image(1), 0.0)], "weight > 0"), ([image(1)], "pairs"),
+           ([], "empty"), (12, "PIL image")]
+    for value, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            engine.set_style_image(value)
+    for kw, message in (({"ip_adapter_scale": float("nan")}, "0 to 5"), ({"ip_adapter_scale": -1}, "0 to 5"),
+                        ({"ip_adapter_enabled": "yes"}, "true or false")):
+        with pytest.raises(ConfigError, match=message):
+            engine.update(**kw)
+    engine(frame)
+    assert engine.status()["ip_adapter"] == before  # same images, scale, encodes
+    plain = make("sd15")
+    with pytest.raises(ConfigError, match="needs an IP-Adapter"):
+        plain.set_style_image(image(1))
+    with pytest.raises(ConfigError, match="need an IP-Adapter"):
+        plain.update(ip_adapter_scale=0.5)
+    assert plain.status()["ip_adapter"] is None
+    for spec, message in (({"model": "random:ip-adapter-tiny", "scale": float("nan")}, "0 to 5"),
+                          ({"model": "random:ip-adapter-tiny", "weight": 1}, "unknown ip_adapter key"),
+                          ({"scale": 1.0}, "model string or a dict"),
+                          (str(tmp_path / "missing.bin"), "does not exist")):
+        with pytest.raises((ConfigError, FileNotFoundError), match=message):
+            StreamEngine.from_pretrained("random:tiny-sd15", device="cpu", ip_adapter=spec)
+
+
+def test_ip_adapter_and_temporal_kv_cache_coexist(adapters):
+    """The KV cache replaces self-attention processors only; the IP ones on cross-attention stay."""
+    engine = make("sd15", adapters, "base")
+    engine.set_style_image(image(1))
+    frame = image(2, 64, 64)
+    ip_layers = lambda: sum(isinstance(p, IPAttnProcessor) for p in engine.components.unet.attn_processors.values())  # noqa: E731
+    n = ip_layers()
+    assert n == len([k for k in engine.components.unet.attn_processors if "attn2" in k]) > 0
+    engine.update(cache_enabled=True)
+    engine(frame)
+    assert engine.status()["temporal_cache"]["active"] and ip_layers() == n
+    engine.update(cache_enabled=False)
+    out = engine(frame)
+    assert ip_layers() == n and out.shape == (64, 64, 3)
