@@ -260,6 +260,15 @@ def test_depth_is_deterministic_per_seed(depth_pre):
     assert depth_pre.describe()["network_size"] == [28, 42]
 
 
+def test_depth_anything_v2_small_is_the_published_architecture():
+    from rtdiffusion.control.depth import load_depth_model, network_size, patch_size
+
+    net = load_depth_model("random:depth-anything-v2-small", dtype=torch.float16, device=torch.device("meta"))
+    assert sum(p.numel() for p in net.parameters()) == 24_785_089  # its model card's count
+    assert patch_size(net) == 14
+    assert network_size(512, 512, 252, 14) == (252, 252) and network_size(512, 768, 252, 14) == (252, 378)
+
+
 def test_depth_bad_models_and_resolutions():
     with pytest.raises(ConfigError, match="multiple of 14"):
         make_preprocessor("depth", **CPU, model="random:tiny-depth", resolution=30)
