@@ -67,7 +67,7 @@ class NoControl:
     def describe(self, settings: tuple[ControlNetSettings, ...]) -> list[dict]:
         return []
 
-    def attach(self, nets: Any) -> None:
+    def attach(self, nets: Any, text_tokens: int = 0) -> None:
         pass
 
     def set_image(self, frame: Any, index: int) -> None:
@@ -98,7 +98,7 @@ class ControlFrame:
         self.scales = [torch.zeros(B, 1, 1, 1, dtype=dt, device=dev) for _ in self.units]  # row_scale_i
         self.sums = tuple(torch.zeros(B, *dims, dtype=dt, device=dev)  # down_0 .. down_{n-1}, mid
                           for _, dims in unet_control_inputs(stack.unet_config, layout.latent_h, layout.latent_w))
-        self.text_tokens = layout.text_tokens  # ControlNets see the text tokens only (not IP-Adapter tokens)
+        self.text_tokens = stack.text_tokens or layout.text_tokens  # text only, no IP-Adapter tokens (attach)
         self.writes = 0  # settings writes (tests, status)
 
     def run(self, b: Any, nets: Any) -> tuple[torch.Tensor, ...]:
@@ -121,12 +121,18 @@ class ControlStack:
 
     def __init__(self, units: Sequence[ControlUnit], unet_config: Any):
         self.units, self.unet_config = tuple(units), unet_config
+        self.text_tokens: int | None = None  # set by attach
 
     def frame(self, layout: Any) -> ControlFrame:
         return ControlFrame(self, layout)
 
-    def attach(self, nets: Any) -> None:
-        """Hand the ControlNet modules to the backend's networks (once, when the engine is built)."""
+    def attach(self, nets: Any, text_tokens: int | None = None) -> None:
+        """Hand the ControlNet modules to the backend's networks (once, when the engine is built).
+
+        text_tokens: T_text, the prompt's tokens at the head of ``embeds``; an IP-Adapter's image tokens
+        follow them (``embeds [B, T_text + T_ip, D]``) and are for the UNet only, as in diffusers' pipelines,
+        so the ControlNets get ``embeds[:, :T_text]``. None: all of embeds."""
+        self.text_tokens = text_tokens
         if not hasattr(nets, "attach_controlnets"):
             raise ConfigError(f"the {nets.name!r} networks ({nets.describe().get('runs')}) do not run ControlNets "
                               "yet; use backend 'eager', 'graph' or 'compiled' with compile_artifacts 'jit'")
