@@ -170,7 +170,8 @@ def trt_networks(config: EngineConfig, comps: Components, min_steps: int = TRT_M
     F = config.frame_buffer_size
     params = SpecParams.from_modules(comps.unet, comps.vae, config.width, config.height,
                                      batch=unet_batch_range(min_steps, max_steps, F, TRT_GUIDANCE),
-                                     frames=AxisRange(F, F, F), dtype=config.dtype)
+                                     frames=AxisRange(F, F, F), dtype=config.dtype,
+                                     ip_tokens=int(comps.identity.get("ip_tokens", 0)))  # IP-Adapter
     lora = lora_identity([tuple(x) for x in comps.identity.get("lora", [])]) if comps.identity.get("lora") else ()
     return load_or_build_trt(comps.unet, comps.vae, params, EngineCache(config.engine_dir), model=config.model,
                              lora=lora, device=config.device)

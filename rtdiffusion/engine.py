@@ -172,6 +172,8 @@ class StreamEngine:
         self._frame: CapturedFrame | None = None  # the active layout's captured graphs (graph backends)
         self._executor, self.backend_reason = build_executor(config, components)
         self._base_nets = self._executor.nets  # the backend's networks, before any wrapping
+        if self._ip is not None and hasattr(self._base_nets, "bind_inputs"):  # TensorRT: an engine input
+            self._base_nets.bind_inputs(ip_scale=self._ip.scale.tensor)
         self._eager = EagerExecutor(self._executor.nets, overlap=config.vae_overlap)  # use_graph=False
         if self._streamer is not None and self._executor.captures:
             self._executor.before_capture = self._streamer.join

@@ -284,7 +284,9 @@ def load(spec: IPAdapterSpec, components, device: torch.device, dtype: torch.dty
     _check_encoder(vision, sd["image_proj"], plus, spec.model)
     style = StyleEncoder(vision.to(device=device, dtype=dtype).eval().requires_grad_(False),
                          proj.to(device=device, dtype=dtype).eval().requires_grad_(False), plus, device, dtype)
-    components.identity["ip_adapter"] = spec.model  # engine-cache keys: the UNet now carries IP layers
+    # engine caches: the UNet now carries IP layers (their weights are in its state_dict, so in its fingerprint),
+    # and an exported UNet takes [B, T + T_ip, D] embeds and ip_scale (rtdiffusion/backends.py trt_networks)
+    components.identity.update(ip_adapter=spec.model, ip_tokens=style.tokens)
     return IPAdapter(spec, sd, style, family)
 
 
