@@ -12,8 +12,8 @@ The whole step can therefore be replayed as one CUDA graph (engines/graph.py). B
 enqueue work on the current stream.
 
     probe:  frame_u8 -> 8x-subsampled probe, dot products with the last processed probe (similar-frame filter)
-    main:   preprocess -> VAE encode -> add noise -> [uncond rows] -> [ControlNets] -> UNet over the stream batch -> guidance
-            -> scheduler step -> stock update -> shift the ring -> VAE decode -> postprocess to uint8
+    main:   preprocess -> VAE encode -> add noise -> [uncond rows] -> [ControlNets] -> UNet over the stream
+            batch -> guidance -> scheduler step -> stock update -> shift the ring -> VAE decode -> postprocess
     overlapped (vae_overlap): the same stages, with the VAE on a parallel branch of the same graph:
 
         side branch:  preprocess -> encode this call's frames -> latent_next | decode dec_in -> out_u8
