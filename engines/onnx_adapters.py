@@ -14,8 +14,7 @@ from typing import Any
 
 import torch
 
-from .base import unet_added_inputs
-from .control_shapes import unet_control_inputs
+from .base import unet_added_inputs, unet_control_inputs
 from .specs import NetworkSpec
 
 
@@ -51,39 +50,26 @@ class IpScaleFromInput:
     """The IP-Adapter scale as a network input: during an export (or parity) forward, every IP-Adapter
     attention processor of ``unet`` reads the ``ip_scale`` input instead of its live device buffer.
 
-    The torch path multiplies by the processor's buffer (changed live, between frames); an ONNX graph cannot
-    read a torch buffer that changes, so the exported UNet takes ``ip_scale [1] float32`` and the processors'
-    buffer attribute (``SCALE_ATTR``) is swapped for that input (cast to the buffer's dtype, a Cast node in
-    the graph) for the duration of the forward, then restored.
+    The torch path multiplies by a device buffer written between frames (``rtdiffusion.control.ip_attention``:
+    processors with ``to_k_ip`` share one ``IPScale``, whose ``bound(t)`` makes them read ``t``); an ONNX
+    graph cannot read a torch buffer that changes, so the exported UNet takes ``ip_scale [1] float32`` and
+    the processors read it, cast to the UNet's dtype (one Cast node: the graph stays in the UNet's dtype).
     """
 
-    SCALE_ATTR = "scale"
-
     def __init__(self, unet: torch.nn.Module) -> None:
-        self.processors = [p for p in unet.attn_processors.values()
-                           if isinstance(getattr(p, self.SCALE_ATTR, None), torch.Tensor) and hasattr(p, "to_k_ip")]
-        if not self.processors:
+        scales = [p.scale for p in unet.attn_processors.values() if hasattr(p, "to_k_ip")]
+        self.scales = list({id(s): s for s in scales if hasattr(s, "bound")}.values())  # shared: usually one
+        self.dtype = next(unet.parameters()).dtype
+        if not self.scales:
             raise ValueError("the UNet spec has an ip_scale input but the UNet has no IP-Adapter attention "
-                             f"processors (with a tensor `{self.SCALE_ATTR}` and `to_k_ip`): install the IP-Adapter first")
+                             "processors (with `to_k_ip` and a `scale` that can be bound): install the IP-Adapter")
 
     @contextlib.contextmanager
     def scale_from(self, ip_scale: torch.Tensor):  # ip_scale [1] fp32
-        saved = [getattr(p, self.SCALE_ATTR) for p in self.processors]
-        try:
-            for p, old in zip(self.processors, saved):
-                _set_attr(p, self.SCALE_ATTR, ip_scale.to(old.dtype).reshape(old.shape))
+        with contextlib.ExitStack() as stack:
+            for s in self.scales:
+                stack.enter_context(s.bound(ip_scale.to(self.dtype)))
             yield
-        finally:
-            for p, old in zip(self.processors, saved):
-                _set_attr(p, self.SCALE_ATTR, old)
-
-
-def _set_attr(obj: Any, name: str, value: torch.Tensor) -> None:
-    """Set a (possibly registered buffer) attribute to another tensor without registering the new one."""
-    if isinstance(obj, torch.nn.Module) and name in obj._buffers:
-        obj._buffers[name] = value
-    else:
-        setattr(obj, name, value)
 
 
 class ControlNetAdapter(torch.nn.Module):

@@ -19,6 +19,7 @@ Sizes run here: the tiny test models (CPU, fp32, seconds). Not run here: the 866
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -80,8 +81,28 @@ def export_onnx(module: torch.nn.Module, spec: NetworkSpec, path: str | os.PathL
     return used
 
 
+def _addcmul(g, self, tensor1, tensor2, value):
+    """aten::addcmul in ``self``'s type. TorchScript's own symbolic multiplies by an fp32 [1] constant, which
+    turns an fp16 graph fp32 from there on (the IP-Adapter processor's ``out.addcmul_(ip_out, scale)``)."""
+    prod = g.op("Mul", tensor1, tensor2)
+    node = value.node()
+    if node.kind() != "onnx::Constant" or float(node.t("value")) != 1.0:  # value: a graph constant
+        prod = g.op("Mul", prod, g.op("CastLike", value, self))
+    return g.op("Add", self, prod)
+
+
+@contextlib.contextmanager
+def _typed_symbolics(opset: int):
+    """Symbolics that keep the module's dtype, registered for the duration of one export."""
+    torch.onnx.register_custom_op_symbolic("aten::addcmul", _addcmul, opset)
+    try:
+        yield
+    finally:
+        torch.onnx.unregister_custom_op_symbolic("aten::addcmul", opset)
+
+
 def _export_torchscript(adapter: torch.nn.Module, spec: NetworkSpec, args: tuple, out: Path) -> None:
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), _typed_symbolics(spec.opset):
         warnings.simplefilter("ignore")  # TracerWarnings about shape asserts in diffusers; deprecation note
         torch.onnx.export(adapter, args, str(out), dynamo=False, opset_version=spec.opset,
                           input_names=spec.input_names, output_names=spec.output_names,

@@ -301,8 +301,7 @@ class SpecParams:
         """Read latent channels, embedding width, added conditioning and VAE scale from the modules' configs;
         with ``controlnets`` (diffusers ControlNetModels), the residual layout, which each must share with
         the UNet (ValueError naming both otherwise)."""
-        from .base import unet_added_inputs
-        from .control_shapes import unet_control_inputs
+        from .base import unet_added_inputs, unet_control_inputs
 
         ucfg, vcfg = unet.config, vae.config
         blocks = vcfg.get("encoder_block_out_channels") or vcfg.get("block_out_channels")

@@ -1,13 +1,15 @@
 """ControlNet export (issue 14): the ControlNet's own network spec, the UNet spec with the residual inputs,
 both exported to ONNX and checked against the torch modules with ONNX Runtime on the CPU (tiny configs).
 
-- the residual layout computed from a config (``engines.control_shapes``) is the one diffusers' ControlNet
-  returns (tiny SD2-style and SDXL-style), and 12 / 9 residuals for the SD 1.5 / SDXL architectures;
+- the residual layout computed from a config (``engines.base.unet_control_inputs``) is the one diffusers'
+  ControlNet returns (tiny SD2-style and SDXL-style), and 12 / 9 residuals for the SD 1.5 / SDXL architectures;
 - SD2-style in fp32: ControlNet and UNet-with-residuals parity at the smallest and largest batch, and the
   chain ControlNet (ONNX) -> scaled residuals -> UNet (ONNX) equals diffusers' own ControlNet + UNet call;
 - SDXL-style in fp16 (what a strongly typed TensorRT engine is built from): fp16 weights, the spec's binding
   types, parity against the fp16 modules;
-- the control layout is in the UNet's cache key; a ControlNet of another layout is refused by name.
+- the control layout is in the UNet's cache key; a ControlNet of another layout is refused by name;
+- an fp16 UNet with IP-Adapter processors (``rtdiffusion.control.ip_attention``) and residuals: the
+  ``ip_scale`` input is what the graph reads (ONNX at a scale == torch with that scale in its live buffer).
 
 The ControlNet is ``ControlNetModel.from_unet`` of the tiny UNet with every weight redrawn (the zero convs
 too), so residuals are not zeros and a lost input would show.
@@ -15,6 +17,7 @@ too), so residuals are not zeros and a lost input would show.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -25,7 +28,7 @@ import torch
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from engines.control_shapes import unet_control_inputs  # noqa: E402
+from engines.base import unet_control_inputs  # noqa: E402
 from engines.onnx_export import export_adapter, export_onnx, onnx_cache_key, verify_onnx  # noqa: E402
 from engines.specs import SpecParams, make_specs, unet_batch_range  # noqa: E402
 
@@ -195,3 +198,48 @@ def test_sdxl_control_onnx_fp16(tmp_path):
         a = adapter(*args)[-1]
         args[5] = args[5] + 64.0
         assert (adapter(*args)[-1] - a).abs().max() > 1e-3
+
+
+def test_ip_adapter_unet_onnx_fp16(sd2, tmp_path):
+    """An fp16 UNet with IP-Adapter processors (rtdiffusion.control.ip_attention) and ControlNet residuals:
+    embeds [B, T_text + T_ip, D], ``ip_scale [1] fp32`` last. ONNX Runtime at a scale equals the torch UNet
+    whose live buffer holds that scale; the graph stays fp16 apart from that input."""
+    ip_attention = pytest.importorskip("rtdiffusion.control.ip_attention", reason="the IP-Adapter processor")
+    from diffusers import UNet2DConditionModel
+
+    _, vae, cn, _ = sd2
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(_cfg("tiny_unet_sd2style.json")).eval().requires_grad_(False)
+    unet, vae, cn = (copy.deepcopy(m).half() for m in (unet, vae, cn))
+    gen = torch.Generator().manual_seed(3)
+    layers = {}
+    for i, (_, hidden) in enumerate(ip_attention.cross_attention_layers(unet)):
+        for w in ("to_k_ip", "to_v_ip"):
+            layers[f"{2 * i + 1}.{w}.weight"] = torch.randn(hidden, 32, generator=gen) / math.sqrt(32)
+    scale = ip_attention.IPScale(torch.device("cpu"))
+    ip_attention.install(unet, layers, text_tokens=8, scale=scale)
+    params = SpecParams.from_modules(unet, vae, 32, 32, batch=unet_batch_range(1, 3, 1), text_len=8,
+                                     controlnets=[cn], ip_tokens=4)
+    spec = make_specs(params)["unet"]
+    assert spec.binding("embeds").dims == ("B", 12, 32) and spec.input_names[-2:] == ["mid_res", "ip_scale"]
+    path = tmp_path / "unet_ip.onnx"
+    export_onnx(unet, spec, path, exporter="torchscript")
+    m = onnx.load(str(path))
+    type_name = onnx.TensorProto.DataType.Name
+    bindings = {v.name: type_name(v.type.tensor_type.elem_type) for v in [*m.graph.input, *m.graph.output]}
+    assert bindings == {b.name: ONNX_TYPES[b.dtype] for b in spec.bindings}
+    assert {type_name(i.data_type) for i in m.graph.initializer if i.data_type in (1, 10, 16)} <= {"FLOAT16"}
+    report = verify_onnx(unet, spec, path)
+    assert report.ok and len(report.max_abs_diff) == 2, str(report)
+    # the input is what the graph reads: at 0.8 it is the torch UNet with 0.8 in its live buffer
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    args = spec.sample_inputs(sizes={"B": 2}, seed=7)
+    feeds = {b.name: a.numpy() for b, a in zip(spec.inputs, args)}
+    got = {s: torch.from_numpy(sess.run(["eps"], {**feeds, "ip_scale": torch.tensor([s]).numpy()})[0]).float()
+           for s in (0.0, 0.8)}
+    scale.write(0.8)
+    with torch.no_grad():
+        want = unet(args[0], args[1], args[2], down_block_additional_residuals=args[3:-2],
+                    mid_block_additional_residual=args[-2], return_dict=False)[0].float()
+    assert (got[0.8] - got[0.0]).abs().max() > 1e-2  # the scale reaches the graph
+    assert (got[0.8] - want).abs().max() < 5e-2
