@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     import uvicorn
 
+    from .conditioning import MAX_STYLE_BYTES
     from .protocol import Format
     from .server import Controls, DemoOptions, DemoServer
 
@@ -107,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
             delta=args.delta, similar_filter=args.similar_filter is not None,
             similar_threshold=s["similar_filter"]["threshold"]))
         server.apply_initial_controls()
+        server.conditioning.note_style_files([path for path, _ in getattr(args, "style_image", None) or []])
     except BaseException:
         sock.close()
         raise
@@ -117,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     shown = f"[{host}]" if ":" in host else host
     log.info("serving http://%s:%d/  (projector page: http://%s:%d/output)", shown, port, shown, port)
     config = uvicorn.Config(server.app, log_level="warning", lifespan="on",
-                            ws_max_size=max(4 * server.max_frame_bytes, 1 << 20), ws_ping_interval=20.0)
+                            ws_max_size=max(4 * server.max_frame_bytes, MAX_STYLE_BYTES + (1 << 20)),
+                            ws_ping_interval=20.0)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:

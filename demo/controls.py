@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rtdiffusion.vocabulary import t_index_for  # noqa: F401  (the one strength/steps mapping)
 
+from .conditioning import MAX_CONTROLNETS, MAX_IP_SCALE, ControlNetSettings
+
 log = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 2000
@@ -50,6 +52,11 @@ class Controls:
     cache_interval: int = 1
     paused: bool = False
     frozen: bool = False
+    # ControlNet / IP-Adapter (conditioning.py): one {scale, enabled, start, end} per ControlNet the engine has;
+    # ip_adapter_scale None = the engine has no IP-Adapter
+    controlnets: list[dict[str, Any]] = field(default_factory=list)
+    ip_adapter_scale: float | None = None
+    ip_adapter_enabled: bool = True
 
 
 class HttpError(Exception):
@@ -129,6 +136,9 @@ class PresetBody(_Body):
     cache_enabled: bool | None = None
     cache_maxframes: int | None = Field(None, ge=1, le=16)
     cache_interval: int | None = Field(None, ge=1, le=1000)
+    controlnets: list[ControlNetSettings] | None = Field(None, max_length=MAX_CONTROLNETS)
+    ip_adapter_scale: float | None = Field(None, ge=0.0, le=MAX_IP_SCALE, allow_inf_nan=False)
+    ip_adapter_enabled: bool | None = None
 
 
 PRESET_FIELDS = tuple(PresetBody.model_fields)
@@ -154,8 +164,17 @@ def apply_all(engine: Any, c: Controls, cache: bool = False) -> None:
     if cache or c.cache_enabled:
         engine.update(cache_enabled=c.cache_enabled, cache_maxframes=c.cache_maxframes,
                       cache_interval=c.cache_interval)
+    apply_conditioning(engine, c)
     engine.update_prompt(prompt_argument(c), method=c.method, negative_prompt=c.negative_prompt)
     engine.update_seed(c.seed)
+
+
+def apply_conditioning(engine: Any, c: Controls) -> None:
+    """Push the ControlNet and IP-Adapter settings, for the parts the engine has."""
+    if c.controlnets:
+        engine.update(controlnets=[dict(u) for u in c.controlnets])
+    if c.ip_adapter_scale is not None:
+        engine.update(ip_adapter_scale=c.ip_adapter_scale, ip_adapter_enabled=c.ip_adapter_enabled)
 
 
 class PresetStore:

@@ -16,8 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import WebSocket, WebSocketDisconnect
 
+from pydantic import ValidationError
+
 from . import protocol
+from .conditioning import ControlNetBody, IpAdapterBody, is_style_message, parse_style
+from .controls import HttpError
 from .protocol import Format, ProtocolError
+from .routes import validation_message
 from .worker import InputFrame, OutputFrame
 
 if TYPE_CHECKING:
@@ -113,6 +118,8 @@ class Hub:
 
     async def _on_frame(self, client: Client, data: bytes) -> None:
         s = self.server
+        if is_style_message(data):
+            return await self._on_style(client, data)
         if client is not self.controller:
             raise ProtocolError("not_controller", "only the control page (/ws?role=control) may send frames; "
                                                   "this socket is a viewer")
@@ -134,6 +141,42 @@ class Hub:
             client.acked.set()
         elif msg["t"] == "ping":
             await client.send_json({"t": "pong"})
+        elif msg["t"] in ("controlnet", "ip_adapter"):
+            await self._on_conditioning(client, msg)
+
+    async def _on_conditioning(self, client: Client, msg: dict[str, Any]) -> None:
+        """A live ControlNet / IP-Adapter setting: validated, applied on a worker thread, answered 'applied'."""
+        what = msg["t"]
+        if client is not self.controller:
+            raise ProtocolError("not_controller", f"only the control page (/ws?role=control) may change {what} "
+                                                  "settings; this socket is a viewer", what)
+        body_type, apply = ((ControlNetBody, self.server.set_controlnet) if what == "controlnet" else
+                            (IpAdapterBody, self.server.set_ip_adapter))
+        try:
+            body = body_type.model_validate(msg)
+        except ValidationError as exc:
+            raise ProtocolError("invalid", f"{what}: {validation_message(exc)}", what) from None
+        try:
+            controls = await asyncio.to_thread(apply, body)
+        except HttpError as exc:
+            raise ProtocolError("rejected", f"{what}: {exc}", what) from None
+        await client.send_json({"t": "applied", "what": what, "controls": controls})
+
+    async def _on_style(self, client: Client, data: bytes) -> None:
+        """A style image upload (conditioning.py): decoded and encoded on a worker thread, answered 'applied'."""
+        try:
+            if client is not self.controller:
+                raise ProtocolError("not_controller", "only the control page (/ws?role=control) may set the style "
+                                                      "image; this socket is a viewer")
+            request_id, payload = parse_style(data)
+            try:
+                style = await asyncio.to_thread(self.server.conditioning.set_style_image, payload, "the style image")
+            except HttpError as exc:
+                raise ProtocolError("rejected", f"style image: {exc}") from None
+        except ProtocolError as exc:
+            exc.what = "style_image"
+            raise
+        await client.send_json({"t": "applied", "what": "style_image", "id": request_id, "style": style})
 
     async def serve(self, ws: WebSocket) -> None:
         role = ws.query_params.get("role", "view")

@@ -25,12 +25,17 @@ Text messages are JSON objects with a type field ``t``:
 
     client -> server  {"t": "shown", "id": N}     the output frame N is on screen: the server may send the next
                       {"t": "ping"}               answered with {"t": "pong"}
-    server -> client  {"t": "hello", ...}         once, on connect: role, width, height, formats, max_bytes
+                      {"t": "controlnet", ...}    control page only: live ControlNet / IP-Adapter settings,
+                      {"t": "ip_adapter", ...}    answered {"t": "applied", ...} or an error (conditioning.py)
+    client -> server  binary b"RTDS..."           control page only: a style image file (conditioning.py)
+    server -> client  {"t": "hello", ...}         once, on connect: role, width, height, formats, max_bytes,
+                                                  conditioning (the engine's ControlNets and IP-Adapter)
                       {"t": "ack", "id": N}       the input frame N is in the worker's mailbox: send the next
                       {"t": "status", ...}        a few times a second: fps, frames in/out, drops, busy_ms
                                                   (how long the engine has been on its current frame; 0 = idle),
                                                   errors, backend, controls, recording
                       {"t": "error", "code": C, "message": M}   a message was rejected; the socket stays open
+                                                  ("what": W names a refused conditioning request)
                       {"t": "replaced"}           a newer control page took over; this socket is closed
 
 At most one frame is in flight per direction: a client sends its next frame only after the ``ack`` of the
@@ -57,7 +62,7 @@ VERSION = 1
 HEADER = struct.Struct("<4sBBHIdHHII")  # 32 bytes, the layout above
 HEADER_SIZE = HEADER.size
 MAX_TEXT_BYTES = 4096  # a text message longer than this (UTF-8 bytes) is rejected unread
-TEXT_TYPES = ("shown", "ping")
+TEXT_TYPES = ("shown", "ping", "controlnet", "ip_adapter")  # the last two: conditioning.py
 
 assert HEADER_SIZE == 32
 
@@ -71,12 +76,16 @@ class Format(enum.IntEnum):
 class ProtocolError(ValueError):
     """A websocket message was rejected. ``code`` is a short machine-readable reason sent to the client."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, what: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.what = what  # which request was refused, when not a frame: "controlnet", "ip_adapter", "style_image"
 
     def to_message(self) -> dict[str, Any]:
-        return {"t": "error", "code": self.code, "message": str(self)}
+        msg = {"t": "error", "code": self.code, "message": str(self)}
+        if self.what:
+            msg["what"] = self.what
+        return msg
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from .conditioning import ControlNetBody, IpAdapterBody
 from .controls import (CacheBody, FilterBody, GuidanceBody, HttpError, PlaybackBody, PresetBody, PromptBody,
                        RecordBody, SeedBody, StepsBody)
 from .guard import Guard, short
@@ -136,6 +137,21 @@ def build_app(server: "DemoServer") -> FastAPI:
         if path is None:
             raise HttpError(404, f"no recording named {short(name)}; names look like rtdiffusion-YYYYmmdd-HHMMSS.mp4")
         return FileResponse(path, media_type="video/mp4", filename=name)
+
+    @app.post("/api/controlnet")
+    def post_controlnet(body: ControlNetBody) -> dict[str, Any]:
+        return server.set_controlnet(body)
+
+    @app.post("/api/ip_adapter")
+    def post_ip_adapter(body: IpAdapterBody) -> dict[str, Any]:
+        return server.set_ip_adapter(body)
+
+    @app.get("/api/style.png")
+    def style_png() -> Response:
+        thumb = server.conditioning.thumbnail
+        if thumb is None:
+            raise HttpError(404, "no style image yet: drop one on the control page's IP-Adapter section")
+        return Response(thumb, media_type="image/png", headers={"Cache-Control": "no-store"})
 
     app.add_api_websocket_route("/ws", server.hub.serve)
     return app

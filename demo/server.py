@@ -19,7 +19,11 @@ Routes (routes.py)::
     POST /api/presets/{1..9}/apply
     GET  /api/record            recording state; POST {recording: true|false} starts / stops it
     GET  /api/recordings/{name} a finished recording (MP4), as a download
-    WS   /ws?role=control|view  binary frames both ways (see protocol.py and hub.py)
+    POST /api/controlnet        {index, scale 0..5, enabled, start 0..1, end 0..1} (as the websocket message)
+    POST /api/ip_adapter        {scale 0..5, enabled} (as the websocket message)
+    GET  /api/style.png         a thumbnail of the current IP-Adapter style image (404 before one is set)
+    WS   /ws?role=control|view  binary frames both ways (see protocol.py and hub.py); the control page also sends
+                                ControlNet / IP-Adapter settings and the style image on it (conditioning.py)
 
 Every request first passes the guard (guard.py): Host, token, Origin and body size. Every POST body is checked
 field by field (unknown fields, wrong types and out-of-range values are answered 422 with
@@ -49,6 +53,8 @@ from collections.abc import Callable
 from typing import Any
 
 from . import protocol
+from .conditioning import ControlNetBody, IpAdapterBody, merge_controlnets, merge_preset_controlnets
+from .conditioning_state import Conditioning
 from .controls import (PRESET_FIELDS, CacheBody, Controls, FilterBody, GuidanceBody, HttpError,  # noqa: F401
                        PlaybackBody, PresetBody, PresetStore, PromptBody, SeedBody, StepsBody, apply_all,
                        prompt_argument, t_index_for)
@@ -156,6 +162,7 @@ class DemoServer:
         self.recorder = Recorder(o.recordings_dir, self.width, self.height)
         self._controls_lock = threading.Lock()
         self.presets = PresetStore(o.presets_path)
+        self.conditioning = Conditioning(engine, self.controls)  # ControlNet / IP-Adapter: labels, style image
         self.app = build_app(self)
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
@@ -208,7 +215,8 @@ class DemoServer:
                       output_format=self.options.output_format.name.lower())
         with self._controls_lock:
             controls = dataclasses.asdict(self.controls)
-        return {"engine": engine_status, "server": server, "controls": controls, "record": self.recorder.status()}
+        return {"engine": engine_status, "server": server, "controls": controls, "record": self.recorder.status(),
+                "conditioning": self.conditioning.status(engine_status)}
 
     async def _status_loop(self) -> None:
         while True:
@@ -225,7 +233,8 @@ class DemoServer:
                 "frames_out": srv.get("frames_out", 0), "dropped_in": srv.get("dropped_in", 0),
                 "backend": status["engine"].get("backend", "?"), "clients": len(self.hub.clients),
                 "controls": status["controls"], "errors": srv.get("errors", 0),
-                "last_error": srv.get("last_error", ""), "record": status["record"]})
+                "last_error": srv.get("last_error", ""), "record": status["record"],
+                "conditioning": status["conditioning"]})
 
     # ---- controls (thread pool) ------------------------------------------------------------------------------
     def _apply(self, change: dict[str, Any] | Callable[[Controls], dict[str, Any]], engine_call) -> dict[str, Any]:
@@ -304,6 +313,28 @@ class DemoServer:
         except RecordingError as exc:
             raise HttpError(409, str(exc)) from None
 
+    # ---- ControlNet / IP-Adapter (thread pool; the hub validates the message first) -------------------------------
+    def set_controlnet(self, body: ControlNetBody) -> dict[str, Any]:
+        change = body.model_dump(exclude_none=True, include={"scale", "enabled", "start", "end"})
+        if not change:
+            raise HttpError(422, "give at least one of scale, enabled, start, end")
+
+        def new(current: Controls) -> dict[str, Any]:  # called under the lock
+            try:
+                return {"controlnets": merge_controlnets(current.controlnets, body.index, change)}
+            except ValueError as exc:
+                raise HttpError(400, str(exc)) from None
+        return self._apply(new, lambda c: self.engine.update(controlnets=[dict(u) for u in c.controlnets]))
+
+    def set_ip_adapter(self, body: IpAdapterBody) -> dict[str, Any]:
+        change = body.model_dump(exclude_none=True, include={"scale", "enabled"})
+        if not change:
+            raise HttpError(422, "give at least one of scale, enabled")
+        self.conditioning.check_ip_adapter()
+        change = {f"ip_adapter_{k}": v for k, v in change.items()}
+        return self._apply(change, lambda c: self.engine.update(ip_adapter_scale=c.ip_adapter_scale,
+                                                                ip_adapter_enabled=c.ip_adapter_enabled))
+
     # ---- presets -------------------------------------------------------------------------------------------------
     def put_preset(self, slot: int, body: PresetBody) -> dict[str, Any]:
         self._check_steps(body.steps)
@@ -322,6 +353,11 @@ class DemoServer:
 
         def change(current: Controls) -> dict[str, Any]:  # called under the lock
             new = {k: v for k, v in preset.items() if k in PRESET_FIELDS}
+            # conditioning the engine does not have is skipped (a preset may come from another setup)
+            new["controlnets"] = merge_preset_controlnets(current.controlnets, new.get("controlnets") or [])
+            if current.ip_adapter_scale is None:
+                new.pop("ip_adapter_scale", None)
+                new.pop("ip_adapter_enabled", None)
             if "strength" in new or "steps" in new:
                 strength, steps = new.get("strength", current.strength), new.get("steps", current.steps)
                 new["t_index_list"] = t_index_for(strength, steps, self.num_inference_steps)
@@ -337,7 +373,8 @@ class DemoServer:
                 "input_formats": ["rgb", "rgba", "jpeg"], "output_format": self.options.output_format.name.lower(),
                 "max_bytes": self.max_frame_bytes, "max_steps": self.options.max_steps,
                 "num_inference_steps": self.num_inference_steps, "controls": controls,
-                "record": self.recorder.status()}
+                "record": self.recorder.status(),
+                "conditioning": self.conditioning.hello()}
 
 
 def _num_inference_steps(engine: Any) -> int:

@@ -30,6 +30,19 @@ def demo(presets_file):
         f"the demo server did not stop cleanly (exit {code}):\n{server.log()[-3000:]}"
 
 
+# ControlNet / IP-Adapter: two tiny ControlNets (canny; tile at 0.5) and a tiny IP-Adapter on the tiny SD 1.5-style
+# model (SD 2.x has no IP-Adapter); one server for test_demo_control*.py
+CONTROL_ARGS = ("--model", "random:tiny-sd15", "--controlnet", "random:controlnet-tiny",
+                "--controlnet", "random:controlnet-tiny:tile:0.5", "--ip-adapter", "random:ip-adapter-tiny")
+
+
+@pytest.fixture(scope="session")
+def control_demo():
+    server = DemoProcess(*CONTROL_ARGS)
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def api(demo):
     client = Api(demo.url, demo.ws_url)

@@ -132,6 +132,16 @@ class Api:
 _ids = itertools.count(1_000_000)
 
 
+def control_api_landed() -> bool:
+    """The engine takes ControlNets and an IP-Adapter (issue 14)."""
+    import inspect
+
+    from rtdiffusion import StreamEngine
+
+    params = inspect.signature(StreamEngine.from_pretrained).parameters
+    return "controlnets" in params and "ip_adapter" in params and hasattr(StreamEngine, "set_style_image")
+
+
 def test_image(i: int = 0) -> np.ndarray:
     """A moving pattern, uint8 [H, W, 3]."""
     y, x = np.mgrid[0:HEIGHT, 0:WIDTH]

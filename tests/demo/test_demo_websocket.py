@@ -15,6 +15,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from demo import protocol
+from demo.conditioning import MAX_STYLE_BYTES
 from demo.protocol import Format
 from demo_helpers import HEIGHT, WIDTH, WsClient, test_image
 
@@ -239,7 +240,8 @@ def test_a_message_over_the_hard_limit_closes_only_that_socket(demo):
     streamer.start()
     try:
         with WsClient(demo.ws_url, "view") as big:
-            big.ws.send(bytes(4 * 1024 * 1024))  # above uvicorn's ws_max_size (4x the largest frame, >= 1 MiB)
+            # above uvicorn's ws_max_size (4x the largest frame, at least a style image + 1 MiB)
+            big.ws.send(bytes(MAX_STYLE_BYTES + 2 * 1024 * 1024))
             with pytest.raises(ConnectionClosed) as info:
                 while True:
                     big.recv(10)
