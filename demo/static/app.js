@@ -12,7 +12,7 @@
   const input = { id: 0, inFlight: false, sent: 0, skipped: 0, acked: 0, source: null, stream: null, firstSentAt: 0,
                   bitmaps: new Map() };  // frame id -> ImageBitmap of what was sent (the side-by-side view)
   const rates = new RTD.Rates();
-  let engine = null, status = null, lastLocalEdit = 0, errorsSeen = 0;
+  let engine = null, status = null, lastLocalEdit = 0, errorsSeen = 0, cond = null;
 
   function say(text, ok = false) { message.textContent = text; message.className = ok ? "ok" : ""; message.title = text; }
 
@@ -24,20 +24,23 @@
       input.inFlight = false;
       const steps = $("steps"); steps.innerHTML = "";
       for (let i = 1; i <= msg.max_steps; i++) steps.add(new Option(String(i)));
+      cond.hello(msg.conditioning, msg.controls);
       syncControls(msg.controls, true); showRecord(msg.record);
     },
     ack: () => { input.inFlight = false; input.acked += 1; },
     status: (msg) => {
-      status = msg; syncControls(msg.controls, false); showRecord(msg.record);
+      status = msg; syncControls(msg.controls, false); showRecord(msg.record); cond.status(msg.conditioning);
       rates.sample({ in: msg.frames_in || 0, out: msg.frames_out || 0,
                      skipped: (msg.dropped_in || 0) + (msg.dropped_out || 0) + input.skipped });
       if (msg.errors > errorsSeen) { errorsSeen = msg.errors; say(`engine error: ${msg.last_error}`); }
     },
-    error: (msg) => { input.inFlight = false; say(`server: ${msg.message}`); },
+    error: (msg) => { if (cond.reply(msg)) return; input.inFlight = false; say(`server: ${msg.message}`); },
+    applied: (msg) => cond.reply(msg),
     replaced: () => { say("another control page took over; reload to take control back"); },
     frame: (frame) => view.show(frame),
-    closed: () => { input.inFlight = false; },
+    closed: () => { input.inFlight = false; cond.busy = null; },
   });
+  cond = new RtdConditioning({ link, say, onEdit: () => { lastLocalEdit = performance.now(); } });
   view.onShown = (frame) => {  // the side-by-side view shows the input this output was made from
     const bitmap = input.bitmaps.get(frame.id);
     if (bitmap && document.body.classList.contains("compare")) inCtx.drawImage(bitmap, 0, 0);
@@ -260,6 +263,7 @@
     set("filter", c.similar_filter); set("threshold", c.similar_threshold); set("maxSkip", c.similar_max_skip);
     set("cache", c.cache_enabled); set("cacheFrames", c.cache_maxframes); set("cacheInterval", c.cache_interval);
     for (const el of document.querySelectorAll("input[type=range]")) showRange(el);
+    cond.sync(c, force);
   }
 
   // ---- presets: every control ------------------------------------------------------------------------------
@@ -267,7 +271,7 @@
     const b = { ...promptBody(), strength: num("strength"), steps: num("steps"), guidance_scale: num("guidance"),
                 delta: num("delta"), cfg: $("cfg").value, similar_filter: $("filter").checked,
                 similar_threshold: num("threshold"), similar_max_skip: num("maxSkip"), cache_enabled: $("cache").checked,
-                cache_maxframes: num("cacheFrames"), cache_interval: num("cacheInterval") };
+                cache_maxframes: num("cacheFrames"), cache_interval: num("cacheInterval"), ...cond.presetFields() };
     if (seedValue() !== null) b.seed = seedValue();
     return b;
   }
@@ -352,5 +356,5 @@
   setCompare(params.get("compare") === "1" || (params.get("compare") === null && !!localStorage.getItem("rtd.compare")));
   const first = params.get("source") || localStorage.getItem("rtd.source") || "camera";
   useSource(first === "file" ? "pattern" : first);  // a file needs a click to choose it
-  window.rtdApp = { view, link, input, midi, useSource, post, requests, badge, badgeLog, get status() { return status; } };
+  window.rtdApp = { view, link, input, midi, cond, useSource, post, requests, badge, badgeLog, get status() { return status; } };
 })();

@@ -11,10 +11,10 @@ class RtdMidi {
     this.map = RtdMidi.load();
     this.target = null; this.learning = false; this.access = null;
     document.addEventListener("click", (e) => this.pick(e), true);  // capture: before the button's own handler
-    for (const el of document.querySelectorAll("input[type=range]")) {
-      el.addEventListener("pointerdown", () => this.choose(el));
-      el.addEventListener("focus", () => this.choose(el));
-    }
+    // delegated, so sliders added later (the ControlNet rows) are learnable too
+    const slider = (e) => { const el = e.target; if (el.matches && el.matches("input[type=range]")) this.choose(el); };
+    document.addEventListener("pointerdown", slider, true);
+    document.addEventListener("focusin", slider, true);
     const button = document.getElementById("midiLearn");
     if (!navigator.requestMIDIAccess) {
       button.disabled = true; button.title = "Web MIDI is not available in this browser";
