@@ -36,7 +36,7 @@ def adapters(tmp_path_factory):
     root = tmp_path_factory.mktemp("ip-adapters")
     vision_cfg = read_config("tiny_clip_vision_ipadapter.json")
     folder = root / "image_encoder"
-    ipa._random_vision(vision_cfg, seed=5).save_pretrained(folder)
+    ipa.random_vision(vision_cfg, seed=5).save_pretrained(folder)
     out = {}
     for family, model in MODELS.items():
         unet = load_components(model, CPU, torch.float32).unet
@@ -242,7 +242,10 @@ def test_ip_adapter_and_temporal_kv_cache_coexist(adapters):
     engine = make("sd15", adapters, "base")
     engine.set_style_image(image(1))
     frame = image(2, 64, 64)
-    ip_layers = lambda: sum(isinstance(p, IPAttnProcessor) for p in engine.components.unet.attn_processors.values())  # noqa: E731
+
+    def ip_layers():
+        return sum(isinstance(p, IPAttnProcessor) for p in engine.components.unet.attn_processors.values())
+
     n = ip_layers()
     assert n == len([k for k in engine.components.unet.attn_processors if "attn2" in k]) > 0
     engine.update(cache_enabled=True)
@@ -251,3 +254,25 @@ def test_ip_adapter_and_temporal_kv_cache_coexist(adapters):
     engine.update(cache_enabled=False)
     out = engine(frame)
     assert ip_layers() == n and out.shape == (64, 64, 3)
+
+
+def test_image_encoder_is_found_beside_the_file_by_its_width(adapters, tmp_path):
+    """h94's layout: sdxl_models/ holds a ViT-bigG encoder that the *_vit-h files there do not read; the ViT-H one
+    is models/image_encoder. The encoder whose width fits is taken; a wrong one given explicitly is refused."""
+    import shutil
+
+    path, folder, _ = adapters["sd15", "base"]
+    (tmp_path / "sdxl_models").mkdir()
+    model = str(tmp_path / "sdxl_models" / "ip-adapter_vit-h.safetensors")
+    shutil.copy(path, model)
+    wrong = tmp_path / "sdxl_models" / "image_encoder"
+    ipa.random_vision(dict(read_config("tiny_clip_vision_ipadapter.json"), projection_dim=24), seed=1).save_pretrained(wrong)
+    shutil.copytree(folder, tmp_path / "models" / "image_encoder")
+    engine = StreamEngine.from_pretrained("random:tiny-sd15", device="cpu", ip_adapter=model)
+    assert engine._ip.style.vision.config.projection_dim == 16
+    with pytest.raises(ConfigError, match="width 16, but its image encoder's projection_dim is 24"):
+        StreamEngine.from_pretrained("random:tiny-sd15", device="cpu", ip_adapter={"model": model,
+                                                                                  "image_encoder": str(wrong)})
+    shutil.rmtree(tmp_path / "models")
+    with pytest.raises(ConfigError, match="no image encoder given and none of width 16"):
+        StreamEngine.from_pretrained("random:tiny-sd15", device="cpu", ip_adapter=model)

@@ -124,7 +124,8 @@ def _decode(image: Any) -> tuple[str, torch.Tensor]:
     if not dtype_ok:
         raise ConfigError(f"a style image array must be uint8 (0-255) of shape [H, W, 3]; got dtype {image.dtype}")
     if len(shape) != 3 or shape[2] != 3 or not (1 <= shape[0] <= MAX_SIDE and 1 <= shape[1] <= MAX_SIDE):
-        raise ConfigError(f"a style image array must have shape [H, W, 3] (RGB, sides 1..{MAX_SIDE}); got {list(shape)}")
+        raise ConfigError(f"a style image array must have shape [H, W, 3] (RGB, sides 1..{MAX_SIDE}); "
+                          f"got {list(shape)}")
     # a copy: the caller may reuse its buffer, and the image is keyed by its content now
     pixels = torch.from_numpy(np.array(image, copy=True)) if kind == "array" else image.detach().cpu().clone()
     pixels = pixels.contiguous()

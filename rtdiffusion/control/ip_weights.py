@@ -1,0 +1,241 @@
+"""IP-Adapter weights: the published files, ``random:`` stand-ins, and the CLIP image encoder.
+
+Files, as h94/IP-Adapter ships them (``.bin`` pickles of ``{"image_proj": {...}, "ip_adapter": {...}}``, or
+``.safetensors`` with ``image_proj.`` / ``ip_adapter.`` key prefixes):
+
+    kind  image_proj (original names)                                   tokens  image encoder output used
+    base  proj.weight [4*D, E], proj.bias, norm.weight/bias [D]          4      image_embeds [N, E]
+    plus  latents [1, Q, Hd], proj_in [Hd, E'], proj_out [D, Hd],         Q      hidden_states[-2] [N, 257, E']
+          norm_out, layers.{0..3}.{0: norm1, norm2, to_q, to_kv, to_out; 1: LayerNorm, Linear, GELU, Linear}
+    ip_adapter: "{k}.to_k_ip.weight", "{k}.to_v_ip.weight" [C_layer, D] for k = 1, 3, 5, ... (one per
+          cross-attention layer, in ``unet.attn_processors`` order)
+
+D is the UNet's cross-attention width, which names the family: 768 SD 1.5 (ip-adapter_sd15,
+ip-adapter-plus_sd15), 2048 SDXL (ip-adapter_sdxl_vit-h, ip-adapter-plus_sdxl_vit-h; both read CLIP ViT-H/14,
+``clip_vit_h14_vision_ipadapter.json``). None was published for SD 2.x (sd-turbo): such an engine refuses one.
+
+``random:ip-adapter-sd15 | plus-sd15 | sdxl | plus-sdxl`` are those formats with seeded random weights (and a
+random ViT-H/14 image encoder); ``random:ip-adapter-tiny`` / ``random:ip-adapter-plus-tiny`` are tiny ones
+(tiny image encoder, ``tiny_clip_vision_ipadapter.json``) for the tiny SD 1.5-style and SDXL-style UNets
+of CPU tests. The image projection is diffusers' own module, loaded with diffusers' own conversion, so the
+tokens are exactly diffusers'; the attention is ours (``ip_attention.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError, ModelNotFoundError
+from ..models.families import FamilyName, ModelFamily
+from . import ip_attention
+
+
+@dataclass(frozen=True)
+class RandomIPAdapter:
+    """A ``random:`` IP-Adapter: the published format and sizes, seeded random weights."""
+
+    family: FamilyName | None  # None: fits the engine's tiny UNet (SD 1.5- or SDXL-style)
+    plus: bool
+    vision_config: str  # packaged CLIP vision config
+    queries: int = 16  # plus: Q image tokens
+    resampler_dim: int = 0  # plus: Hd (0: the cross-attention width D)
+    heads: int = 12  # plus: resampler heads of 64 dims
+
+
+RANDOM_IP_ADAPTERS = {
+    "ip-adapter-sd15": RandomIPAdapter(FamilyName.SD15, False, "clip_vit_h14_vision_ipadapter.json"),
+    "ip-adapter-plus-sd15": RandomIPAdapter(FamilyName.SD15, True, "clip_vit_h14_vision_ipadapter.json", 16, 768, 12),
+    "ip-adapter-sdxl": RandomIPAdapter(FamilyName.SDXL, False, "clip_vit_h14_vision_ipadapter.json"),
+    "ip-adapter-plus-sdxl": RandomIPAdapter(FamilyName.SDXL, True, "clip_vit_h14_vision_ipadapter.json", 16, 1280, 20),
+    "ip-adapter-tiny": RandomIPAdapter(None, False, "tiny_clip_vision_ipadapter.json"),
+    "ip-adapter-plus-tiny": RandomIPAdapter(None, True, "tiny_clip_vision_ipadapter.json", 4, 64, 1),
+}
+_WIDTH_FAMILY = {768: "sd15", 1024: "sd21", 2048: "sdxl"}  # cross-attention width -> family name
+
+
+def resolve_file(model: str, local_files_only: bool | None) -> str:
+    """A local file, or ``owner/repo/path/in/repo`` (e.g. ``h94/IP-Adapter/models/ip-adapter_sd15.safetensors``)
+    from the Hugging Face cache (downloaded unless offline)."""
+    if os.path.isfile(model) or model.startswith(("/", ".", "~")) or model.count("/") < 2:
+        return model  # read_file says what is missing
+    from huggingface_hub import hf_hub_download
+
+    owner, repo, filename = model.split("/", 2)
+    try:
+        kw = {} if local_files_only is None else {"local_files_only": local_files_only}
+        return hf_hub_download(f"{owner}/{repo}", filename, **kw)
+    except Exception as exc:  # hub errors come in many classes; all mean "not here"
+        raise ModelNotFoundError(f"IP-Adapter {model!r} is not a local file and could not be found in (or downloaded "
+                                 f"into) the Hugging Face cache: {type(exc).__name__}: {exc}") from exc
+
+
+def read_file(path: str) -> dict[str, dict[str, torch.Tensor]]:
+    """``{"image_proj": {...}, "ip_adapter": {...}}`` from a published .bin or .safetensors file."""
+    if not os.path.isfile(path):
+        raise ModelNotFoundError(f"IP-Adapter file {path!r} does not exist (expected a .bin or .safetensors file "
+                                 "as h94/IP-Adapter ships them, or a random:ip-adapter-* name)")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            flat = load_file(path)
+            sd: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
+            for key, value in flat.items():
+                section, _, rest = key.partition(".")
+                if section in sd:
+                    sd[section][rest] = value
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: no code runs
+    except Exception as exc:  # corrupt file, wrong format: many exception classes
+        raise ConfigError(f"IP-Adapter file {path!r} could not be read: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(sd, dict) or not sd.get("image_proj") or not sd.get("ip_adapter"):
+        raise ConfigError(f"IP-Adapter file {path!r} has no 'image_proj' and 'ip_adapter' sections (expected the "
+                          "h94/IP-Adapter layout)")
+    return sd
+
+
+def is_plus(image_proj: dict[str, torch.Tensor], source: str) -> bool:
+    if "proj.weight" in image_proj:
+        return False
+    if "latents" in image_proj and "proj_in.weight" in image_proj:
+        return True
+    raise ConfigError(f"IP-Adapter {source!r}: its image projection is neither the base IP-Adapter's "
+                      "(proj.weight) nor IP-Adapter Plus' resampler (latents); FaceID / full-face variants are not "
+                      "supported")
+
+
+def check_fits(sd: dict[str, dict[str, torch.Tensor]], unet: torch.nn.Module, family: ModelFamily,
+               source: str) -> None:
+    """The file's cross-attention width and layer count must be this UNet's (else: families named)."""
+    layers = ip_attention.cross_attention_layers(unet)
+    width = int(unet.config.cross_attention_dim)
+    k1 = sd["ip_adapter"].get("1.to_k_ip.weight")
+    theirs = int(k1.shape[1]) if k1 is not None else -1
+    fam = _WIDTH_FAMILY.get(theirs, "other")  # a tiny test UNet's width names no family
+    if theirs != width:
+        raise ConfigError(f"IP-Adapter {source!r} is for {fam} models (cross-attention width {theirs}) but the model "
+                          f"is {family.name.value} (width {width}); use an IP-Adapter made for {family.name.value}")
+    for i, (name, hidden) in enumerate(layers):
+        k = sd["ip_adapter"].get(f"{2 * i + 1}.to_k_ip.weight")
+        v = sd["ip_adapter"].get(f"{2 * i + 1}.to_v_ip.weight")
+        if k is None or v is None or tuple(k.shape) != (hidden, width) or tuple(v.shape) != (hidden, width):
+            raise ConfigError(f"IP-Adapter {source!r} does not fit this {family.name.value} UNet: layer {2 * i + 1} "
+                              f"({name}) should have to_k_ip/to_v_ip of shape [{hidden}, {width}]")
+    extra = len(sd["ip_adapter"]) - 2 * len(layers)
+    if extra:
+        raise ConfigError(f"IP-Adapter {source!r} has {len(sd['ip_adapter']) // 2} attention layers, this "
+                          f"{family.name.value} UNet {len(layers)} cross-attention layers")
+
+
+# ------------------------------------------------------------------------------------------------ random
+def random_state_dict(arch: RandomIPAdapter, unet: torch.nn.Module, vision_cfg: dict, seed: int
+                      ) -> dict[str, dict[str, torch.Tensor]]:
+    """The published format, with seeded random weights (normal, std 1/sqrt(fan_in); LayerNorms 1 and 0)."""
+    g = torch.Generator().manual_seed(seed)
+    D = int(unet.config.cross_attention_dim)
+    lin = lambda o, i: torch.randn(o, i, generator=g) / math.sqrt(i)  # noqa: E731
+    small = lambda *s: torch.randn(*s, generator=g) * 0.02  # noqa: E731
+    proj: dict[str, torch.Tensor] = {}
+    if not arch.plus:
+        E = int(vision_cfg["projection_dim"])
+        proj.update({"proj.weight": lin(4 * D, E), "proj.bias": small(4 * D),
+                     "norm.weight": torch.ones(D), "norm.bias": torch.zeros(D)})
+    else:
+        E, Hd, inner = int(vision_cfg["hidden_size"]), arch.resampler_dim or D, 64 * arch.heads
+        proj.update({"latents": torch.randn(1, arch.queries, Hd, generator=g) / math.sqrt(Hd),
+                     "proj_in.weight": lin(Hd, E), "proj_in.bias": small(Hd),
+                     "proj_out.weight": lin(D, Hd), "proj_out.bias": small(D),
+                     "norm_out.weight": torch.ones(D), "norm_out.bias": torch.zeros(D)})
+        for i in range(4):  # diffusers' conversion builds a depth-4 resampler, as published
+            p = f"layers.{i}."
+            proj.update({p + "0.norm1.weight": torch.ones(Hd), p + "0.norm1.bias": torch.zeros(Hd),
+                         p + "0.norm2.weight": torch.ones(Hd), p + "0.norm2.bias": torch.zeros(Hd),
+                         p + "0.to_q.weight": lin(inner, Hd), p + "0.to_kv.weight": lin(2 * inner, Hd),
+                         p + "0.to_out.weight": lin(Hd, inner),
+                         p + "1.0.weight": torch.ones(Hd), p + "1.0.bias": torch.zeros(Hd),
+                         p + "1.1.weight": lin(4 * Hd, Hd), p + "1.3.weight": lin(Hd, 4 * Hd)})
+    ip = {}
+    for i, (_, hidden) in enumerate(ip_attention.cross_attention_layers(unet)):
+        ip[f"{2 * i + 1}.to_k_ip.weight"] = lin(hidden, D)
+        ip[f"{2 * i + 1}.to_v_ip.weight"] = lin(hidden, D)
+    return {"image_proj": proj, "ip_adapter": ip}
+
+
+def image_projection(image_proj: dict[str, torch.Tensor], unet: torch.nn.Module) -> torch.nn.Module:
+    """diffusers' ImageProjection / IPAdapterPlusImageProjection, loaded by diffusers' own key conversion."""
+    from diffusers.loaders.unet import UNet2DConditionLoadersMixin
+
+    return UNet2DConditionLoadersMixin._convert_ip_adapter_image_proj_to_diffusers(
+        unet, image_proj, low_cpu_mem_usage=False)
+
+
+def random_vision(cfg: dict, seed: int) -> torch.nn.Module:
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    drop = ("architectures", "torch_dtype", "transformers_version", "model_type")
+    keep = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in drop}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CLIPVisionModelWithProjection(CLIPVisionConfig(**keep))
+
+
+def pretrained_vision(image_encoder: str | None, model: str, path: str, width: int, plus: bool,
+                      local_files_only: bool | None) -> torch.nn.Module:
+    """The image encoder: ``image_encoder`` (folder, hub id, or ``owner/repo/sub/folder``), else the one
+    h94/IP-Adapter's layout puts beside the file (see :func:`_default_encoder`)."""
+    from transformers import CLIPVisionModelWithProjection
+
+    source = image_encoder or _default_encoder(model, path, width, plus)
+    kw: dict[str, Any] = {} if local_files_only is None else {"local_files_only": local_files_only}
+    if not os.path.isdir(source) and source.count("/") > 1:
+        owner, repo, sub = source.split("/", 2)
+        source, kw["subfolder"] = f"{owner}/{repo}", sub
+    try:
+        return CLIPVisionModelWithProjection.from_pretrained(source, **kw)
+    except Exception as exc:  # hub / file errors come in many classes
+        raise ModelNotFoundError(f"IP-Adapter image encoder {image_encoder or source!r} could not be loaded "
+                                 f"(expected a CLIPVisionModelWithProjection folder or hub id): "
+                                 f"{type(exc).__name__}: {exc}") from exc
+
+
+def _default_encoder(model: str, path: str, width: int, plus: bool) -> str:
+    """An ``image_encoder/`` folder beside the file or at ``../models/image_encoder`` whose width fits (h94's
+    sdxl_models/ holds a ViT-bigG encoder the *_vit-h files do not read), else, for a hub file, the repo's
+    ``models/image_encoder`` (CLIP ViT-H/14, what ip-adapter(-plus)_sd15 and *_sdxl_vit-h read)."""
+    here = os.path.dirname(os.path.abspath(path))
+    key = "hidden_size" if plus else "projection_dim"
+    for cand in (os.path.join(here, "image_encoder"), os.path.join(here, "..", "models", "image_encoder")):
+        try:
+            with open(os.path.join(cand, "config.json")) as f:
+                if json.load(f).get(key) == width:
+                    return cand
+        except (OSError, ValueError):
+            continue
+    if not os.path.isfile(model):  # owner/repo/path/in/repo, downloaded by resolve_file
+        owner, repo, _ = model.split("/", 2)
+        return f"{owner}/{repo}/models/image_encoder"
+    raise ConfigError(f"IP-Adapter {model!r}: no image encoder given and none of width {width} found beside it "
+                      "(expected an image_encoder/ folder next to the file or at ../models/image_encoder, or "
+                      "ip_adapter={'image_encoder': a folder or hub id such as 'h94/IP-Adapter/models/image_encoder'})")
+
+
+def feature_width(image_proj: dict[str, torch.Tensor], plus: bool) -> int:
+    """The width of the image features the projection reads (encoder hidden size for plus, else projection_dim)."""
+    return int(image_proj["proj_in.weight"].shape[1] if plus else image_proj["proj.weight"].shape[1])
+
+
+def check_encoder(vision, image_proj: dict[str, torch.Tensor], plus: bool, source: str) -> None:
+    cfg = vision.config
+    want = feature_width(image_proj, plus)
+    have = int(cfg.hidden_size if plus else cfg.projection_dim)
+    if want != have:
+        what = "hidden size" if plus else "projection_dim"
+        raise ConfigError(f"IP-Adapter {source!r} reads image features of width {want}, but its image encoder's "
+                          f"{what} is {have}; pass the image encoder it was trained with (ViT-H/14 for the "
+                          "sd15 and *_vit-h sdxl files)")
