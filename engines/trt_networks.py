@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Mapping
 
 import torch
 
-from .specs import NetworkSpec
+from .specs import NetworkSpec, torch_dtype
 
 if TYPE_CHECKING:
     from .trt_runtime import SharedWorkspace, TrtEngine
@@ -57,6 +57,13 @@ class TrtNetworks:
         if not all(n in engines for n in names):
             raise ValueError(f"ControlNet engines must be controlnet_0..controlnet_<n-1>; got {sorted(engines)}")
         self._controlnets = [engines[n] for n in names]
+        # ControlNets get the text tokens only: with an IP-Adapter that is a strided view of the UNet's
+        # embeds, which an engine cannot read; it is copied into this buffer (allocated once, max batch)
+        self._cn_embeds = None  # [B_max, T_text, D] engine dtype
+        if self._controlnets:
+            e = self._controlnets[0]
+            b = e.spec.binding("embeds")
+            self._cn_embeds = torch.empty(b.shape(e.spec.max_sizes()), dtype=torch_dtype(b.dtype), device=e.device)
         self.workspace = workspace
         call = unet_call_inputs(self._unet.spec)
         self.added = [n for n in call if n in ADDED]  # SDXL: passed to unet() after embeds
@@ -79,7 +86,10 @@ class TrtNetworks:
     def controlnet(self, index: int, sample: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor,
                    cond: torch.Tensor, *added: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(down_res_0, ..., mid_res) of the ``index``-th ControlNet engine: its preallocated outputs,
-        valid until its next call."""
+        valid until its next call. A strided ``embeds`` (text tokens sliced off an IP-Adapter's embeds) is
+        copied into a contiguous buffer first (a device copy, no allocation, no sync)."""
+        if not embeds.is_contiguous():
+            embeds = self._cn_embeds[:embeds.shape[0]].copy_(embeds)  # [B, T_text, D]
         return self._controlnets[index].run(sample, timestep, embeds, cond, *added)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:

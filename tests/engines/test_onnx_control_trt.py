@@ -22,7 +22,7 @@ class _Recorder:
     """Stands in for ``TrtEngine``: ``run`` keeps its inputs by the spec's names, returns one tensor per output."""
 
     def __init__(self, name: str, spec: NetworkSpec) -> None:
-        self.spec, self.path = spec, Path(f"{name}.plan")
+        self.spec, self.path, self.device = spec, Path(f"{name}.plan"), torch.device("cpu")
         self.outputs = {b.name: torch.full(b.shape(spec.max_sizes()), float(i)) for i, b in enumerate(spec.outputs)}
         self.got: dict[str, torch.Tensor] = {}
 
@@ -85,6 +85,15 @@ def test_trt_networks_route_by_name():
     out = nets.controlnet(1, *cn_args)
     assert engines["controlnet_1"].got["controlnet_cond"] is cn_args[3] and not engines["controlnet_0"].got
     assert [o.shape[1:] for o in out] == [torch.Size(d) for _, d in RESIDUALS]
+    # with an IP-Adapter the ControlNets get the text tokens, a strided view of the UNet's embeds: the engine
+    # gets a contiguous copy, at the same address every call
+    text = args[2][:, :5]
+    assert not text.is_contiguous()
+    nets.controlnet(0, cn_args[0], cn_args[1], text, cn_args[3], *cn_args[4:])
+    first = engines["controlnet_0"].got["embeds"]
+    assert first.is_contiguous() and torch.equal(first, text)
+    nets.controlnet(0, cn_args[0], cn_args[1], (args[2] * 2)[:, :5], cn_args[3], *cn_args[4:])
+    assert engines["controlnet_0"].got["embeds"].data_ptr() == first.data_ptr()
 
 
 def test_trt_networks_without_control_keep_the_old_calls():
