@@ -122,7 +122,7 @@ class IPAdapter:
     def describe(self, settings: IPAdapterSettings) -> dict[str, Any]:
         return {"model": self.spec.model, "kind": "plus" if self.style.plus else "base", "scale": settings.scale,
                 "enabled": settings.enabled, "images": self.style.images.describe(settings.style),
-                "tokens": self.tokens, "encodes": self.style.encodes}
+                "tokens": self.tokens, "encodes": self.style.encodes, "encoder_graphed": self.style.graphed}
 
 
 def load(spec: IPAdapterSpec, components, device: torch.device, dtype: torch.dtype, *, seed: int = 0,

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engines.graph import CapturedStep, CaptureError
+
 from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -152,6 +154,11 @@ class StyleEncoder:
         self.encodes = 0  # vision-encoder runs on style images (status: ip_adapter.encodes)
         self._features: dict[str, torch.Tensor] = {}  # key -> [1, E] or [1, L, E'] on the device
         self._last: tuple[Style, torch.Tensor] | None = None  # the last blend and its tokens
+        self._graph: CapturedStep | None = None
+        self._pix: torch.Tensor | None = None  # [1, 3, S, S]: the captured encoder's input (CUDA)
+        self.graphed = False
+        if device.type == "cuda":
+            self._capture()
         with torch.no_grad():
             self.uncond_tokens = self.projection(self._uncond_features())  # [1, T_ip, D]
         self.tokens = int(self.uncond_tokens.shape[1])  # T_ip
@@ -169,9 +176,28 @@ class StyleEncoder:
         x = x[..., top:top + S, left:left + S]  # [1, 3, S, S]
         return ((x - self.mean) / self.std).to(self.dtype)
 
+    def _capture(self) -> None:
+        """On CUDA, capture the vision encoder once for one image: a style change then costs one replay instead
+        of hundreds of kernel launches between two frames (the same as the prompt encoder, prompts.py)."""
+        self._pix = torch.zeros(1, 3, self.size, self.size, device=self.device, dtype=self.dtype)
+        try:
+            with torch.no_grad():
+                self._graph = CapturedStep(lambda: self._encode(self._pix), self.device, name="image encoder")
+            self.graphed = True
+        except CaptureError as exc:
+            log.warning("the IP-Adapter image encoder runs eagerly (style changes cost more): %s", exc)
+
     @torch.no_grad()
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The features the projection reads: image_embeds [N, E] (base) or hidden_states[-2] [N, L, E'] (plus)."""
+        if self._graph is not None and pixel_values.shape == self._pix.shape:
+            self._pix.copy_(pixel_values)
+            self._graph.replay()
+            return self._graph.output.clone()  # the graph's output is overwritten by the next replay
+        return self._encode(pixel_values)
+
+    @torch.no_grad()
+    def _encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.plus:
             return self.vision(pixel_values, output_hidden_states=True).hidden_states[-2]
         return self.vision(pixel_values).image_embeds
