@@ -18,7 +18,7 @@ All engines share one activation workspace (they run one after another on one st
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 
@@ -49,7 +49,10 @@ class TrtNetworks:
 
     name = "trt"
 
-    def __init__(self, engines: Mapping[str, "TrtEngine"], workspace: "SharedWorkspace | None") -> None:
+    def __init__(self, engines: Mapping[str, "TrtEngine"], workspace: "SharedWorkspace | None",
+                 controlnet_weights: Sequence[str] | None = None) -> None:
+        """controlnet_weights: fingerprints of the ControlNets the engines were built from (checked by
+        ``attach_controlnets``; None: not checked)."""
         self._enc = engines["vae_encoder"]
         self._unet = engines["unet"]
         self._dec = engines["vae_decoder"]
@@ -60,6 +63,7 @@ class TrtNetworks:
         # ControlNets get the text tokens only: with an IP-Adapter that is a strided view of the UNet's
         # embeds, which an engine cannot read; it is copied into this buffer (allocated once, max batch)
         self._cn_embeds = None  # [B_max, T_text, D] engine dtype
+        self._cn_weights = None if controlnet_weights is None else list(controlnet_weights)
         if self._controlnets:
             e = self._controlnets[0]
             b = e.spec.binding("embeds")
@@ -91,6 +95,22 @@ class TrtNetworks:
         if not embeds.is_contiguous():
             embeds = self._cn_embeds[:embeds.shape[0]].copy_(embeds)  # [B, T_text, D]
         return self._controlnets[index].run(sample, timestep, embeds, cond, *added)
+
+    def attach_controlnets(self, modules: Sequence[torch.nn.Module]) -> None:
+        """The engine's ControlNet modules (once, at construction): the engines must have been built from
+        them (same count; same weights where the build's fingerprints are known). ValueError otherwise."""
+        from .versions import weights_fingerprint
+
+        if len(modules) != len(self._controlnets):
+            raise ValueError(f"the TensorRT engines were built for {len(self._controlnets)} ControlNets; this "
+                             f"engine has {len(modules)}: build them with the ControlNets (SpecParams.from_modules("
+                             "..., controlnets=...) and load_or_build_trt(..., controlnets=...)), or use backend "
+                             "'eager', 'graph' or 'compiled'")
+        if self._cn_weights is not None:
+            for i, (m, want) in enumerate(zip(modules, self._cn_weights)):
+                if weights_fingerprint(m) != want:
+                    raise ValueError(f"ControlNet {i} has other weights than the TensorRT engine "
+                                     f"{self.paths[f'controlnet_{i}']} was built from; rebuild the engines")
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         return self._dec.run(latent)[0]

@@ -353,4 +353,5 @@ def load_or_build_trt(unet: torch.nn.Module, vae: torch.nn.Module, params: SpecP
     if share_workspace:
         workspace = SharedWorkspace(device)
         workspace.attach(list(engines.values()))
-    return TrtNetworks(engines, workspace)
+    cn_weights = [(args["weights"] or {}).get(f"controlnet_{i}") for i in range(len(controlnets))]
+    return TrtNetworks(engines, workspace, controlnet_weights=cn_weights if all(cn_weights) else None)

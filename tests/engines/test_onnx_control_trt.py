@@ -96,6 +96,24 @@ def test_trt_networks_route_by_name():
     assert engines["controlnet_0"].got["embeds"].data_ptr() == first.data_ptr()
 
 
+def test_attach_controlnets_checks_what_the_engines_were_built_from():
+    from engines.versions import weights_fingerprint
+
+    params = _params(controlnets=2, residuals=RESIDUALS)
+    specs = make_specs(params)
+    engines = {n: _Recorder(n, s) for n, s in specs.items()}
+    modules = [torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)]
+    nets = TrtNetworks(engines, None, controlnet_weights=[weights_fingerprint(m) for m in modules])
+    nets.attach_controlnets(modules)
+    with pytest.raises(ValueError, match="ControlNet 1 has other weights .*controlnet_1.plan"):
+        nets.attach_controlnets([modules[0], torch.nn.Linear(2, 2)])
+    with pytest.raises(ValueError, match="built for 2 ControlNets; this engine has 1"):
+        nets.attach_controlnets(modules[:1])
+    plain, _, _ = _nets(_params())
+    with pytest.raises(ValueError, match="built for 0 ControlNets; this engine has 2.*backend 'eager'"):
+        plain.attach_controlnets(modules)
+
+
 def test_trt_networks_without_control_keep_the_old_calls():
     nets, engines, specs = _nets(_params(added=()))
     assert nets.persistent == [] and nets.residuals == [] and nets.controlnet_count == 0
