@@ -183,7 +183,7 @@ class StreamEngine:
         # ControlNets (rtdiffusion/control): specs are loaded here, a stack from from_pretrained is used as is
         self._control = (controlnets if isinstance(controlnets, (control.NoControl, control.ControlStack))
                          else control.make_control(controlnets, components, config))
-        self._control.attach(self._base_nets)
+        self._control.attach(self._base_nets, text_tokens=self._prompts.tokens)  # ControlNets see no IP tokens
         self._constants: dict[tuple[int, ...], SlotConstants] = {}
         self._lock = threading.Lock()  # guards _pending
         self._frame_lock = threading.RLock()  # one frame (or settings application) at a time

@@ -306,3 +306,21 @@ def test_spec_parsing():
                                  "preprocessor_options": {"resolution": 252}})
     assert (spec.preprocessor, spec.settings().scale, spec.preprocessor_options) == ("depth", 0.5,
                                                                                      (("resolution", 252),))
+
+
+def test_controlnet_with_ip_adapter_sees_the_prompt_tokens_only():
+    """With an IP-Adapter the UNet's embeds are [B, T_text + T_ip, D]; a ControlNet gets the text tokens
+    only, as diffusers' pipelines pass it prompt_embeds and the image embeds to the UNet alone."""
+    engine = StreamEngine.from_pretrained("random:tiny-sd15", device="cpu", ip_adapter="random:ip-adapter-tiny",
+                                          prompt="a red cat", controlnets=[{"model": "random:controlnet-tiny",
+                                                                            "preprocessor": Tile(), "scale": 0.9}])
+    f = moving_frames(1)[0]
+    engine(f)
+    b, T = engine._state.buffers, engine._prompts.tokens
+    assert b.embeds.shape[1] > T  # image tokens ride behind the text
+    net = engine._control.units[0].module
+    with torch.no_grad():
+        down, mid = net(b.unet_in, b.t_unet, encoder_hidden_states=b.embeds[:, :T], controlnet_cond=control_of(f),
+                        conditioning_scale=0.9, return_dict=False)
+    for ours, ref in zip(b.control.sums, (*down, mid)):
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
