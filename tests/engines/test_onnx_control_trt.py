@@ -3,10 +3,14 @@
 
 TensorRT is not run here (not installable); the engines are recorders standing in for ``TrtEngine``: they
 keep the tensors each run received, by the spec's input names, so the test checks our routing, not TensorRT.
+``test_real_*`` builds real engines from the tiny models (needs tensorrt and a CUDA device; skipped here).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,8 @@ import torch
 from engines.specs import NetworkSpec, SpecParams, make_specs, unet_batch_range
 from engines.trt_networks import TrtNetworks, unet_call_inputs
 
+HAVE_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
+CONFIGS = Path(__file__).resolve().parents[2] / "rtdiffusion" / "models" / "configs"
 RESIDUALS = tuple((f"down_res_{i}", (8, 4, 4)) for i in range(3)) + (("mid_res", (8, 2, 2)),)
 
 
@@ -122,3 +128,46 @@ def test_trt_networks_without_control_keep_the_old_calls():
     assert list(engines["unet"].got) == ["sample", "timestep", "embeds"]
     with pytest.raises(ValueError, match="ControlNet engines must be controlnet_0"):
         TrtNetworks({**engines, "controlnet_1": engines["unet"]}, None)
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAVE_TRT, reason="needs the tensorrt package (10.1+ or 11.x) and a CUDA device")
+def test_real_control_engines_match_torch(tmp_path):
+    """fp16 engines of a tiny UNet with residual inputs and its ControlNet equal the torch modules."""
+    from diffusers import AutoencoderTiny, ControlNetModel, UNet2DConditionModel
+
+    from engines.base import TorchNetworks
+    from engines.cache import EngineCache
+    from engines.trt_build import TrtBuildOptions
+    from engines.trt_runtime import load_or_build_trt
+
+    def cfg(name):
+        return {k: v for k, v in json.loads((CONFIGS / name).read_text()).items() if not k.startswith("_")}
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    unet = UNet2DConditionModel.from_config(cfg("tiny_unet_sd2style.json")).eval()
+    vae = AutoencoderTiny.from_config(cfg("tiny_taesd_test.json")).eval()
+    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16)).eval()
+    with torch.no_grad():  # no zero convs: the residuals must carry something
+        for p in cn.parameters():
+            p.copy_(torch.randn_like(p) / math.sqrt(p[0].numel() if p.dim() > 1 else 100))
+    unet, vae, cn = (m.to(dev, torch.float16).requires_grad_(False) for m in (unet, vae, cn))
+    params = SpecParams.from_modules(unet, vae, 64, 64, batch=unet_batch_range(1, 4), dtype=torch.float16,
+                                     controlnets=[cn])
+    nets = load_or_build_trt(unet, vae, params, EngineCache(tmp_path), model="tiny", controlnets=[cn],
+                             options=TrtBuildOptions(optimization_level=0))
+    nets.attach_controlnets([cn])
+    ref = TorchNetworks(unet, vae)
+    ref.attach_controlnets([cn])
+    specs = make_specs(params)
+    for b in (1, 4):
+        x = [t.to(dev) for t in specs["controlnet_0"].sample_inputs("cpu", {"B": b})]
+        got, want = nets.controlnet(0, *x), ref.controlnet(0, *x)
+        assert len(got) == len(want) == len(params.residuals)
+        for g, w in zip(got, want):
+            assert (g.float() - w.float()).abs().max() < 5e-2
+        u = [t.to(dev) for t in specs["unet"].sample_inputs("cpu", {"B": b})]
+        assert (nets.unet(*u).float() - ref.unet(*u).float()).abs().max() < 5e-2
+    torch.cuda.synchronize()
