@@ -37,8 +37,12 @@ CONTROL_ARGS = ("--model", "random:tiny-sd15", "--controlnet", "random:controlne
 
 
 @pytest.fixture(scope="session")
-def control_demo():
-    server = DemoProcess(*CONTROL_ARGS)
+def control_demo(tmp_path_factory):
+    from PIL import Image
+
+    style = tmp_path_factory.mktemp("style") / "start-style.png"
+    Image.new("RGB", (24, 16), (200, 40, 90)).save(style)
+    server = DemoProcess(*CONTROL_ARGS, "--style-image", str(style))
     yield server
     server.stop()
 

@@ -120,6 +120,18 @@ def test_hello_and_status_describe_the_conditioning(page, control_demo):
 
 
 @needs_control
+def test_the_style_image_given_at_start_is_encoded_and_shown(control_demo):
+    with WsClient(control_demo.ws_url, "view") as viewer:
+        style = viewer.hello["conditioning"]["style"]
+    assert style["name"] == "start-style.png" and (style["width"], style["height"]) == (24, 16)
+    api = Api(control_demo.url, control_demo.ws_url)
+    assert api.engine()["ip_adapter"]["encodes"] >= 1  # encoded at the first frame boundary
+    assert api.status()["conditioning"]["style"]["name"] == "start-style.png"
+    thumb = Api(control_demo.url).get("/api/style.png")
+    assert thumb.status == 200 and Image.open(io.BytesIO(thumb.body)).getpixel((0, 0)) == (200, 40, 90)
+
+
+@needs_control
 def test_websocket_settings_change_the_engine(page, control_demo):
     assert ask(page, {"t": "controlnet", "index": 1, "scale": 0.25, "start": 0.1})["t"] == "applied"
     reply = ask(page, {"t": "controlnet", "index": 0, "enabled": False})

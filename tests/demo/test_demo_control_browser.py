@@ -55,6 +55,7 @@ def test_the_panel_has_one_row_per_controlnet_beside_a_full_size_output(page):
     assert all(r.find_element(By.CSS_SELECTOR, ".cn-name").text == "random:controlnet-tiny" for r in rows)
     assert d.find_element(By.ID, "ipSection").is_displayed()
     assert d.find_element(By.ID, "cnScale1").get_attribute("value") == "0.5"
+    assert "start-style.png · 24×16" in d.find_element(By.ID, "styleText").text  # --style-image, at start
     out = rect(d, "#out")
     assert out["w"] > 600 and out["h"] > 600 and out["right"] <= out["vw"]  # the output keeps its room
     for selector in ("#cn1", "#styleDrop"):  # reachable in the panel, inside the window
