@@ -324,3 +324,24 @@ def test_controlnet_with_ip_adapter_sees_the_prompt_tokens_only():
                         conditioning_scale=0.9, return_dict=False)
     for ours, ref in zip(b.control.sums, (*down, mid)):
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_preprocessors_by_name_run_in_the_frame(tiny_components):
+    """The named preprocessors (control/preprocess.py) are made per engine and run in the frame stage: 'tile'
+    gives what the local Tile gives; canny edges land in [0, 1] and change the result; bad options are refused
+    when the engine is built."""
+    f = moving_frames(1)[0]
+    named = engine_with(tiny_components, [{"model": "random:controlnet-tiny", "preprocessor": "tile"},
+                                          {"model": "random:controlnet-tiny", "preprocessor": "canny",
+                                           "scale": 0.0}])
+    local = engine_with(tiny_components, [{"model": "random:controlnet-tiny", "preprocessor": Tile()},
+                                          {"model": "random:controlnet-tiny", "preprocessor": Tile(), "scale": 0.0}])
+    assert np.abs(named(f).astype(int) - local(f).astype(int)).max() <= 1
+    edges = named._control.units[1].image
+    assert 0.0 <= edges.min() and edges.max() <= 1.0 and edges.max() > 0
+    named.update(controlnets={1: {"scale": 1.0}})
+    assert np.abs(named(f).astype(int) - local(f).astype(int)).max() > 1
+    assert [c["preprocessor"] for c in named.status()["controlnets"]] == ["tile", "canny"]
+    with pytest.raises(ConfigError, match="downscale"):
+        engine_with(tiny_components, [{"model": "random:controlnet-tiny", "preprocessor": "tile",
+                                       "preprocessor_options": {"downscale": 0}}])

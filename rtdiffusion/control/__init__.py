@@ -10,7 +10,8 @@ from typing import Any
 from .controlnet import RANDOM_CONTROLNETS, ControlNetSpec, build_random_controlnet, load_controlnet, parse_specs
 from .stack import ControlStack, NoControl, make_control
 
-_LAZY = {"PreprocessorKind": ".preprocess", "Preprocessor": ".preprocess", "make_preprocessor": ".preprocess"}
+_LAZY = {"PreprocessorKind": ".preprocess", "Preprocessor": ".preprocess", "make_preprocessor": ".preprocess",
+         "IPAdapterSpec": ".ip_adapter", "IPAdapter": ".ip_adapter"}
 
 __all__ = ["RANDOM_CONTROLNETS", "ControlNetSpec", "ControlStack", "NoControl", "build_random_controlnet",
            "load_controlnet", "make_control", "parse_specs", *_LAZY]
