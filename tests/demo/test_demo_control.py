@@ -218,3 +218,19 @@ def test_presets_store_and_apply_the_conditioning_settings(page, control_demo):
     ask(page, {"t": "controlnet", "index": 0, "scale": 1.0, "enabled": True, "end": 1.0})
     ask(page, {"t": "controlnet", "index": 1, "scale": 0.5})
     ask(page, {"t": "ip_adapter", "scale": 0.6})
+
+
+def test_an_engine_without_conditioning_refuses_its_messages_by_name(demo):
+    """The plain server (random:tiny, no ControlNet, no IP-Adapter): the page gets no panel, the messages a reason."""
+    with WsClient(demo.ws_url, "control") as page:
+        cond = page.hello["conditioning"]
+        assert cond["controlnets"] == [] and cond["ip_adapter"] is None and cond["style"] is None
+        reply = ask(page, {"t": "controlnet", "index": 0, "scale": 0.5})
+        assert reply["t"] == "error" and "this engine has no ControlNet" in reply["message"] and "--controlnet" in \
+            reply["message"]
+        reply = ask(page, {"t": "ip_adapter", "scale": 0.5})
+        assert reply["t"] == "error" and "this engine has no IP-Adapter" in reply["message"]
+        page.ws.send(pack_style(image_file()))
+        reply = page.recv_json(lambda m: m["t"] in ("applied", "error"), timeout=60)
+        assert reply["what"] == "style_image" and "--ip-adapter MODEL" in reply["message"]
+    assert Api(demo.url).get("/api/style.png").status == 404
