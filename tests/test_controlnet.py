@@ -92,28 +92,31 @@ def run_against(engine, ref, frames, tol=1e-4):
 
 
 # ------------------------------------------------------------------------------ parity with diffusers
-def test_one_controlnet_matches_diffusers_sd2style(tiny_components):
-    """Two slots and full CFG (uncond rows too), four frames: every row gets the newest frame's residuals."""
-    case = dict(t_index_list=[20, 40], cfg="full", guidance_scale=1.5)
+@pytest.mark.parametrize("cfg,frames", [("full", 1), ("initialize", 2)])
+def test_one_controlnet_matches_diffusers_sd2style(tiny_components, cfg, frames):
+    """Two slots with CFG (uncond rows too), F = 1 or 2 frames per call, three calls: every row gets the
+    residuals of the newest frames' control images (row r: frame r mod F)."""
+    case = dict(t_index_list=[20, 40], cfg=cfg, guidance_scale=1.5)
     engine = engine_with(tiny_components, [{"model": "random:controlnet-tiny", "preprocessor": Tile(),
-                                            "scale": 0.7}], **case)
+                                            "scale": 0.7}], frames=frames, **case)
     engine.update_prompt("a glass jellyfish")
     engine.update_seed(7)
     net = engine._control.units[0].module
     unet = ControlledUNet(tiny_components.unet, net, 0.7)
-    ref = ReferenceStream(WithUNet(tiny_components, unet), case["t_index_list"], "full", 1.5, 1.0, seed=7,
-                          prompt="a glass jellyfish")
-    frames = moving_frames(4)
-    for f in frames:
-        unet.cond = control_of(f)
+    ref = ReferenceStream(WithUNet(tiny_components, unet), case["t_index_list"], cfg, 1.5, 1.0, seed=7,
+                          prompt="a glass jellyfish", frames=frames)
+    calls = moving_frames(3, frames)
+    for f in calls:
+        unet.cond = torch.cat([control_of(x) for x in (f if frames > 1 else [f])])  # [F, 3, H, W]
         run_against(engine, ref, [f])
     # the residuals matter (random zero convs) and have the shapes unet_control_inputs names
     sums = engine._state.buffers.control.sums
     assert [tuple(s.shape[1:]) for s in sums] == [d for _, d in unet_control_inputs(tiny_components.unet.config,
                                                                                        32, 32)]
     assert len(sums) == 7 and all(s.abs().mean() > 1e-3 for s in sums)
-    plain = ReferenceStream(tiny_components, case["t_index_list"], "full", 1.5, 1.0, seed=7, prompt="a glass jellyfish")
-    for f in frames:
+    plain = ReferenceStream(tiny_components, case["t_index_list"], cfg, 1.5, 1.0, seed=7, prompt="a glass jellyfish",
+                            frames=frames)
+    for f in calls:
         plain(f)
     assert (plain.denoised - ref.denoised).abs().max() > 1e-2
 
