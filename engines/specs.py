@@ -310,11 +310,14 @@ class SpecParams:
         vae_scale = 2 ** (len(blocks) - 1)
         lat = (height // vae_scale, width // vae_scale)
         residuals = unet_control_inputs(ucfg, *lat) if controlnets else ()
-        for i, cn in enumerate(controlnets):
-            got = (unet_control_inputs(cn.config, *lat), unet_added_inputs(cn.config))
-            if got != (residuals, unet_added_inputs(ucfg)):
-                raise ValueError(f"ControlNet {i} has residuals and added inputs {got}; the UNet takes "
-                                 f"{(residuals, unet_added_inputs(ucfg))} (a ControlNet of another model family?)")
+        want = (residuals, unet_added_inputs(ucfg), ucfg["cross_attention_dim"], vae_scale)
+        for i, cn in enumerate(controlnets):  # residuals, added inputs, text width, control image downscale
+            c = cn.config
+            got = (unet_control_inputs(c, *lat), unet_added_inputs(c), c["cross_attention_dim"],
+                   2 ** (len(c.get("conditioning_embedding_out_channels") or (16, 32, 96, 256)) - 1))
+            if got != want:
+                raise ValueError(f"ControlNet {i} has (residuals, added inputs, embedding width, image scale) "
+                                 f"{got}; the UNet and VAE need {want} (a ControlNet of another model family?)")
         return SpecParams(width=width, height=height, vae_scale=vae_scale,
                           latent_channels=int(ucfg["in_channels"]), batch=batch, frames=frames,
                           text_len=text_len, embed_dim=int(ucfg["cross_attention_dim"]),

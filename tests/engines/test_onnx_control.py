@@ -136,6 +136,10 @@ def test_controlnet_of_another_layout_is_refused(sd2):
                                       conditioning_embedding_out_channels=(8, 16))
     with pytest.raises(ValueError, match="ControlNet 0 .* another model family"):
         SpecParams.from_modules(unet, vae, 32, 32, batch=unet_batch_range(1, 2), text_len=8, controlnets=[other])
+    eight = ControlNetModel.from_unet(unet)  # the published conditioning embedding scales images by 8, the VAE by 2
+    with pytest.raises(ValueError, match=r"ControlNet 1 .* 32, 8\); the UNet and VAE need .* 32, 2\)"):
+        SpecParams.from_modules(unet, vae, 32, 32, batch=unet_batch_range(1, 2), text_len=8,
+                                controlnets=[sd2[2], eight])
 
 
 @pytest.mark.parametrize("name", ["controlnet_0", "unet"])
