@@ -52,7 +52,7 @@ class RtdConditioning {
       row.className = "cn"; row.id = `cn${i}`;
       const name = String(u.model).split(/[\\/]/).pop();
       row.innerHTML =
-        `<label class="cn-head"><input type="checkbox" id="cnOn${i}"> <span class="cn-name"></span>` +
+        `<label class="cn-head"><input type="checkbox" id="cnOn${i}" data-midi> <span class="cn-name"></span>` +
         `<span class="cn-pre"></span></label>` +
         `<label>Scale <input id="cnScale${i}" type="range" min="0" max="2" step="0.01" value="1"><output></output></label>` +
         `<label>Start <input id="cnStart${i}" type="range" min="0" max="1" step="0.01" value="0"><output></output></label>` +

@@ -1,5 +1,6 @@
 // Web MIDI for the control page: control changes (knobs, faders) move sliders; notes press buttons (presets,
-// Pause, Freeze, Record, Snapshot, Randomise, Hide, Full screen). Learn: click "MIDI learn", touch a slider or
+// Pause, Freeze, Record, Snapshot, Randomise, Hide, Full screen) and flip toggles (ControlNet and IP-Adapter on/off;
+// any element with data-midi). Learn: click "MIDI learn", touch a slider or
 // click a button (while learning a click only picks the button, it does not press it), then turn a knob or hit
 // a pad. Mappings live in this browser (localStorage "rtd.midi"): "cc:<channel>:<number>" or
 // "note:<channel>:<number>" -> element id.
@@ -27,6 +28,11 @@ class RtdMidi {
     if (Object.keys(this.map).length) this.connect();  // mappings from an earlier session work at once
   }
 
+  static label(el) {  // what the user reads on a button or beside a toggle
+    const text = el.tagName === "BUTTON" ? el.textContent : (el.closest("label") || el).textContent;
+    return (text || "").trim() || el.id;
+  }
+
   static load() {
     const raw = JSON.parse(localStorage.getItem("rtd.midi") || "{}"), map = {};
     for (const [k, v] of Object.entries(raw)) map[/^\d+:\d+$/.test(k) ? `cc:${k}` : k] = v;  // older "ch:cc" keys
@@ -46,12 +52,12 @@ class RtdMidi {
     if (!this.learning) return;
     if (this.target) this.target.classList.remove("learn-target");
     this.target = el; el.classList.add("learn-target");
-    this.say(el.tagName === "BUTTON" ? `MIDI learn: now hit a pad or key for "${el.textContent.trim()}"`
+    this.say(el.type !== "range" ? `MIDI learn: now hit a pad or key for "${RtdMidi.label(el)}"`
       : `MIDI learn: now turn a knob or fader for ${el.id}`, true);
   }
 
   pick(e) {
-    const el = e.target.closest && e.target.closest("button[data-midi]");
+    const el = e.target.closest && e.target.closest("[data-midi]");
     if (!this.learning || !el) return;
     e.preventDefault(); e.stopImmediatePropagation();
     this.choose(el);
@@ -65,7 +71,7 @@ class RtdMidi {
     else return;
     const key = `${kind}:${channel}:${number}`;
     if (this.learning && this.target) {
-      const wantsNote = this.target.tagName === "BUTTON";
+      const wantsNote = this.target.type !== "range";
       if (wantsNote !== (kind === "note")) {
         this.say(wantsNote ? "a button is played by a note (pad or key), not a knob" :
           "a slider follows a knob or fader (control change), not a note");
@@ -74,7 +80,7 @@ class RtdMidi {
       for (const [k, id] of Object.entries(this.map)) if (id === this.target.id) delete this.map[k];
       this.map[key] = this.target.id; localStorage.setItem("rtd.midi", JSON.stringify(this.map));
       this.say(`MIDI ${kind === "cc" ? "CC" : "note"} ${number} (channel ${channel + 1}) → ` +
-        `${this.target.tagName === "BUTTON" ? this.target.textContent.trim() : this.target.id}`, true);
+        `${this.target.type !== "range" ? RtdMidi.label(this.target) : this.target.id}`, true);
       this.stopLearning(); return;
     }
     const el = this.map[key] && document.getElementById(this.map[key]);

@@ -84,7 +84,12 @@ def test_sliders_toggles_and_a_midi_knob_reach_the_engine(page, control_demo):
     d.execute_script("window.fakeMidi.send([0xB0, 21, 0])")  # end -> 0.0 ... then start must stay <= end
     until(d, lambda d: engine(control_demo)["controlnets"][0]["end"] == 0.0, 60, "the knob in the engine")
     d.execute_script("window.fakeMidi.send([0xB0, 21, 127])")
-    d.find_element(By.ID, "cnOn0").click()
+    # ... and a pad (note 40) learned for ControlNet 0's toggle turns it back on
+    d.find_element(By.ID, "midiLearn").click()
+    d.find_element(By.ID, "cnOn0").click()  # while learning, a click picks the toggle without flipping it
+    assert d.find_element(By.ID, "cnOn0").is_selected() is False
+    d.execute_script("window.fakeMidi.send([0x90, 40, 100])")  # learn
+    d.execute_script("window.fakeMidi.send([0x90, 40, 100])")  # press
     slide(d, "cnScale1", 0.5)
     slide(d, "ipScale", 0.6)
     until(d, lambda d: (lambda u: u["enabled"] and u["end"] == 1.0)(engine(control_demo)["controlnets"][0]), 60,
