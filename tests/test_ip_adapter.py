@@ -10,6 +10,7 @@ call it (uncond rows: zero image embeds for base, a zero image's hidden states f
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -276,3 +277,24 @@ def test_image_encoder_is_found_beside_the_file_by_its_width(adapters, tmp_path)
     shutil.rmtree(tmp_path / "models")
     with pytest.raises(ConfigError, match="no image encoder given and none of width 16"):
         StreamEngine.from_pretrained("random:tiny-sd15", device="cpu", ip_adapter=model)
+
+
+@pytest.mark.parametrize("name,unet,params", [("ip-adapter-sd15", "sd15_unet.json", 22_319_616),
+                                              ("ip-adapter-plus-sd15", "sd15_unet.json", 49_087_488),
+                                              ("ip-adapter-sdxl", "sdxl_unet.json", 349_188_096),
+                                              ("ip-adapter-plus-sdxl", "sdxl_unet.json", 423_748_864)])
+def test_random_ip_adapters_have_the_published_layout(name, unet, params):
+    """random:<name> is the h94/IP-Adapter file's layout: the parameter counts are those of the published fp16
+    files (ip-adapter_sd15 44.6 MB, ip-adapter-plus_sd15 98.2 MB, ip-adapter_sdxl_vit-h 698 MB,
+    ip-adapter-plus_sdxl_vit-h 848 MB at 2 bytes a parameter); counted on a meta-device UNet, no weights made."""
+    from diffusers import UNet2DConditionModel
+
+    from rtdiffusion.control.ip_weights import published_layout
+
+    with torch.device("meta"):
+        module = UNet2DConditionModel.from_config(read_config(unet))
+    arch = ipa.RANDOM_IP_ADAPTERS[name]
+    layout = published_layout(arch, module, read_config(arch.vision_config))
+    assert sum(math.prod(shape) for keys in layout.values() for shape, _ in keys.values()) == params
+    assert len(layout["ip_adapter"]) == 2 * (16 if "sd15" in name else 70)
+    assert layout["ip_adapter"]["1.to_k_ip.weight"][0] == (320 if "sd15" in name else 640, 768 if "sd15" in name else 2048)

@@ -134,37 +134,47 @@ def check_fits(sd: dict[str, dict[str, torch.Tensor]], unet: torch.nn.Module, fa
 
 
 # ------------------------------------------------------------------------------------------------ random
-def random_state_dict(arch: RandomIPAdapter, unet: torch.nn.Module, vision_cfg: dict, seed: int
-                      ) -> dict[str, dict[str, torch.Tensor]]:
-    """The published format, with seeded random weights (normal, std 1/sqrt(fan_in); LayerNorms 1 and 0)."""
-    g = torch.Generator().manual_seed(seed)
+Layout = dict[str, dict[str, tuple[tuple[int, ...], str]]]  # section -> key -> (shape, how it is initialised)
+
+
+def published_layout(arch: RandomIPAdapter, unet: torch.nn.Module, vision_cfg: dict) -> Layout:
+    """Every key and shape of the published file for ``arch`` on ``unet`` (original names, both sections)."""
     D = int(unet.config.cross_attention_dim)
-    lin = lambda o, i: torch.randn(o, i, generator=g) / math.sqrt(i)  # noqa: E731
-    small = lambda *s: torch.randn(*s, generator=g) * 0.02  # noqa: E731
-    proj: dict[str, torch.Tensor] = {}
+    proj: dict[str, tuple[tuple[int, ...], str]] = {}
     if not arch.plus:
         E = int(vision_cfg["projection_dim"])
-        proj.update({"proj.weight": lin(4 * D, E), "proj.bias": small(4 * D),
-                     "norm.weight": torch.ones(D), "norm.bias": torch.zeros(D)})
+        proj.update({"proj.weight": ((4 * D, E), "linear"), "proj.bias": ((4 * D,), "bias"),
+                     "norm.weight": ((D,), "one"), "norm.bias": ((D,), "zero")})
     else:
         E, Hd, inner = int(vision_cfg["hidden_size"]), arch.resampler_dim or D, 64 * arch.heads
-        proj.update({"latents": torch.randn(1, arch.queries, Hd, generator=g) / math.sqrt(Hd),
-                     "proj_in.weight": lin(Hd, E), "proj_in.bias": small(Hd),
-                     "proj_out.weight": lin(D, Hd), "proj_out.bias": small(D),
-                     "norm_out.weight": torch.ones(D), "norm_out.bias": torch.zeros(D)})
+        proj.update({"latents": ((1, arch.queries, Hd), "linear"),
+                     "proj_in.weight": ((Hd, E), "linear"), "proj_in.bias": ((Hd,), "bias"),
+                     "proj_out.weight": ((D, Hd), "linear"), "proj_out.bias": ((D,), "bias"),
+                     "norm_out.weight": ((D,), "one"), "norm_out.bias": ((D,), "zero")})
         for i in range(4):  # diffusers' conversion builds a depth-4 resampler, as published
             p = f"layers.{i}."
-            proj.update({p + "0.norm1.weight": torch.ones(Hd), p + "0.norm1.bias": torch.zeros(Hd),
-                         p + "0.norm2.weight": torch.ones(Hd), p + "0.norm2.bias": torch.zeros(Hd),
-                         p + "0.to_q.weight": lin(inner, Hd), p + "0.to_kv.weight": lin(2 * inner, Hd),
-                         p + "0.to_out.weight": lin(Hd, inner),
-                         p + "1.0.weight": torch.ones(Hd), p + "1.0.bias": torch.zeros(Hd),
-                         p + "1.1.weight": lin(4 * Hd, Hd), p + "1.3.weight": lin(Hd, 4 * Hd)})
+            for norm in ("0.norm1", "0.norm2", "1.0"):
+                proj.update({f"{p}{norm}.weight": ((Hd,), "one"), f"{p}{norm}.bias": ((Hd,), "zero")})
+            proj.update({p + "0.to_q.weight": ((inner, Hd), "linear"),
+                         p + "0.to_kv.weight": ((2 * inner, Hd), "linear"),
+                         p + "0.to_out.weight": ((Hd, inner), "linear"),
+                         p + "1.1.weight": ((4 * Hd, Hd), "linear"), p + "1.3.weight": ((Hd, 4 * Hd), "linear")})
     ip = {}
     for i, (_, hidden) in enumerate(ip_attention.cross_attention_layers(unet)):
-        ip[f"{2 * i + 1}.to_k_ip.weight"] = lin(hidden, D)
-        ip[f"{2 * i + 1}.to_v_ip.weight"] = lin(hidden, D)
+        for w in ("to_k_ip", "to_v_ip"):
+            ip[f"{2 * i + 1}.{w}.weight"] = ((hidden, D), "linear")
     return {"image_proj": proj, "ip_adapter": ip}
+
+
+def random_state_dict(arch: RandomIPAdapter, unet: torch.nn.Module, vision_cfg: dict, seed: int
+                      ) -> dict[str, dict[str, torch.Tensor]]:
+    """The published format with seeded random weights: normal with std 1/sqrt(fan in) (the last dim), biases
+    std 0.02, LayerNorms 1 and 0."""
+    g = torch.Generator().manual_seed(seed)
+    make = {"linear": lambda s: torch.randn(s, generator=g) / math.sqrt(s[-1]),
+            "bias": lambda s: torch.randn(s, generator=g) * 0.02, "one": torch.ones, "zero": torch.zeros}
+    return {section: {key: make[how](shape) for key, (shape, how) in keys.items()}
+            for section, keys in published_layout(arch, unet, vision_cfg).items()}
 
 
 def image_projection(image_proj: dict[str, torch.Tensor], unet: torch.nn.Module) -> torch.nn.Module:

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-MAX_SIDE = 8192
+MAX_SIDE = 4096  # a style image is read at 224 px; this bounds the upload and the resize on the device
 _EXPECTED = ("a path to an image file, a PIL image, a uint8 [H, W, 3] numpy array or torch tensor, or a list of "
              "(image, weight) pairs with finite weights >= 0 summing to > 0")
 
