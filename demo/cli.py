@@ -2,9 +2,12 @@
 
     rtdiffusion demo --model stabilityai/sd-turbo                            # the model's own size
     rtdiffusion demo --model random:tiny --width 64 --height 64 --port 0     # any free port, logged
+    rtdiffusion demo --model stabilityai/sd-turbo --controlnet random:controlnet-sd21:canny:0.8   # a ControlNet panel
+    rtdiffusion demo --model random:sd15 --ip-adapter random:ip-adapter-sd15 --style-image look.png  # a style drop zone
 
 Imports stay light here: FastAPI, uvicorn and the engine load only when the command runs. The engine
-flags are the ones every subcommand shares (rtdiffusion/cli/common.py).
+flags are the ones every subcommand shares (rtdiffusion/cli/common.py), the ControlNet / IP-Adapter ones
+(--controlnet MODEL[:PREPROCESSOR[:SCALE]], --ip-adapter, --ip-adapter-scale, --style-image) included.
 """
 
 from __future__ import annotations
