@@ -298,3 +298,32 @@ def test_random_ip_adapters_have_the_published_layout(name, unet, params):
     assert sum(math.prod(shape) for keys in layout.values() for shape, _ in keys.values()) == params
     assert len(layout["ip_adapter"]) == 2 * (16 if "sd15" in name else 70)
     assert layout["ip_adapter"]["1.to_k_ip.weight"][0] == (320 if "sd15" in name else 640, 768 if "sd15" in name else 2048)
+
+
+def test_processor_traces_in_one_graph_and_reads_the_live_scale():
+    """torch.compile (the compiled backend) traces the processor without a graph break, and a scale written in
+    place is read by the compiled code: no recompile (Dynamo backend 'eager': tracing only, no code generation)."""
+    import torch._dynamo
+    from diffusers.models.attention_processor import Attention
+
+    from rtdiffusion.control.ip_attention import IPScale
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, cross_attention_dim=8, heads=2, dim_head=8).eval()
+    text_only = copy.deepcopy(attn)  # diffusers' own processor
+    scale = IPScale(CPU)
+    proc = IPAttnProcessor(text_tokens=5, hidden_size=16, cross_attention_dim=8, scale=scale).eval()
+    attn.set_processor(proc)
+    x, embeds = torch.randn(2, 12, 16), torch.randn(2, 5 + 4, 8)  # [B, L, C], [B, T_text + T_ip, D]
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = torch.compile(attn, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        scale.write(0.0)
+        plain = text_only(x, embeds[:, :5])  # scale 0: cross-attention to the text alone
+        assert torch.allclose(compiled(x, embeds), plain, atol=1e-6)
+        scale.write(0.9)
+        got, want = compiled(x, embeds), attn(x, embeds)
+    assert torch.allclose(got, want, atol=1e-6) and (got - plain).abs().max() > 1e-3
+    assert counters["stats"]["unique_graphs"] == 1
