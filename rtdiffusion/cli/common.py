@@ -46,6 +46,72 @@ def threads(text: str) -> int | None:
     return v
 
 
+PREPROCESSORS = ("canny", "tile", "depth", "external")  # rtdiffusion.control.preprocess.PreprocessorKind's values
+MAX_CONTROL_SCALE = 5.0
+MAX_CONTROLNETS = 8
+CONTROLNET_FORM = "MODEL[:PREPROCESSOR[:SCALE]]"
+
+
+def _scale(text: str, what: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} must be a number; got {text!r}") from None
+    if not v == v or not 0.0 <= v <= MAX_CONTROL_SCALE:  # NaN fails both
+        raise argparse.ArgumentTypeError(f"{what} must be a number from 0 to {MAX_CONTROL_SCALE:g}; got {text!r}")
+    return v
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def controlnet_spec(text: str) -> dict[str, Any]:
+    """--controlnet MODEL[:PREPROCESSOR[:SCALE]] -> {"model", "preprocessor"?, "scale"?} for from_pretrained.
+    Split from the right, so model names with colons (random:controlnet-sd21, C:\\models\\cn) keep them."""
+    model, scale, preprocessor = text, None, None
+    head, sep, tail = model.rpartition(":")
+    if sep and head and _is_number(tail):
+        scale, model = _scale(tail, f"the scale in {text!r}"), head
+        head, sep, tail = model.rpartition(":")
+    if sep and head and tail.lower() in PREPROCESSORS:
+        preprocessor, model = tail.lower(), head
+    elif scale is not None:
+        raise argparse.ArgumentTypeError(
+            f"{tail!r} in {text!r} is not a preprocessor; expected {CONTROLNET_FORM} with PREPROCESSOR one of "
+            f"{', '.join(PREPROCESSORS)}")
+    if not model.strip() or model.startswith(":"):
+        raise argparse.ArgumentTypeError(f"expected {CONTROLNET_FORM}; got {text!r} (no model)")
+    spec: dict[str, Any] = {"model": model}
+    if preprocessor is not None:
+        spec["preprocessor"] = preprocessor
+    if scale is not None:
+        spec["scale"] = scale
+    return spec
+
+
+def style_image(text: str) -> tuple[str, float]:
+    """--style-image PATH[:WEIGHT] -> (path, weight); the weight defaults to 1."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head and _is_number(tail):
+        w = float(tail)
+        if not w == w or not 0.0 < w <= 1000.0:
+            raise argparse.ArgumentTypeError(f"the weight in {text!r} must be a number above 0 (at most 1000); "
+                                             f"got {tail!r}")
+        return head, w
+    if not text:
+        raise argparse.ArgumentTypeError("expected PATH[:WEIGHT]; got an empty path")
+    return text, 1.0
+
+
+def ip_scale(text: str) -> float:
+    return _scale(text, "the IP-Adapter scale")
+
+
 CFG_MODES = ["none", "self", "initialize", "full"]
 BACKENDS = ["auto", "eager", "graph", "compiled", "trt"]
 
@@ -107,12 +173,28 @@ OPTIONS: dict[str, dict[str, Any]] = {
                              help="skip frames more similar than THRESHOLD (0..1) to the last processed one"),
     "--frames": dict(type=int, metavar="N", help="how many frames to process"),
     "--max-steps": dict(type=int, default=4, metavar="N", help="the most --steps"),
+    "--controlnet": dict(type=controlnet_spec, action="append", default=None, metavar=CONTROLNET_FORM,
+                         help="add a ControlNet (repeatable, up to 8): hub id, folder, .safetensors or "
+                              "random:controlnet-sd15 | random:controlnet-sd21 | random:controlnet-tiny; "
+                              "PREPROCESSOR canny (default) | tile | depth | external (the control image comes "
+                              "from outside: --control-video in run, the control ring in td); SCALE the "
+                              "conditioning scale, 0-5 (default 1), e.g. random:controlnet-tiny:canny:0.8"),
+    "--ip-adapter": dict(default=None, metavar="MODEL",
+                         help="IP-Adapter weights: a file, or random:ip-adapter-sd15 | random:ip-adapter-plus-sd15 | "
+                              "random:ip-adapter-sdxl | random:ip-adapter-tiny (none exists for SD 2.x / sd-turbo)"),
+    "--ip-adapter-scale": dict(type=ip_scale, default=None, metavar="S",
+                               help="how strongly the style image steers the picture, 0-5 (default 0.6); needs "
+                                    "--ip-adapter"),
+    "--style-image": dict(type=style_image, action="append", default=None, metavar="PATH[:WEIGHT]",
+                          help="the IP-Adapter's style image (repeatable: several are blended by their weights, "
+                               "default 1 each); encoded once, never per frame; needs --ip-adapter"),
     "--engine-dir": dict(default=None, metavar="DIR", help="engine cache root (default $RTDIFFUSION_CACHE or "
                                                              "~/.cache/rtdiffusion/engines)"),
 }
 # hidden, deprecated spellings -> the flag they stand for
 ALIASES = {"--t-index": "--t-index-list", "--frame-buffer": "--frame-buffer-size"}
 
+CONTROL_OPTIONS = ["--controlnet", "--ip-adapter", "--ip-adapter-scale", "--style-image"]
 ENGINE_OPTIONS = ["--model", "--width", "--height", "--strength", "--steps", "--t-index-list", "--cfg", "--guidance",
                   "--delta", "--prompt", "--negative-prompt", "--seed", "--device", "--dtype", "--backend",
                   "--threads", "--compile-preset", "--compile-artifacts", "--vae", "--vae-id", "--frame-buffer-size",
@@ -145,7 +227,7 @@ class Deprecated(argparse.Action):
 def add_option(p: argparse.ArgumentParser | argparse._ArgumentGroup, flag: str, *, note: str | None = None,
                **override: Any) -> argparse.Action:
     """Add the shared ``flag``; ``override`` may set default, choices or required, ``note`` extends the help."""
-    if set(override) - {"default", "choices", "required"}:
+    if set(override) - {"default", "choices", "required"}:  # (note= and these only)
         raise TypeError(f"{flag}: only default, choices and required may differ between subcommands")
     kw = {**OPTIONS[flag], **override}
     if note:
@@ -169,6 +251,10 @@ def add_engine_args(p: argparse.ArgumentParser, *, skip: tuple[str, ...] = (), *
         if flag == "--model":
             kw = {"required": True, **kw}
         add_option(g, flag, **kw)
+    c = p.add_argument_group("conditioning (ControlNet, IP-Adapter)")
+    for flag in CONTROL_OPTIONS:
+        if flag not in skip:
+            add_option(c, flag, **overrides.get(flag.lstrip("-").replace("-", "_"), {}))
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -181,7 +267,73 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
               compile_artifacts=args.compile_artifacts, threads=args.threads)
     if args.similar_filter is not None:
         kw.update(similar_filter=True, similar_threshold=args.similar_filter)
+    kw.update(control_kwargs(args))
     return kw
+
+
+def control_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """controlnets= and ip_adapter= for from_pretrained, only when given (an engine without them is as before)."""
+    kw: dict[str, Any] = {}
+    if getattr(args, "controlnet", None):
+        kw["controlnets"] = [dict(spec) for spec in args.controlnet]
+    if getattr(args, "ip_adapter", None):
+        ip: dict[str, Any] = {"model": args.ip_adapter}
+        if args.ip_adapter_scale is not None:
+            ip["scale"] = args.ip_adapter_scale
+        kw["ip_adapter"] = ip
+    return kw
+
+
+def style_images(args: argparse.Namespace):
+    """What engine.set_style_image takes for --style-image: one path, or [(path, weight), ...]; None if none."""
+    images = getattr(args, "style_image", None)
+    if not images:
+        return None
+    if len(images) == 1 and images[0][1] == 1.0:
+        return images[0][0]
+    return [(path, w) for path, w in images]
+
+
+def check_control_args(args: argparse.Namespace) -> None:
+    """The conditioning flags, together, before anything loads: one-line errors naming the flags."""
+    from ..errors import ConfigError
+
+    nets = getattr(args, "controlnet", None) or []
+    if len(nets) > MAX_CONTROLNETS:
+        raise ConfigError(f"--controlnet: at most {MAX_CONTROLNETS} ControlNets; got {len(nets)}")
+    if not getattr(args, "ip_adapter", None):
+        for flag, value in (("--style-image", getattr(args, "style_image", None)),
+                            ("--ip-adapter-scale", getattr(args, "ip_adapter_scale", None))):
+            if value:
+                raise ConfigError(f"{flag} needs --ip-adapter MODEL (the IP-Adapter that reads the style image)")
+    for path, _ in getattr(args, "style_image", None) or []:
+        check_image(path, "--style-image")
+    if hasattr(args, "control_video"):  # run: the 'external' ControlNets read the second video
+        external = [i for i, spec in enumerate(nets) if spec.get("preprocessor") == "external"]
+        if external and not args.control_video:
+            raise ConfigError(f"--controlnet {nets[external[0]]['model']}:external (ControlNet {external[0]}) "
+                              f"takes its control image from --control-video PATH; give one, or another "
+                              f"preprocessor ({', '.join(p for p in PREPROCESSORS if p != 'external')})")
+        if args.control_video and not external:
+            raise ConfigError("--control-video feeds ControlNets with the 'external' preprocessor; add one, e.g. "
+                              "--controlnet MODEL:external")
+
+
+def check_image(path: str, flag: str) -> None:
+    """A readable image file, or a ConfigError naming ``flag`` and what was wrong."""
+    import os
+
+    from ..errors import ConfigError
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"{flag} {path!r}: no such file")
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError... on a bad file
+        raise ConfigError(f"{flag} {path!r} is not a readable image (PNG, JPEG, ...): {exc}") from None
 
 
 def check_engine_args(args: argparse.Namespace) -> None:
@@ -211,6 +363,7 @@ def check_engine_args(args: argparse.Namespace) -> None:
         apply_updates(StreamSettings(filter=FilterSettings(args.similar_filter is not None, threshold)),
                       config.num_inference_steps, strength=args.strength, steps=args.steps,
                       t_index_list=args.t_index_list, cfg=args.cfg, guidance_scale=args.guidance, delta=args.delta)
+        check_control_args(args)
 
 
 def build_engine(args: argparse.Namespace):
@@ -218,4 +371,8 @@ def build_engine(args: argparse.Namespace):
     from ..engine import StreamEngine
 
     with cli_spelling():
-        return StreamEngine.from_pretrained(args.model, **engine_kwargs(args))
+        engine = StreamEngine.from_pretrained(args.model, **engine_kwargs(args))
+        images = style_images(args)
+        if images is not None:
+            engine.set_style_image(images)
+        return engine

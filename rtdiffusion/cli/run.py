@@ -35,6 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", required=True, metavar="SRC", help="video file, image folder, or 'synthetic'")
     p.add_argument("--output", required=True, metavar="DST", help="video file (.mp4 ...) or a folder")
     add_option(p, "--frames", default=None, note="at most this many (default: all; synthetic: 120)")
+    p.add_argument("--control-video", default=None, metavar="SRC",
+                   help="a second source (video file, image folder or 'synthetic') whose frames are the control "
+                        "images of the ControlNets with the 'external' preprocessor, frame by frame beside --input; "
+                        "the run ends with the shorter of the two")
     p.add_argument("--side-by-side", action="store_true",
                    help="write the input and the output next to each other (twice the width)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -77,6 +81,34 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+class ExternalControl:
+    """--control-video: its frames go to every 'external' ControlNet, one per input frame, before each call."""
+
+    def __init__(self, engine, frames, indices: list[int], source: str) -> None:
+        self.engine, self.frames, self.indices, self.source, self.count = engine, frames, indices, source, 0
+
+    @classmethod
+    def open(cls, args: argparse.Namespace, engine) -> "ExternalControl | None":
+        if not args.control_video:
+            return None
+        from ..video_io import open_source
+
+        indices = [i for i, spec in enumerate(args.controlnet or []) if spec.get("preprocessor") == "external"]
+        frames, _, _ = open_source(args.control_video, engine.width, engine.height, args.frames)
+        return cls(engine, frames, indices, args.control_video)
+
+    def next_frame(self) -> bool:
+        """Hand the next control frame to the engine; False when the control video has ended."""
+        frame = next(self.frames, None)
+        if frame is None:
+            log.warning("--control-video %s ended after %d frames; stopping there", self.source, self.count)
+            return False
+        for i in self.indices:
+            self.engine.set_control_image(frame, index=i)  # [H, W, 3] uint8, copied between frames
+        self.count += 1
+        return True
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -89,6 +121,11 @@ def run(args: argparse.Namespace) -> int:
                          f"got {args.frame_buffer_size}")
     check_engine_args(args)
     check_source(args.input)
+    if args.control_video:
+        try:
+            check_source(args.control_video)
+        except (ValueError, OSError) as exc:
+            raise type(exc)(f"--control-video: {exc}") from None
     check_sink(args.output)
     with Stop() as stop:
         engine = build_engine(args)
@@ -99,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
         stop.in_loop = True  # from here on a signal ends the loop and the output is closed
         try:
             frames, count, fps = open_source(args.input, engine.width, engine.height, args.frames)
+            control = ExternalControl.open(args, engine)
             sink = FrameSink(args.output, engine.width * (2 if args.side_by_side else 1), engine.height, fps)
             # smoothing=0: the bar's rate is frames / elapsed, the summary's fps below
             bar = tqdm(total=count, unit="frame", disable=args.no_progress, smoothing=0,
@@ -111,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
             start = getattr(bar, "start_t", None) or time.time()  # the bar's own clock (time.time)
             for frame in frames:
                 if stop.signum is not None:
+                    break
+                if control is not None and not control.next_frame():
                     break
                 t0 = time.perf_counter()
                 out = engine(frame)
