@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from engines.base import unet_control_inputs
-from rtdiffusion import ConfigError, FrameError, StreamEngine
+from rtdiffusion import ConfigError, FrameError, ModelNotFoundError, StreamEngine
 from rtdiffusion.config import EngineConfig, StreamSettings, apply_updates
 from rtdiffusion.control import RANDOM_CONTROLNETS, ControlNetSpec, build_random_controlnet
 from rtdiffusion.models.loading import read_config
@@ -348,3 +348,21 @@ def test_preprocessors_by_name_run_in_the_frame(tiny_components):
     with pytest.raises(ConfigError, match="downscale"):
         engine_with(tiny_components, [{"model": "random:controlnet-tiny", "preprocessor": "tile",
                                        "preprocessor_options": {"downscale": 0}}])
+
+
+def test_controlnet_from_a_local_folder(tiny_components, tmp_path):
+    """A diffusers ControlNet folder (config.json + weights, or a controlnet/ subfolder) loads its own weights;
+    one whose conditioning embedding does not match the VAE's scale is refused with both scales named."""
+    from diffusers import ControlNetModel
+
+    saved = build_random_controlnet("controlnet-tiny", seed=5)
+    saved.save_pretrained(tmp_path / "cn" / "controlnet")
+    engine = engine_with(tiny_components, [{"model": str(tmp_path / "cn"), "preprocessor": Tile()}])
+    loaded = engine._control.units[0].module.state_dict()
+    assert all(torch.equal(v, loaded[k]) for k, v in saved.state_dict().items())
+    cfg = {**dict(saved.config), "conditioning_embedding_out_channels": [8, 16, 16]}
+    ControlNetModel.from_config(cfg).save_pretrained(tmp_path / "cn4")
+    with pytest.raises(ConfigError, match="4x4 pixels .* VAE 2x2"):
+        engine_with(tiny_components, [{"model": str(tmp_path / "cn4"), "preprocessor": Tile()}])
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        engine_with(tiny_components, [{"model": str(tmp_path / "none"), "preprocessor": Tile()}])

@@ -195,6 +195,11 @@ def make_control(controlnets: Any, components: Any, config: EngineConfig, *, see
     for i, spec in enumerate(specs):
         module = load_controlnet(spec.model, dev, dt, unet_config, seed=seed + 1000 + i,
                                  local_files_only=local_files_only)
+        down = 2 ** (len(module.config.conditioning_embedding_out_channels) - 1)  # its image -> latent scale
+        if down != components.vae_scale_factor:
+            raise ConfigError(f"ControlNet {spec.model!r} turns {down}x{down} pixels into a latent pixel, the "
+                              f"model's VAE {components.vae_scale_factor}x{components.vae_scale_factor}; use a "
+                              "ControlNet made for this model")
         if dev.type == "cuda":
             module.to(memory_format=torch.channels_last)  # as the UNet (backends.prepare_cuda_modules)
         pre = _preprocessor(spec, i, frames=F, height=H, width=W, dtype=dt, device=dev)
