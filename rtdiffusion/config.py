@@ -359,6 +359,9 @@ def update_controlnets(current: tuple[ControlNetSettings, ...], value: Any) -> t
         raise ConfigError("controlnets must be a list of settings dicts (by index) or a dict {index: settings}; "
                           f"got {type(value).__name__}")
     new = list(current)
+    if items and not new:
+        raise ConfigError("this engine has no ControlNets to change; give them to from_pretrained(controlnets=...) "
+                          "(CLI: --controlnet)")
     for index, change in items:
         if isinstance(index, str) and index.isdigit():
             index = int(index)  # JSON object keys (OSC, websocket)

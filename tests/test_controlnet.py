@@ -203,6 +203,10 @@ def test_live_changes_apply_at_the_next_frame_boundary_by_buffer_writes(tiny_com
     assert st.buffers.control.writes == writes + len(changes) - 1  # the last change waits for a frame
     # disabled (or outside its steps) is exactly the model without ControlNets
     plain = engine_with(tiny_components, [])
+    with pytest.raises(ConfigError, match="no ControlNets"):
+        plain.update(controlnets=[{"scale": 1.0}])
+    with pytest.raises(ConfigError, match="no ControlNets"):
+        plain.set_control_image(frames[0])
     engine.update(controlnets=[{"enabled": False}])
     expect = plain(frames[0])
     assert np.array_equal(engine(frames[0]), expect)
