@@ -91,15 +91,15 @@ def reference_eps(engine, sd, kind, scale, style):
                     added_cond_kwargs={**added, "image_embeds": [embeds]}, return_dict=False)[0]
 
 
-@pytest.mark.parametrize("family,kind,cfg", [("sd15", "base", "none"), ("sd15", "plus", "full"),
-                                             ("sdxl", "base", "full"), ("sdxl", "plus", "none")])
-def test_stream_step_matches_diffusers_ip_adapter(adapters, family, kind, cfg):
-    """One stream step (1 step, uncond rows with cfg full) against diffusers' IP-Adapter UNet forward."""
+@pytest.mark.parametrize("family,kind,cfg,frames", [("sd15", "base", "none", 1), ("sd15", "plus", "full", 1),
+                                                    ("sdxl", "base", "full", 2), ("sdxl", "plus", "none", 1)])
+def test_stream_step_matches_diffusers_ip_adapter(adapters, family, kind, cfg, frames):
+    """One stream step (1 step; uncond rows with cfg full; 2 frames a call) against diffusers' IP-Adapter UNet."""
     g = 1.5 if cfg == "full" else 1.0
-    engine = make(family, adapters, kind, scale=0.7, cfg=cfg, guidance_scale=g)
+    engine = make(family, adapters, kind, scale=0.7, cfg=cfg, guidance_scale=g, frame_buffer_size=frames)
     style = image(1)
     engine.set_style_image(style)
-    engine(image(2, 64, 64))
+    engine(np.stack([image(2 + i, 64, 64) for i in range(frames)]) if frames > 1 else image(2, 64, 64))
     b = engine._state.buffers
     assert b.embeds.shape[1] == engine._prompts.tokens + engine._ip.tokens
     eps_ref = reference_eps(engine, adapters[family, kind][2], kind, 0.7, style)
