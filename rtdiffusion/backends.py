@@ -119,7 +119,9 @@ def prepare_cuda_modules(comps: Components) -> None:
 TRT_MIN_STEPS, TRT_MAX_STEPS, TRT_GUIDANCE = 1, 4, "full"
 
 
-def build_executor(config: EngineConfig, comps: Components):
+def build_executor(config: EngineConfig, comps: Components, controlnets: tuple[torch.nn.Module, ...] = ()):
+    """The executor and its networks for ``config``; ``controlnets``: the engine's ControlNet modules, which
+    the TensorRT backend builds engines of (the torch backends get them later, by ``attach_controlnets``)."""
     backend, reason = choose_backend(config)
     if config.device.type == "cuda" and config.max_vram_gb is None:
         prepare_cuda_modules(comps)
@@ -142,7 +144,7 @@ def build_executor(config: EngineConfig, comps: Components):
             return EagerExecutor(nets, "compiled", overlap=ov), reason
         return GraphExecutor(nets, "compiled", overlap=ov), reason
     try:
-        return GraphExecutor(trt_networks(config, comps), "trt", overlap=ov), reason
+        return GraphExecutor(trt_networks(config, comps, controlnets=controlnets), "trt", overlap=ov), reason
     except Exception as exc:  # a failed build must not take the engine down: fall back, loudly
         log.warning("TensorRT engines could not be built or loaded (%s: %s); falling back to 'graph'",
                     type(exc).__name__, exc)
@@ -150,7 +152,7 @@ def build_executor(config: EngineConfig, comps: Components):
 
 
 def trt_networks(config: EngineConfig, comps: Components, min_steps: int = TRT_MIN_STEPS,
-                 max_steps: int = TRT_MAX_STEPS):
+                 max_steps: int = TRT_MAX_STEPS, controlnets: tuple[torch.nn.Module, ...] = ()):
     """TensorRT engines for UNet, VAE encoder and decoder, from the engine cache or built now (minutes).
 
     The UNet profile covers 1..4 steps with any CFG mode, so switching steps or guidance needs no rebuild.
@@ -171,7 +173,8 @@ def trt_networks(config: EngineConfig, comps: Components, min_steps: int = TRT_M
     params = SpecParams.from_modules(comps.unet, comps.vae, config.width, config.height,
                                      batch=unet_batch_range(min_steps, max_steps, F, TRT_GUIDANCE),
                                      frames=AxisRange(F, F, F), dtype=config.dtype,
-                                     ip_tokens=int(comps.identity.get("ip_tokens", 0)))  # IP-Adapter
+                                     ip_tokens=int(comps.identity.get("ip_tokens", 0)),  # IP-Adapter
+                                     controlnets=controlnets)  # the UNet's residual inputs, controlnet_<i> engines
     lora = lora_identity([tuple(x) for x in comps.identity.get("lora", [])]) if comps.identity.get("lora") else ()
     return load_or_build_trt(comps.unet, comps.vae, params, EngineCache(config.engine_dir), model=config.model,
-                             lora=lora, device=config.device)
+                             lora=lora, device=config.device, controlnets=controlnets)

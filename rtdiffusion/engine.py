@@ -170,7 +170,11 @@ class StreamEngine:
         self._graphs = GraphCache(_graph_cache_capacity(graph_cache_size))
         self._layouts: dict[StreamLayout, LayoutState] = {}
         self._frame: CapturedFrame | None = None  # the active layout's captured graphs (graph backends)
-        self._executor, self.backend_reason = build_executor(config, components)
+        # ControlNets (rtdiffusion/control): specs are loaded here, a stack from from_pretrained is used as is;
+        # made before the backend, which builds TensorRT engines of their modules
+        self._control = (controlnets if isinstance(controlnets, (control.NoControl, control.ControlStack))
+                         else control.make_control(controlnets, components, config))
+        self._executor, self.backend_reason = build_executor(config, components, self._control.modules)
         self._base_nets = self._executor.nets  # the backend's networks, before any wrapping
         if self._ip is not None and hasattr(self._base_nets, "bind_inputs"):  # TensorRT: an engine input
             self._base_nets.bind_inputs(ip_scale=self._ip.scale.tensor)
@@ -180,9 +184,6 @@ class StreamEngine:
         self.backend_fallback: str | None = (self.backend_reason.split("FALLBACK ", 1)[1]
                                              if "FALLBACK " in self.backend_reason else None)
         self._temporal = TemporalCache(components.unet, config.kv_max_frames)
-        # ControlNets (rtdiffusion/control): specs are loaded here, a stack from from_pretrained is used as is
-        self._control = (controlnets if isinstance(controlnets, (control.NoControl, control.ControlStack))
-                         else control.make_control(controlnets, components, config))
         self._control.attach(self._base_nets, text_tokens=self._prompts.tokens)  # ControlNets see no IP tokens
         self._constants: dict[tuple[int, ...], SlotConstants] = {}
         self._lock = threading.Lock()  # guards _pending

@@ -67,6 +67,10 @@ class NoControl:
     def describe(self, settings: tuple[ControlNetSettings, ...]) -> list[dict]:
         return []
 
+    @property
+    def modules(self) -> tuple:
+        return ()
+
     def attach(self, nets: Any, text_tokens: int = 0) -> None:
         pass
 
@@ -126,6 +130,11 @@ class ControlStack:
     def frame(self, layout: Any) -> ControlFrame:
         return ControlFrame(self, layout)
 
+    @property
+    def modules(self) -> tuple[torch.nn.Module, ...]:
+        """The ControlNet modules in index order (what a TensorRT backend builds its controlnet_<i> engines of)."""
+        return tuple(u.module for u in self.units)
+
     def attach(self, nets: Any, text_tokens: int | None = None) -> None:
         """Hand the ControlNet modules to the backend's networks (once, when the engine is built).
 
@@ -136,7 +145,7 @@ class ControlStack:
         if not hasattr(nets, "attach_controlnets"):
             raise ConfigError(f"the {nets.name!r} networks ({nets.describe().get('runs')}) do not run ControlNets "
                               "yet; use backend 'eager', 'graph' or 'compiled' with compile_artifacts 'jit'")
-        nets.attach_controlnets([u.module for u in self.units])
+        nets.attach_controlnets(list(self.modules))
 
     def initial_settings(self, s: StreamSettings) -> StreamSettings:
         """The engine's first settings: the specs' live settings unless the given settings carry them."""
