@@ -98,7 +98,6 @@ class IPAdapter:
         self.scale = ip_attention.IPScale(style.device)
         self.processors: dict[str, ip_attention.IPAttnProcessor] = {}
         self.text_tokens = 0
-        self._written: IPAdapterSettings | None = None
 
     def install(self, unet: torch.nn.Module, text_tokens: int) -> None:
         """Put the IP processors on the UNet's cross-attention layers (once, before any backend sees it)."""
@@ -117,7 +116,6 @@ class IPAdapter:
         ``buffers.embeds[:, T_text:]`` (uncond rows: the projection of an empty image, as diffusers does)."""
         self.scale.write(settings.scale if settings.enabled else 0.0)
         self.style.write_tokens(buffers.embeds, self.text_tokens, buffers.layout.uncond_rows, settings.style)
-        self._written = settings
 
     def describe(self, settings: IPAdapterSettings) -> dict[str, Any]:
         return {"model": self.spec.model, "kind": "plus" if self.style.plus else "base", "scale": settings.scale,
@@ -136,13 +134,13 @@ def load(spec: IPAdapterSpec, components, device: torch.device, dtype: torch.dty
         arch = RANDOM_IP_ADAPTERS[spec.model[len(RANDOM):]]
         vision_cfg = read_config(arch.vision_config)
         sd = random_state_dict(arch, unet, vision_cfg, seed + 17)
-        vision = random_vision(vision_cfg, seed + 18)
+        plus = is_plus(sd["image_proj"], spec.model)
+        vision = random_vision(vision_cfg, seed + 18, device)
     else:
         path = resolve_file(spec.model, local_files_only)
         sd = read_file(path)
-    plus = is_plus(sd["image_proj"], spec.model)
-    check_fits(sd, unet, family, spec.model)
-    if not spec.model.startswith(RANDOM):
+        plus = is_plus(sd["image_proj"], spec.model)
+        check_fits(sd, unet, family, spec.model)  # before the image encoder loads: a wrong file fails fast
         vision = pretrained_vision(spec.image_encoder, spec.model, path, feature_width(sd["image_proj"], plus), plus,
                                    local_files_only)
     proj = image_projection(sd["image_proj"], unet)

@@ -185,13 +185,19 @@ def image_projection(image_proj: dict[str, torch.Tensor], unet: torch.nn.Module)
         unet, image_proj, low_cpu_mem_usage=False)
 
 
-def random_vision(cfg: dict, seed: int) -> torch.nn.Module:
+def random_vision(cfg: dict, seed: int, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """A CLIPVisionModelWithProjection of ``cfg`` with seeded random weights, built on ``device`` (ViT-H/14 has
+    632 M parameters: made on the GPU it takes a moment, on the CPU many seconds)."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     drop = ("architectures", "torch_dtype", "transformers_version", "model_type")
     keep = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in drop}
-    with torch.random.fork_rng(devices=[]):
+    device = torch.device(device)
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), torch.device(device):
         torch.manual_seed(seed)
+        if cuda:
+            torch.cuda.manual_seed(seed)
         return CLIPVisionModelWithProjection(CLIPVisionConfig(**keep))
 
 
