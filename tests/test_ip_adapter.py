@@ -327,3 +327,20 @@ def test_processor_traces_in_one_graph_and_reads_the_live_scale():
         got, want = compiled(x, embeds), attn(x, embeds)
     assert torch.allclose(got, want, atol=1e-6) and (got - plain).abs().max() > 1e-3
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_only_the_newest_style_is_encoded_and_old_images_are_dropped(adapters):
+    """Styles set faster than frames run: only the one in force at the boundary is encoded; the kept images
+    (and their features) are bounded, the style in use never dropped."""
+    engine = make("sd15", adapters, "base")
+    frame = image(2, 64, 64)
+    styles = [image(100 + i, 8, 8) for i in range(20)]
+    for s in styles:
+        engine.set_style_image(s)
+    engine(frame)
+    style = engine._ip.style
+    assert style.encodes == 1 and len(style.images.keys()) == style.images.capacity
+    engine.set_style_image(styles[0])  # dropped earlier: read again, encoded again
+    engine(frame)
+    assert style.encodes == 2 and len(style._features) <= style.images.capacity
+    assert engine.status()["ip_adapter"]["images"] == [["array 8x8", 1.0]]

@@ -210,7 +210,11 @@ class StyleEncoder:
 
     def features(self, key: str) -> torch.Tensor:
         if key not in self._features:
-            _, pixels = self.images.get(key)
+            try:
+                _, pixels = self.images.get(key)
+            except KeyError:
+                raise ConfigError(f"style image {key} was dropped before it was encoded (more than "
+                                  f"{self.images.capacity} other images were set meanwhile); set it again") from None
             self._features[key] = self.encode(self.preprocess(pixels))
             self.encodes += 1
         return self._features[key]
@@ -230,13 +234,13 @@ class StyleEncoder:
 
     def write_tokens(self, embeds: torch.Tensor, text_tokens: int, uncond_rows: int, style: Style) -> None:
         """Image tokens into the tail of ``embeds [B, T_text + T_ip, D]``, in place."""
+        self.images.protected = frozenset(k for k, _ in style)  # first: nothing of it is evicted from now on
         tokens = self.tokens_for(style)
         tail = embeds[:, text_tokens:]  # [B, T_ip, D] view
         U = uncond_rows
         tail[U:].copy_(tokens.expand(tail.shape[0] - U, -1, -1))
         if U:
             tail[:U].copy_(self.uncond_tokens.expand(U, -1, -1))
-        self.images.protected = frozenset(k for k, _ in style)
         live = self.images.keys()
         for key in [k for k in self._features if k not in live]:  # evicted images: drop their features
             del self._features[key]
