@@ -344,3 +344,38 @@ def test_only_the_newest_style_is_encoded_and_old_images_are_dropped(adapters):
     engine(frame)
     assert style.encodes == 2 and len(style._features) <= style.images.capacity
     assert engine.status()["ip_adapter"]["images"] == [["array 8x8", 1.0]]
+
+
+def test_style_and_scale_from_another_thread_while_frames_run(adapters):
+    """Control from another thread lands between frames; after both threads finish, the next frame runs on the
+    last style and scale set (no frame fails, nothing is torn)."""
+    import threading
+
+    engine = make("sd15", adapters, "plus", cfg="initialize", guidance_scale=1.3)
+    frame = image(2, 64, 64)
+    styles = [image(200 + i, 24, 24) for i in range(6)]
+    errors = []
+
+    def control():
+        try:
+            for i, s in enumerate(styles):
+                engine.set_style_image([(s, 1.0), (styles[0], 0.5)])
+                engine.update(ip_adapter_scale=0.1 * (i + 1))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    worker = threading.Thread(target=control)
+    worker.start()
+    for _ in range(6):
+        engine(frame)
+    worker.join(timeout=120)
+    assert not worker.is_alive() and not errors
+    engine(frame)
+    st, style, b = engine.status()["ip_adapter"], engine._ip.style, engine._state.buffers
+    assert st["scale"] == pytest.approx(0.6) and engine._ip.scale.tensor.item() == pytest.approx(0.6)
+    assert [w for _, w in st["images"]] == [1.0, 0.5] and 2 <= st["encodes"] <= len(styles)
+    with torch.no_grad():
+        f = [style.encode(style.preprocess(torch.from_numpy(x))) for x in (styles[-1], styles[0])]
+        expect = style.projection((f[0] * 1.0 + f[1] * 0.5) / 1.5)
+    assert torch.allclose(b.embeds[1:, engine._prompts.tokens:], expect.expand(b.layout.stream_rows, -1, -1),
+                          atol=1e-5)
