@@ -261,7 +261,8 @@ class StreamEngine:
         """Change settings: strength and/or steps (or, for experts, t_index_list), guidance_scale, delta,
         cfg, similar_filter, similar_threshold,
         similar_max_skip, cache_enabled, cache_maxframes, cache_interval, cache_reset, prompt, seed,
-        negative_prompt, controlnets (by index: [{"scale": 0.5}, ...] or {1: {"enabled": False}}).
+        negative_prompt, controlnets (by index: [{"scale": 0.5}, ...] or {1: {"enabled": False}}),
+        ip_adapter_scale (0..5) and ip_adapter_enabled (with an IP-Adapter; a buffer write, no recapture).
         Validated now; applied at the next frame boundary."""
         with self._lock:
             base = self._accepted
