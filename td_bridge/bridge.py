@@ -28,16 +28,18 @@ is rewritten; both are reported (``/error``, ``/stream-info/ring-event``, the lo
 from __future__ import annotations
 
 import enum
+import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
+from .bridge_config import BridgeConfig  # noqa: F401 - part of this module's API
+from .conditioning import Conditioning
 from .osc import Action, Key, Mailbox, OscReceiver, OscSender, status_json
-from .ring import PixelFormat, RingError, RingReader, RingTruncated, RingWriter, RowOrder
+from .ring import RingError, RingReader, RingTruncated, RingWriter
 from .served_rings import ServedRings
 from .transfer import make_transfer
 
@@ -55,44 +57,6 @@ class State(enum.Enum):
     PAUSED = "paused"
     ERROR = "error"
     STOPPED = "stopped"
-
-
-@dataclass(frozen=True)
-class BridgeConfig:
-    """What `rtdiffusion td` was asked for. Engine options go to StreamEngine.from_pretrained unchanged.
-
-    slots: ring depth; more slots let a slow reader lag further behind a fast writer without retries.
-    checksum: slots carry crc32 (about 0.3 ms a 512x512 frame each side); turn on for ARM hosts.
-    """
-
-    model: str = "random:tiny"
-    width: int | None = None
-    height: int | None = None
-    osc_host: str = "127.0.0.1"  # where /server_active, /status, /error... are sent
-    osc_listen: str = "127.0.0.1"
-    osc_in_port: int = 8247
-    osc_out_port: int = 8248
-    input_name: str | None = None
-    output_name: str | None = None
-    pixel_format: PixelFormat = PixelFormat.RGBA8
-    row_order: RowOrder = RowOrder.TOP_DOWN
-    slots: int = 3
-    checksum: bool = False
-    engine_options: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for name in ("osc_in_port", "osc_out_port"):
-            v = getattr(self, name)
-            lo = 0 if name == "osc_in_port" else 1
-            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= 65535:
-                raise ValueError(f"--{name.replace('_', '-')} must be a port number from {lo} to 65535; got {v!r}")
-        for name in ("input_name", "output_name"):
-            v = getattr(self, name)
-            if v is not None and (not v or len(v) > 30 or not all(c.isalnum() or c in "_-." for c in v)):
-                raise ValueError(f"--{name.replace('_', '-')} must be 1 to 30 letters, digits, '_', '-' or '.' "
-                                 f"(a shared-memory name that works on Windows, macOS and Linux); got {v!r}")
-        if not isinstance(self.slots, int) or not 1 <= self.slots <= 16:
-            raise ValueError(f"slots must be an integer from 1 to 16; got {self.slots!r}")
 
 
 class _BuildLog(logging.Handler):
@@ -122,6 +86,7 @@ class Bridge:
         self.engine = None
         self.rings: ServedRings | None = None
         self.transfer = None
+        self.conditioning: Conditioning | None = None
         self.sender: OscSender | None = None
         self.receiver: OscReceiver | None = None
         self.frames_out = 0
@@ -148,7 +113,7 @@ class Bridge:
         self.sender = OscSender(c.osc_host, c.osc_out_port)
         self.receiver = OscReceiver(c.osc_listen, c.osc_in_port, self.mailbox, self.sender, self.status_text)
         self.receiver.start()
-        self.rings = ServedRings(c, self.sender)
+        self.rings = ServedRings(c, self.sender, c.extra_rings)
         self._heartbeat = threading.Thread(target=self._beat, name="osc-heartbeat", daemon=True)
         self._heartbeat.start()
         log.info("OSC: listening on %s:%d, sending to %s:%d", c.osc_listen, self.receiver.port, c.osc_host,
@@ -177,6 +142,8 @@ class Bridge:
             self.engine = self._factory()
             if self.stop.is_set():  # /stop (or SIGTERM) arrived while the model loaded
                 return
+            if self.config.style_image is not None:  # --style-image: encoded once, before the warm-up frame
+                self.engine.set_style_image(self.config.style_image)
             sender.send("/stream-info/build-progress", 0.6)
             self._set_state(State.BUILDING)
             sender.send("/stream-info/build-stage", "warm-up frame")
@@ -187,6 +154,7 @@ class Bridge:
             sender.send("/stream-info/build-progress", 0.9)
             self.rings.open(e.width, e.height)
             self.transfer = make_transfer(e, self.reader, self.writer, self._published)
+            self.conditioning = Conditioning(e, self.rings, sender, self.config.external_controlnets)
         finally:
             for lg in watched:
                 lg.removeHandler(handler)
@@ -237,6 +205,8 @@ class Bridge:
         if self.reader is not None:
             s.send("/stream-info/input-name", self.reader.name)
             s.send("/stream-info/output-name", self.writer.name)
+            for what, ring in self.rings.extras.items():  # /stream-info/control-name, /stream-info/style-name
+                s.send(f"/stream-info/{what.rsplit('/', 1)[1]}-name", ring.name)
         if self.receiver is not None:
             s.send("/stream-info/osc-in-port", self.receiver.port)
 
@@ -267,6 +237,7 @@ class Bridge:
                     if not tr.has_input:
                         self.sender.error("/process_frame", "no input frame has arrived yet; nothing to process")
                         continue
+                    self.conditioning.before_frame()
                     tr.submit()
                     continue
                 if tr.read() is None:
@@ -274,6 +245,7 @@ class Bridge:
                     self.mailbox.changed.wait(0.0005 if idle < 200 else 0.002)
                     continue
                 idle = 0
+                self.conditioning.before_frame()  # control / style images from their rings, when new
                 tr.submit()
                 if self.state is not State.STREAMING:
                     self._set_state(State.STREAMING)
@@ -332,6 +304,8 @@ class Bridge:
                     e.update(**kw)
                 elif key is Key.CACHED_ATTENTION:
                     e.update(**value)
+                else:  # ControlNets, IP-Adapter
+                    self.conditioning.apply(key, address, value)
             except (ValueError, TypeError) as exc:  # ConfigError is a ValueError; state unchanged
                 self.sender.error(address, str(exc))
         steps = 0
@@ -341,6 +315,12 @@ class Bridge:
             elif action in (Action.PAUSE, Action.PLAY):
                 self.paused = action is Action.PAUSE
                 self._set_state(State.PAUSED if self.paused else State.STREAMING)
+            elif action is Action.IPADAPTER_UPDATE:
+                if self.rings is None or "/ring/style" not in self.rings.extras:
+                    self.sender.error("/ipadapter_update", "this engine has no IP-Adapter (start it with "
+                                                           "--ip-adapter MODEL), so there is no style ring to read")
+                else:
+                    self.conditioning.request_style()
             elif action is Action.PROCESS_FRAME and self.paused:
                 steps += count  # a step that arrived while streaming is dropped, not saved up
         return steps
@@ -392,10 +372,21 @@ class Bridge:
                 s.send("/vram/used", float(used))
                 s.send("/vram/total", float(total))
                 self._announce()
+                self._conditioning_info(s)
             except Exception as exc:  # the socket closed under us at shutdown
                 log.debug("heartbeat: %s", exc)
             if self.stop.wait(RING_BEAT_S):
                 return
+
+    def _conditioning_info(self, s: OscSender) -> None:
+        """/stream-info/controlnets and /stream-info/ipadapter (JSON, as in status()) once a second, when the
+        engine has them."""
+        if self.engine is None or self.conditioning is None:
+            return
+        st = self.engine.status()
+        for key, address in (("controlnets", "/stream-info/controlnets"), ("ip_adapter", "/stream-info/ipadapter")):
+            if st.get(key):
+                s.send(address, json.dumps(st[key], default=str))
 
     def status(self) -> dict[str, Any]:
         c = self.config
@@ -414,6 +405,7 @@ class Bridge:
                     "recv_buffer": self.receiver.recv_buffer if self.receiver else 0},
             "input_retries": self.reader.retries if self.reader else 0,
             "rings": self.rings.status() if self.rings is not None else None,
+            "conditioning": self.conditioning.status() if self.conditioning is not None else {},
         }
         if self.engine is not None:
             try:

@@ -13,7 +13,7 @@ import logging
 import signal
 import threading
 
-from rtdiffusion.cli.common import add_engine_args, check_engine_args, engine_kwargs
+from rtdiffusion.cli.common import add_engine_args, check_engine_args, engine_kwargs, style_images
 
 from .bridge import Bridge, BridgeConfig, State
 from .ring import PixelFormat, RowOrder
@@ -34,6 +34,13 @@ def register(subparsers) -> None:
                    "(0.0.0.0 for other machines)")
     p.add_argument("--input-name", default=None, help="shared-memory name of the input ring (default rtd_in_<pid>)")
     p.add_argument("--output-name", default=None, help="shared-memory name of the output ring (default rtd_out_<pid>)")
+    p.add_argument("--control-ring", default=None, metavar="NAME",
+                   help="shared-memory name of the control ring, whose newest frame is the control image of every "
+                        "--controlnet MODEL:external (default rtd_ctl_<pid>; made only when there is one)")
+    p.add_argument("--style-ring", default=None, metavar="NAME",
+                   help="shared-memory name of the style ring, whose frame is the IP-Adapter's style image, encoded "
+                        "when a different picture arrives or on /ipadapter_update (default rtd_sty_<pid>; made "
+                        "only with --ip-adapter)")
     p.add_argument("--pixel-format", default="rgba8", choices=[f.value for f in PixelFormat],
                    help="pixel layout of both rings")
     p.add_argument("--flip-rows", action="store_true",
@@ -53,7 +60,8 @@ def config_from_args(args: argparse.Namespace) -> BridgeConfig:
         osc_in_port=args.osc_in_port, osc_out_port=args.osc_out_port, input_name=args.input_name,
         output_name=args.output_name, pixel_format=PixelFormat.parse(args.pixel_format),
         row_order=RowOrder.BOTTOM_UP if args.flip_rows else RowOrder.TOP_DOWN, slots=args.slots,
-        checksum=args.checksum, engine_options=opts)
+        checksum=args.checksum, engine_options=opts, control_name=args.control_ring, style_name=args.style_ring,
+        style_image=style_images(args))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,6 +70,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--frame-buffer-size must be 1 for td (the rings carry one frame per step); "
                          f"got {args.frame_buffer_size}")
     check_engine_args(args)  # every engine flag, named as a flag, before anything opens or loads
+    if args.control_ring and not config.external_controlnets:
+        raise ValueError("--control-ring carries the control image of ControlNets with the 'external' "
+                         "preprocessor; add one, e.g. --controlnet MODEL:external")
+    if args.style_ring and not args.ip_adapter:
+        raise ValueError("--style-ring carries the IP-Adapter's style image; it needs --ip-adapter MODEL")
     bridge = Bridge(config)
 
     def on_term(signum, frame):

@@ -1,4 +1,5 @@
-"""The bridge's two rings, served: opened (made, or adopted after a crash), kept right, recreated, closed.
+"""The bridge's rings, served (input and output; a control ring and a style ring when ControlNets / an
+IP-Adapter read images from TouchDesigner): opened (made, or adopted after a crash), kept right, recreated, closed.
 
 Who calls what::
 
@@ -39,14 +40,22 @@ REPORT_EVERY_S = 1.0  # a problem that stays (a header rewritten every loop) is 
 NAME_CHECK_S = 1.0  # how often the bridge looks its rings' names up (someone may have removed them)
 
 
-class ServedRings:
-    """The input ring (the bridge reads) and the output ring (the bridge writes) of one bridge."""
+# what -> (BridgeConfig field naming it, default name prefix): the optional rings the bridge reads besides its input
+EXTRA_RINGS = {"/ring/control": ("control_name", "rtd_ctl"), "/ring/style": ("style_name", "rtd_sty")}
 
-    def __init__(self, config, sender) -> None:
+
+class ServedRings:
+    """The input ring (the bridge reads) and the output ring (the bridge writes) of one bridge, and the extra
+    rings it reads (``extras``: "/ring/control" for external ControlNet images, "/ring/style" for the
+    IP-Adapter's style image), all of the engine's frame size."""
+
+    def __init__(self, config, sender, extras: tuple[str, ...] = ()) -> None:
         self.config = config  # bridge.BridgeConfig
         self.sender = sender  # osc.OscSender
         self.reader: RingReader | None = None
         self.writer: RingWriter | None = None
+        self.extra_wanted = extras
+        self.extras: dict[str, RingReader] = {}
         self.layout: RingLayout | None = None
         self.lock = threading.Lock()
         self.events: deque[str] = deque(maxlen=8)
@@ -61,6 +70,21 @@ class ServedRings:
         self.layout = RingLayout(width, height, c.pixel_format, c.row_order, c.slots, c.checksum)
         self.reader = self._open(RingReader, c.input_name or f"rtd_in_{pid}", "/ring/input")
         self.writer = self._open(RingWriter, c.output_name or f"rtd_out_{pid}", "/ring/output")
+        for what in self.extra_wanted:
+            field, prefix = EXTRA_RINGS[what]
+            self.extras[what] = self._open(RingReader, getattr(c, field, None) or f"{prefix}_{pid}", what)
+
+    def _put(self, what: str, ring) -> None:
+        if what == "/ring/input":
+            self.reader = ring
+        elif what == "/ring/output":
+            self.writer = ring
+        else:
+            self.extras[what] = ring
+
+    def all(self) -> list[tuple[str, Any]]:
+        """(what, ring) for every ring served, input and output first."""
+        return [("/ring/input", self.reader), ("/ring/output", self.writer), *self.extras.items()]
 
     def _open(self, kind, name: str, what: str):
         layout = self.layout
@@ -122,8 +146,7 @@ class ServedRings:
         names_due = now - self._names_checked_at >= NAME_CHECK_S
         if names_due:
             self._names_checked_at = now
-        for what in ("/ring/input", "/ring/output"):
-            ring = self.reader if what == "/ring/input" else self.writer
+        for what, ring in self.all():
             try:
                 ring.check_header()
             except RingTruncated as exc:
@@ -170,10 +193,7 @@ class ServedRings:
             if isinstance(ring, RingReader):
                 ring.last_index = last
             session = ring.serve(self.config.checksum)
-            if what == "/ring/input":
-                self.reader = ring
-            else:
-                self.writer = ring
+            self._put(what, ring)
         self.recreated += 1
         self.problem(what, f"{why} {ring.name!r} (session {session:016x}); clients re-attach to it within a "
                            f"second or two")
@@ -200,17 +220,22 @@ class ServedRings:
 
     def status(self) -> dict[str, Any]:
         r, w = self.reader, self.writer
-        return {
+        st = {
             "input_session": f"{r.session:016x}" if r is not None and r.serving else None,
             "output_session": f"{w.session:016x}" if w is not None and w.serving else None,
             "recreated": self.recreated, "repaired": self.repaired, "events": list(self.events),
         }
+        for what, ring in self.extras.items():  # control_name / control_session, style_name / style_session
+            kind = what.rsplit("/", 1)[1]
+            st[f"{kind}_name"] = ring.name if ring is not None else None
+            st[f"{kind}_session"] = f"{ring.session:016x}" if ring is not None and ring.serving else None
+        return st
 
     # ------------------------------------------------------------------------------------------ lifetime
     def beat(self) -> None:
         """Heartbeat thread: one beat on each ring (a shrunk ring is skipped; the frame loop replaces it)."""
         with self.lock:
-            for ring in (self.reader, self.writer):
+            for _, ring in self.all():
                 if ring is None:
                     continue
                 try:
@@ -220,7 +245,8 @@ class ServedRings:
 
     def close(self) -> None:
         with self.lock:
-            for ring in (self.reader, self.writer):
+            for _, ring in self.all():
                 if ring is not None:
                     ring.close()
             self.reader = self.writer = None
+            self.extras = {}
