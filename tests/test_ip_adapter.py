@@ -19,6 +19,7 @@ import torch
 from rtdiffusion import ConfigError, StreamEngine
 from rtdiffusion.control import ip_adapter as ipa
 from rtdiffusion.control.ip_attention import IPAttnProcessor
+from rtdiffusion.control.style import CLIP_MEAN, CLIP_STD, StyleEncoder
 from rtdiffusion.models.loading import load_components, read_config
 
 CPU = torch.device("cpu")
@@ -379,3 +380,22 @@ def test_style_and_scale_from_another_thread_while_frames_run(adapters):
         expect = style.projection((f[0] * 1.0 + f[1] * 0.5) / 1.5)
     assert torch.allclose(b.embeds[1:, engine._prompts.tokens:], expect.expand(b.layout.stream_rows, -1, -1),
                           atol=1e-5)
+
+
+@pytest.mark.parametrize("h,w", [(300, 400), (400, 300), (224, 224), (90, 150)])
+def test_device_preprocessing_matches_clip_image_processor(adapters, h, w):
+    """Shortest side to 224 (bicubic, antialiased), centre crop, CLIP mean/std on the device: what diffusers'
+    pipelines get from transformers' CLIPImageProcessor, within PIL's uint8 rounding (normalised units; 0.016 is
+    about one grey level)."""
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    style = StyleEncoder.__new__(StyleEncoder)  # only the preprocessing: no encoder needed
+    style.size, style.device, style.dtype = 224, CPU, torch.float32
+    style.mean, style.std = (torch.tensor(v).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
+    smooth = np.array(Image.fromarray(image(3, 30, 40)).resize((w, h), Image.BILINEAR))  # [h, w, 3] uint8
+    processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    want = processor(images=smooth, return_tensors="pt").pixel_values  # [1, 3, 224, 224]
+    got = style.preprocess(torch.from_numpy(smooth))
+    assert got.shape == want.shape == (1, 3, 224, 224)
+    assert (got - want).abs().mean() < 0.01 and (got - want).abs().max() < 0.05

@@ -169,7 +169,7 @@ class StyleEncoder:
         x = pixels.to(self.device).permute(2, 0, 1)[None].float().div_(255.0)  # [1, 3, H, W] in [0, 1]
         h, w = x.shape[-2:]
         r = S / min(h, w)
-        nh, nw = max(S, round(h * r)), max(S, round(w * r))
+        nh, nw = max(S, int(h * r)), max(S, int(w * r))  # floor, as transformers sizes it
         if (nh, nw) != (h, w):
             x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True).clamp_(0, 1)
         top, left = (nh - S) // 2, (nw - S) // 2
