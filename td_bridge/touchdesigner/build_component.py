@@ -11,6 +11,9 @@ It makes a Base COMP ``rtdiffusion`` (rebuilding one of that name keeps its para
                     source_switch (Switch TOP; index 1 while Testred) -> fit1 (Fit TOP, Width x Height)
     check_red ----/      (Constant TOP, pure red)                          -> input_top (Script TOP) -> ring in
     ring out -> output_top (Script TOP) -> null_out (Null TOP) -> out1 (Out TOP)
+    in2 (In TOP: control image) -> control_fit (Fit TOP) -> control_top (Script TOP) -> control ring
+    style_select (Select TOP: the IP-Adapter page's Style TOP) -> style_fit (Fit TOP) -> style_top (Script TOP)
+        -> style ring (sent on the Update pulse and when a bridge attaches, not every frame)
     oscout1 (OSC Out DAT -> Host:Controlport)      oscin1 (OSC In DAT <- Statusport, oscin_callbacks)
     par_exec (Parameter Execute DAT: controls -> OSC; Start / Stop -> launcher)
     frame_exec (Execute DAT: onStart clears status, onFrameStart force-cooks both Script TOPs and shows their
@@ -18,7 +21,9 @@ It makes a Base COMP ``rtdiffusion`` (rebuilding one of that name keeps its para
     input_callbacks, output_callbacks, oscin_callbacks (Text DATs: the scripts in this folder)
 
 Custom pages: Engine (Python, Repo, Model, Width, Height, Host, Controlport, Statusport, Inputname,
-Outputname, Extraargs, Start, Stop), Controls (controls.PARAMETERS, then controls.CONTROLNET, Sendall),
+Outputname, Extraargs, Start, Stop), Controls (controls.PARAMETERS, Sendall), ControlNet (controls.CONTROLNET:
+Cn1model, Cn1preprocessor, Cn1scale, Cn1start, Cn1end, Cn1enable, the same for Cn2), IP-Adapter
+(controls.IP_ADAPTER: Ipmodel, Ipscale, Ipenable; Ipupdate, Ipstyletop),
 Status (read-only: State, Active, Fps, Frames, Buildstage, Error, Inputring, Outputring, Enginepid, Logfile,
 Inputlink, Inputreconnects, Outputlink, Outputreconnects, Ringevent),
 Channels (Swaprb, Testred, Checkorder, Channelorder). The callback DATs hold copies of this folder's scripts:
@@ -66,7 +71,8 @@ CHANNELS = (
     ("Checkorder", "Check Channel Order", "pulse", None),
 )
 # What par_exec watches: every control and action (not the readouts, which the OSC callbacks write).
-WATCHED = " ".join([c.name for c in (*controls.PARAMETERS, *controls.CONTROLNET)] + ["Sendall", *component.ACTIONS])
+WATCHED = " ".join([c.name for c in controls.ALL] + ["Sendall", *component.ACTIONS])
+PAGES = (("Controls", controls.PARAMETERS), ("ControlNet", controls.CONTROLNET), ("IP-Adapter", controls.IP_ADAPTER))
 
 OPERATORS = (  # name, type, nodeX, nodeY
     ("in1", "inTOP", -600, 200), ("check_red", "constantTOP", -600, 0),
@@ -76,14 +82,22 @@ OPERATORS = (  # name, type, nodeX, nodeY
     ("par_exec", "parameterexecuteDAT", 0, -400), ("frame_exec", "executeDAT", 200, -400),
     ("input_callbacks", "textDAT", 0, 300), ("output_callbacks", "textDAT", 200, 300),
     ("oscin_callbacks", "textDAT", -200, -600),
+    # in2 below in1: TouchDesigner numbers a COMP's In TOPs top to bottom, so in1 stays the first input
+    ("in2", "inTOP", -600, -800), ("control_fit", "fitTOP", -200, -800), ("control_top", "scriptTOP", 0, -800),
+    ("control_callbacks", "textDAT", 200, -800),
+    ("style_select", "selectTOP", -400, -1000), ("style_fit", "fitTOP", -200, -1000),
+    ("style_top", "scriptTOP", 0, -1000), ("style_callbacks", "textDAT", 200, -1000),
 )
 WIRES = (  # (source, destination, destination input)
     ("in1", "source_switch", 0), ("check_red", "source_switch", 1), ("source_switch", "fit1", 0),
     ("fit1", "input_top", 0), ("output_top", "null_out", 0), ("null_out", "out1", 0),
+    ("in2", "control_fit", 0), ("control_fit", "control_top", 0), ("style_select", "style_fit", 0),
+    ("style_fit", "style_top", 0),
 )
 TEXTS = {"input_callbacks": "input_top_callbacks.py", "output_callbacks": "output_top_callbacks.py",
          "oscin_callbacks": "osc_in_callbacks.py", "par_exec": "par_exec_callbacks.py",
-         "frame_exec": "execute_callbacks.py"}
+         "frame_exec": "execute_callbacks.py", "control_callbacks": "input_top_callbacks.py",
+         "style_callbacks": "style_top_callbacks.py"}
 
 
 def build(parent, name: str = NAME, python: str = "", model: str | None = None, repo: str | None = None,
@@ -118,8 +132,11 @@ def build(parent, name: str = NAME, python: str = "", model: str | None = None, 
 
 def _append(page, name, label, kind, default=None, limits=None):
     add = {"str": page.appendStr, "int": page.appendInt, "float": page.appendFloat, "toggle": page.appendToggle,
-           "pulse": page.appendPulse, "file": page.appendFile, "folder": page.appendFolder}[kind]
+           "pulse": page.appendPulse, "file": page.appendFile, "folder": page.appendFolder,
+           "menu": page.appendMenu, "top": page.appendTOP}[kind]
     par = add(name, label=label)[0]
+    if kind == "menu":
+        par.menuNames = par.menuLabels = list(controls.MENUS[name])
     if default is not None:
         par.default = default
         par.val = default
@@ -134,10 +151,15 @@ def _pages(comp) -> None:
     engine = comp.appendCustomPage("Engine")
     for n, label, kind, default in ENGINE:
         _append(engine, n, label, kind, default)
-    page = comp.appendCustomPage("Controls")
-    for c in (*controls.PARAMETERS, *controls.CONTROLNET):
-        _append(page, c.name, c.label, c.kind, c.default, c.limits)
-    _append(page, "Sendall", "Send All Controls", "pulse")
+    for title, page_controls in PAGES:
+        page = comp.appendCustomPage(title)
+        for c in page_controls:
+            _append(page, c.name, c.label, c.kind, c.default, c.limits)
+        if title == "Controls":
+            _append(page, "Sendall", "Send All Controls", "pulse")
+        elif title == "IP-Adapter":
+            _append(page, "Ipupdate", "Update Style Image", "pulse")
+            _append(page, "Ipstyletop", "Style TOP", "top")
     status = comp.appendCustomPage("Status")
     for n, label, kind in STATUS:
         _append(status, n, label, kind).readOnly = True
@@ -149,15 +171,18 @@ def _pages(comp) -> None:
 
 def _wire_parameters(comp, ops) -> None:
     res = ("parent().par.Width", "parent().par.Height")
-    for n in ("fit1", "check_red"):
+    for n in ("fit1", "check_red", "control_fit", "style_fit"):
         ops[n].par.outputresolution = "custom"
         ops[n].par.resolutionw.expr, ops[n].par.resolutionh.expr = res
-    ops["fit1"].par.fit = "fitbest"
+    for n in ("fit1", "control_fit", "style_fit"):
+        ops[n].par.fit = "fitbest"
+    ops["style_select"].par.top.expr = "parent().par.Ipstyletop"
     red = ops["check_red"].par
     red.colorr, red.colorg, red.colorb, red.alpha = 1.0, 0.0, 0.0, 1.0
     ops["source_switch"].par.index.expr = "1 if parent().par.Testred else 0"
 
-    for top, cb in (("input_top", "input_callbacks"), ("output_top", "output_callbacks")):
+    for top, cb in (("input_top", "input_callbacks"), ("output_top", "output_callbacks"),
+                    ("control_top", "control_callbacks"), ("style_top", "style_callbacks")):
         ops[top].par.callbacks = cb
         ops[cb].module.onSetupParameters(ops[top])  # adds Ringname (and Delayed), Swaprb
         ops[top].par.Swaprb.expr = "parent().par.Swaprb"

@@ -6,6 +6,8 @@ TouchDesigner's documented Python: ``comp.op(name)``, ``comp.par.<Name>`` (``eva
 Who calls what::
 
     frame_exec  (Execute DAT)            onStart/onCreate -> on_start
+                                         (force_cook covers all four Script TOPs: input, output, control,
+                                         style; the style TOP sends only after update_style or an attach)
                                          onFrameStart -> force_cook, show_links, watch_engine
                                          onExit -> stop(wait=True)
     par_exec    (Parameter Execute DAT)  onValueChange/onPulse -> on_parameter
@@ -29,8 +31,8 @@ from td_bridge.touchdesigner.channel_order import check_red
 
 log = logging.getLogger(__name__)
 
-SCRIPT_TOPS = ("input_top", "output_top")
-ACTIONS = ("Start", "Stop", "Sendall", "Checkorder")
+SCRIPT_TOPS = ("input_top", "output_top", "control_top", "style_top")
+ACTIONS = ("Start", "Stop", "Sendall", "Checkorder", "Ipupdate")
 LIVE_STATES = {"ready", "streaming", "paused"}
 STOP_GRACE_S = 15.0  # Stop button: time to exit after /stop before terminate (waited on a thread)
 EXIT_GRACE_S = 3.0  # quitting TouchDesigner: it waits this long, then terminates (the rings are gone by then)
@@ -135,7 +137,8 @@ def settings(comp) -> launcher.LaunchSettings:
         height=int(p.Height.eval()), control_port=int(p.Controlport.eval()), status_port=int(p.Statusport.eval()),
         host=str(p.Host.eval()) or "127.0.0.1", input_name=str(p.Inputname.eval()),
         output_name=str(p.Outputname.eval()), prompt=str(p.Prompt.eval()), seed=int(p.Seed.eval()),
-        extra_args=str(p.Extraargs.eval()), repo=str(p.Repo.eval()), log_file="")
+        extra_args=str(p.Extraargs.eval()), repo=str(p.Repo.eval()), log_file="",
+        conditioning=tuple(controls.launch_args(p)))
 
 
 def start(comp):
@@ -177,6 +180,8 @@ def on_parameter(comp, par) -> None:
         controls.send_all(comp.op("oscout1"), comp.par)
     elif name == "Checkorder":
         check_channels(comp)
+    elif name == "Ipupdate":
+        update_style(comp)
     else:
         controls.send_parameter(comp.op("oscout1"), comp.par, name)
 
@@ -210,6 +215,14 @@ def on_osc(comp, address: str, args: list) -> None:
         _set(comp, "Frames", int(value))
     else:
         _set(comp, name, str(value))
+
+
+def update_style(comp) -> None:
+    """IP-Adapter Update: the style Script TOP sends the Style TOP's picture at its next cook (this frame's
+    force-cook); the bridge sees the new frame in its style ring and encodes it once."""
+    dat = comp.op("style_callbacks")
+    if dat is not None and hasattr(dat.module, "request"):
+        dat.module.request()
 
 
 # ----------------------------------------------------------------------------------------- channel order

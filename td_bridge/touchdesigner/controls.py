@@ -9,10 +9,12 @@ dataclasses: a pasted DAT's module is not in sys.modules).
 ``PARAMETERS`` maps the built component's custom parameters to these messages (see build_component.py);
 ``send_parameter`` is what its Parameter Execute DAT calls on every change.
 
-Extension point for ControlNet: the bridge has no ControlNet address yet. When it does, add one entry per
-scale to ``CONTROLNET`` below, e.g. ``Control("Cnscale1", "ControlNet 1 Scale", "float", 1.0, (0.0, 2.0),
-lambda v: ("/controlnet_scale", [0, float(v)]))``: the builder then adds the parameter to the Controls page
-and the Parameter Execute DAT sends it, with no other change.
+``CONTROLNET`` (the ControlNet page: two units, Cn1* and Cn2*) and ``IP_ADAPTER`` (the IP-Adapter page) are
+built the same way. A unit's Model and Preprocessor, and the IP-Adapter's Model, are launch settings (the
+launcher turns them into ``--controlnet MODEL:PREPROCESSOR:SCALE`` and ``--ip-adapter MODEL``; changing them
+needs a restart, so they send nothing); scale, start, end and enable are live (``/controlnet/<i>/<field>``,
+``/ipadapter_scale``, ``/ipadapter_enable``). A unit with an empty Model is not started and sends nothing,
+and the engine numbers only the units that have one: with Cn1 empty, Cn2 is the engine's ControlNet 0.
 """
 
 from __future__ import annotations
@@ -54,6 +56,28 @@ def strength(osc_out, value):
 def steps(osc_out, value):
     """Denoising steps per frame (1..4 is the useful range live)."""
     osc_out.sendOSC("/steps", [int(value)])
+
+
+def controlnet(osc_out, index, scale=None, enabled=None, start=None, end=None):
+    """Live settings of the engine's ControlNet ``index`` (0-based), e.g. ``controlnet(op('oscout1'), 0, scale=0.7)``;
+    sent as one /controlnets JSON message (the fields not given stay as they are)."""
+    fields = {k: v for k, v in (("scale", scale), ("enabled", None if enabled is None else bool(enabled)),
+                                        ("start", start), ("end", end))
+              if v is not None}
+    osc_out.sendOSC("/controlnets", [json.dumps({str(int(index)): fields})])
+
+
+def ipadapter_scale(osc_out, value):
+    osc_out.sendOSC("/ipadapter_scale", [float(value)])
+
+
+def ipadapter_enable(osc_out, on):
+    osc_out.sendOSC("/ipadapter_enable", [int(bool(on))])
+
+
+def ipadapter_update(osc_out):
+    """Ask the bridge to read the style ring's picture again (encoded once)."""
+    osc_out.sendOSC("/ipadapter_update", [])
 
 
 def pause(osc_out):
@@ -103,10 +127,72 @@ PARAMETERS: tuple[Control, ...] = (
     Control("Step", "Step One Frame", "pulse", None, None, lambda v, p: ("/process_frame", [])),
 )
 
-# ControlNet scales go here once the bridge has an address for them (see the module docstring).
-CONTROLNET: tuple[Control, ...] = ()
+# ------------------------------------------------------------------------------- ControlNet, IP-Adapter
+CN_UNITS = 2
+PREPROCESSORS = ("canny", "tile", "depth", "external")
+MENUS = {f"Cn{u}preprocessor": PREPROCESSORS for u in range(1, CN_UNITS + 1)}  # menu parameter -> its entries
 
-BY_NAME: dict[str, Control] = {c.name: c for c in (*PARAMETERS, *CONTROLNET)}
+
+def _text(pars, name: str) -> str:
+    par = getattr(pars, name, None)
+    return str(par.eval()).strip() if par is not None else ""
+
+
+def engine_index(pars, unit: int):
+    """The engine's index of ControlNet unit ``unit`` (1-based on the panel): the units before it that have a
+    model; None when this unit has none (not started)."""
+    if not _text(pars, f"Cn{unit}model"):
+        return None
+    return sum(1 for u in range(1, unit) if _text(pars, f"Cn{u}model"))
+
+
+def _unit_message(unit: int, field: str, cast):
+    def message(v, pars):
+        i = engine_index(pars, unit)
+        return None if i is None else (f"/controlnet/{i}/{field}", [cast(v)])
+    return message
+
+
+def _unit(u: int) -> tuple[Control, ...]:
+    return (
+        Control(f"Cn{u}model", f"ControlNet {u} Model", "str", "", None, lambda v, p: None),
+        Control(f"Cn{u}preprocessor", f"ControlNet {u} Preprocessor", "menu", "canny", None, lambda v, p: None),
+        Control(f"Cn{u}scale", f"ControlNet {u} Scale", "float", 1.0, (0.0, 2.0), _unit_message(u, "scale", float)),
+        Control(f"Cn{u}start", f"ControlNet {u} Start", "float", 0.0, (0.0, 1.0), _unit_message(u, "start", float)),
+        Control(f"Cn{u}end", f"ControlNet {u} End", "float", 1.0, (0.0, 1.0), _unit_message(u, "end", float)),
+        Control(f"Cn{u}enable", f"ControlNet {u} Enable", "toggle", True, None, _unit_message(u, "enabled", int)),
+    )
+
+
+CONTROLNET: tuple[Control, ...] = tuple(c for u in range(1, CN_UNITS + 1) for c in _unit(u))
+
+
+def _ip(address: str, cast):
+    return lambda v, p: (address, [cast(v)]) if _text(p, "Ipmodel") else None
+
+
+IP_ADAPTER: tuple[Control, ...] = (
+    Control("Ipmodel", "IP-Adapter Model", "str", "", None, lambda v, p: None),
+    Control("Ipscale", "IP-Adapter Scale", "float", 0.6, (0.0, 2.0), _ip("/ipadapter_scale", float)),
+    Control("Ipenable", "IP-Adapter Enable", "toggle", True, None, _ip("/ipadapter_enable", int)),
+)
+
+
+def launch_args(pars) -> list[str]:
+    """``rtdiffusion td`` flags for the ControlNet and IP-Adapter pages' launch settings."""
+    args = []
+    for u in range(1, CN_UNITS + 1):
+        model = _text(pars, f"Cn{u}model")
+        if model:
+            scale = float(getattr(pars, f"Cn{u}scale").eval())
+            args += ["--controlnet", f"{model}:{_text(pars, f'Cn{u}preprocessor') or 'canny'}:{scale:g}"]
+    if _text(pars, "Ipmodel"):
+        args += ["--ip-adapter", _text(pars, "Ipmodel"), "--ip-adapter-scale", f"{float(pars.Ipscale.eval()):g}"]
+    return args
+
+
+ALL: tuple[Control, ...] = (*PARAMETERS, *CONTROLNET, *IP_ADAPTER)
+BY_NAME: dict[str, Control] = {c.name: c for c in ALL}
 
 
 def send_parameter(osc_out, pars, name: str) -> tuple[str, list] | None:
@@ -125,7 +211,7 @@ def send_all(osc_out, pars) -> list[tuple[str, list]]:
     """Send every control's current value (pulses excepted), e.g. when the engine has just become ready, so
     it matches the panel."""
     sent = []
-    for control in (*PARAMETERS, *CONTROLNET):
+    for control in ALL:
         if control.kind == "pulse":
             continue
         msg = control.message(getattr(pars, control.name).eval(), pars)

@@ -62,6 +62,7 @@ class LaunchSettings:
     repo: str = ""  # repository root: the child's PYTHONPATH (for a checkout that is not pip-installed)
     log_file: str = ""
     flip_rows: bool = True
+    conditioning: tuple[str, ...] = ()  # --controlnet / --ip-adapter flags (controls.launch_args)
 
     def check(self) -> None:
         py = self.python.strip()
@@ -102,7 +103,7 @@ class LaunchSettings:
             cmd += ["--output-name", self.output_name.strip()]
         if self.prompt:
             cmd += ["--prompt", self.prompt]
-        return cmd + shlex.split(self.extra_args)
+        return cmd + list(self.conditioning) + shlex.split(self.extra_args)
 
     def environment(self, base: dict[str, str] | None = None) -> dict[str, str]:
         env = {k: v for k, v in (os.environ if base is None else base).items() if k not in _TD_PYTHON_VARS}

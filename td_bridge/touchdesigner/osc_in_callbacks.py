@@ -10,6 +10,8 @@
 targets = {
     "/stream-info/input-name": ("input_top", "Ringname"),
     "/stream-info/output-name": ("output_top", "Ringname"),
+    "/stream-info/control-name": ("control_top", "Ringname"),  # only with an 'external' ControlNet
+    "/stream-info/style-name": ("style_top", "Ringname"),  # only with an IP-Adapter
 }
 
 

@@ -194,6 +194,36 @@ class InputSender(_Link):
         return True
 
 
+class StyleSender(InputSender):
+    """Sends the IP-Adapter's style picture into the bridge's style ring only when asked (``request``: the
+    component's Update pulse) and whenever a ring is (re)attached (a new bridge needs it too), never every
+    frame: the bridge encodes each picture it gets. Use ``wants(name)`` before paying for numpyArray()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending = True
+
+    def request(self) -> None:
+        self.pending = True
+
+    def _attached(self, ring) -> None:
+        self.pending = True
+
+    def wants(self, name: str) -> bool:
+        """True when a picture should be sent now (a ring is attached and one was asked for)."""
+        try:
+            return bool(name) and self._ring_for(name) is not None and self.pending
+        except Exception as exc:  # pragma: no cover - a last guard for onCook
+            self.error = f"{type(exc).__name__}: {exc}"
+            return False
+
+    def send(self, name: str, frame: np.ndarray | None) -> bool:
+        sent = super().send(name, frame)
+        if sent:
+            self.pending = False
+        return sent
+
+
 class OutputReceiver(_Link):
     """Reads the newest result from the bridge's output ring as an array for ``copyNumpyArray``."""
 

@@ -97,8 +97,9 @@ class Par:
                 if v not in self.menuNames:
                     raise tdError(f"Invalid menu value {v!r} for {self.owner.path}:{self.name}; "
                                   f"expected one of {self.menuNames}")
-            elif s == "OP":
-                v = v.path if isinstance(v, OP) else str(v)
+            elif s in ("OP", "TOP"):
+                v = v.eval() if isinstance(v, Par) else v  # an expression may give a Par: TD uses its value
+                v = v.path if isinstance(v, OP) else ("" if v is None else str(v))
             else:
                 v = str(v)
         except (TypeError, ValueError, IndexError):
@@ -129,7 +130,7 @@ class Par:
             value = self._coerce(eval(self._expr, ns))
         else:
             value = self._val
-        if self.style == "OP":
+        if self.style in ("OP", "TOP"):
             return self.owner.op(value) if value else None
         return value
 
@@ -211,6 +212,9 @@ class Page:
 
     def appendMenu(self, name, label=None, order=None, replace=True):
         return self._append("Menu", name, label, order=order, replace=replace)
+
+    def appendTOP(self, name, label=None, order=None, replace=True):
+        return self._append("TOP", name, label, order=order, replace=replace)
 
     def appendFile(self, name, label=None, order=None, replace=True):
         return self._append("File", name, label, order=order, replace=replace)

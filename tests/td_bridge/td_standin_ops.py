@@ -108,6 +108,17 @@ class switchTOP(TOP):
         return ins[int(min(max(self.par.index.eval(), 0), len(ins) - 1))]._image()
 
 
+class selectTOP(TOP):
+    """Shows the TOP its ``top`` parameter names (an operator reference)."""
+
+    OPTYPE, MAX_INPUTS = "selectTOP", 0
+    PARS = {"top": ("OP", "", ())}
+
+    def _image(self):
+        src = self.par.top.eval()
+        return None if src is None else src._image()
+
+
 class fitTOP(TOP):
     OPTYPE = "fitTOP"
     PARS = {**TOP._RES, "fit": ("Menu", "fitbest", ("fithorz", "fitvert", "fitbest", "fitoutside", "nativeres"))}
@@ -320,5 +331,6 @@ class oscinDAT(DAT):
         self.__dict__.update(_sock=None, _bound=None)
 
 
-OPTYPES.update({c.OPTYPE: c for c in (baseCOMP, inTOP, outTOP, nullTOP, constantTOP, switchTOP, fitTOP, scriptTOP,
+OPTYPES.update({c.OPTYPE: c for c in (baseCOMP, inTOP, outTOP, nullTOP, constantTOP, switchTOP, fitTOP, selectTOP,
+                                      scriptTOP,
                                  textDAT, executeDAT, parameterexecuteDAT, oscoutDAT, oscinDAT)})

@@ -47,7 +47,7 @@ def test_builder_makes_every_operator_with_its_type_parameters_and_wires(project
     assert {o.name: o.OPTYPE for o in comp.children} == {n: t for n, t, _, _ in build_component.OPERATORS}
     for src, dst, i in build_component.WIRES:
         assert comp.op(dst).inputConnectors[i].connections[0].owner is comp.op(src)
-    assert [p.name for p in comp.customPages] == ["Engine", "Controls", "Status", "Channels"]
+    assert [p.name for p in comp.customPages] == ["Engine", "Controls", "ControlNet", "IP-Adapter", "Status", "Channels"]
     names = {p.name for p in comp.customPars}
     assert {"Python", "Model", "Prompt", "Negative", "Seed", "Strength", "Steps", "Guidance", "Start", "Stop",
             "State", "Fps", "Error", "Inputname", "Outputname", "Controlport", "Statusport", "Swaprb",
