@@ -15,10 +15,12 @@ The style image is a binary websocket message: the file's own bytes (PNG or JPEG
     offset size type  field
     0      4    4s    magic        b"RTDS"
     4      1    u8    version      1
-    5      3    3x    reserved     0
+    5      1    x     reserved     0
+    6      2    u16   name len     N, at most MAX_NAME_BYTES (0: no name)
     8      4    u32   request id   echoed in the reply ({"t": "applied", "what": "style_image", "id": N, ...})
-    12     4    u32   payload len  bytes after the header; must equal the message length - 16
-    16     ...        payload      a PNG or JPEG file, at most MAX_STYLE_BYTES, at most MAX_STYLE_PIXELS pixels
+    12     4    u32   payload len  the file's bytes; the message is 16 + N + payload len bytes long
+    16     N          name         the file's name, UTF-8 (shown on the page; never opened as a path)
+    16+N   ...        payload      a PNG or JPEG file, at most MAX_STYLE_BYTES, at most MAX_STYLE_PIXELS pixels
 
 The server decodes it with Pillow off the event loop, hands [H, W, 3] uint8 to ``engine.set_style_image``
 (encoded once, not per frame) and keeps a small PNG thumbnail for the page (GET /api/style.png). An
@@ -40,7 +42,8 @@ from .protocol import ProtocolError
 
 STYLE_MAGIC = b"RTDS"
 STYLE_VERSION = 1
-STYLE_HEADER = struct.Struct("<4sB3xII")  # 16 bytes, the layout above
+STYLE_HEADER = struct.Struct("<4sBxHII")  # 16 bytes, the layout above
+MAX_NAME_BYTES = 200
 STYLE_HEADER_SIZE = STYLE_HEADER.size
 MAX_STYLE_BYTES = 8 * 1024 * 1024
 MAX_STYLE_PIXELS = 4096 * 4096
@@ -129,32 +132,37 @@ def merge_preset_controlnets(current: list[dict[str, Any]], preset: list[dict[st
 
 
 # ---- style image ---------------------------------------------------------------------------------------------
-def pack_style(payload: bytes, request_id: int = 0) -> bytes:
-    """The binary message that uploads ``payload`` (a PNG or JPEG file's bytes) as the style image."""
-    return STYLE_HEADER.pack(STYLE_MAGIC, STYLE_VERSION, request_id & 0xFFFFFFFF, len(payload)) + payload
+def pack_style(payload: bytes, request_id: int = 0, name: str = "") -> bytes:
+    """The binary message that uploads ``payload`` (a PNG or JPEG file's bytes, named ``name``) as the style image."""
+    raw = name.encode("utf-8")[:MAX_NAME_BYTES]
+    return STYLE_HEADER.pack(STYLE_MAGIC, STYLE_VERSION, len(raw), request_id & 0xFFFFFFFF, len(payload)) + raw + payload
 
 
 def is_style_message(message: bytes) -> bool:
     return message[:4] == STYLE_MAGIC
 
 
-def parse_style(message: bytes) -> tuple[int, memoryview]:
-    """Check a style-image message's header; (request id, the file's bytes). Raises ProtocolError."""
-    if len(message) > STYLE_HEADER_SIZE + MAX_STYLE_BYTES:
+def parse_style(message: bytes) -> tuple[int, str, memoryview]:
+    """Check a style-image message's header; (request id, file name, the file's bytes). Raises ProtocolError."""
+    if len(message) > STYLE_HEADER_SIZE + MAX_NAME_BYTES + MAX_STYLE_BYTES:
         raise ProtocolError("too_large", f"a style image is at most {MAX_STYLE_BYTES // (1024 * 1024)} MiB; got "
                                          f"{(len(message) - STYLE_HEADER_SIZE) / (1024 * 1024):.1f} MiB")
     if len(message) < STYLE_HEADER_SIZE:
         raise ProtocolError("short", f"a style image message needs a {STYLE_HEADER_SIZE}-byte header; got "
                                      f"{len(message)} bytes")
-    magic, version, request_id, payload_len = STYLE_HEADER.unpack_from(message)
+    magic, version, name_len, request_id, payload_len = STYLE_HEADER.unpack_from(message)
     if magic != STYLE_MAGIC:
         raise ProtocolError("magic", f"a style image message must start with {STYLE_MAGIC!r}; got {magic!r}")
     if version != STYLE_VERSION:
         raise ProtocolError("version", f"style image message version must be {STYLE_VERSION}; got {version}")
-    if payload_len != len(message) - STYLE_HEADER_SIZE:
-        raise ProtocolError("length", f"header says {payload_len} payload bytes but the message carries "
-                                      f"{len(message) - STYLE_HEADER_SIZE}")
-    return request_id, memoryview(message)[STYLE_HEADER_SIZE:]
+    if name_len > MAX_NAME_BYTES:
+        raise ProtocolError("length", f"a style image's name is at most {MAX_NAME_BYTES} bytes; got {name_len}")
+    if STYLE_HEADER_SIZE + name_len + payload_len != len(message):
+        raise ProtocolError("length", f"header says {name_len} name bytes and {payload_len} payload bytes but the "
+                                      f"message carries {len(message) - STYLE_HEADER_SIZE} after the header")
+    name = bytes(message[STYLE_HEADER_SIZE:STYLE_HEADER_SIZE + name_len]).decode("utf-8", "replace")
+    name = "".join(ch for ch in name if ch.isprintable()).strip()
+    return request_id, name, memoryview(message)[STYLE_HEADER_SIZE + name_len:]
 
 
 def decode_style(data: bytes | memoryview, name: str = "the style image") -> np.ndarray:

@@ -168,9 +168,10 @@ class Hub:
             if client is not self.controller:
                 raise ProtocolError("not_controller", "only the control page (/ws?role=control) may set the style "
                                                       "image; this socket is a viewer")
-            request_id, payload = parse_style(data)
+            request_id, name, payload = parse_style(data)
             try:
-                style = await asyncio.to_thread(self.server.conditioning.set_style_image, payload, "the style image")
+                style = await asyncio.to_thread(self.server.conditioning.set_style_image, payload,
+                                                name[:60] or "the style image")
             except HttpError as exc:
                 raise ProtocolError("rejected", f"style image: {exc}") from None
         except ProtocolError as exc:

@@ -150,12 +150,16 @@ class RtdConditioning {
       return;
     }
     const bytes = new Uint8Array(await file.arrayBuffer()), H = RtdConditioning.STYLE_HEADER;
-    const buf = new ArrayBuffer(H + bytes.byteLength), dv = new DataView(buf);
+    let name = new TextEncoder().encode(file.name);
+    if (name.byteLength > 200) name = new TextEncoder().encode(file.name.slice(-40));
+    const buf = new ArrayBuffer(H + name.byteLength + bytes.byteLength), dv = new DataView(buf);
     [0x52, 0x54, 0x44, 0x53].forEach((b, i) => dv.setUint8(i, b));  // "RTDS"
     dv.setUint8(4, 1);
+    dv.setUint16(6, name.byteLength, true);
     dv.setUint32(8, ++this.styleId, true);
     dv.setUint32(12, bytes.byteLength, true);
-    new Uint8Array(buf, H).set(bytes);
+    new Uint8Array(buf, H).set(name);
+    new Uint8Array(buf, H + name.byteLength).set(bytes);
     this.say(`sending ${file.name}…`, true);
     this.pending.set("style_image", buf);
     this.pump();

@@ -59,12 +59,13 @@ def test_too_many_pixels_are_refused_before_decoding():
 
 
 def test_style_message_header():
-    msg = pack_style(b"abc", 7)
-    assert msg[:4] == b"RTDS" and msg[4] == 1 and len(msg) == STYLE_HEADER_SIZE + 3
-    request_id, payload = parse_style(msg)
-    assert request_id == 7 and bytes(payload) == b"abc"
-    with pytest.raises(ProtocolError, match="header says 4 payload bytes but the message carries 3"):
-        parse_style(msg[:12] + (4).to_bytes(4, "little") + b"abc")
+    msg = pack_style(b"abc", 7, "sunset.png")
+    assert msg[:4] == b"RTDS" and msg[4] == 1 and len(msg) == STYLE_HEADER_SIZE + 10 + 3
+    request_id, name, payload = parse_style(msg)
+    assert (request_id, name, bytes(payload)) == (7, "sunset.png", b"abc")
+    assert parse_style(pack_style(b"abc", 1, "a\nb\x1b.png"))[1] == "ab.png"  # no control characters
+    with pytest.raises(ProtocolError, match="header says 10 name bytes and 4 payload bytes but the message carries 13"):
+        parse_style(msg[:12] + (4).to_bytes(4, "little") + msg[16:])
     with pytest.raises(ProtocolError, match="version must be 1; got 2"):
         parse_style(msg[:4] + b"\x02" + msg[5:])
 
@@ -185,10 +186,11 @@ def test_a_viewer_cannot_change_settings(control_demo):
 def test_style_image_upload_reaches_the_engine_and_bad_files_keep_the_previous_style(page, control_demo):
     api = Api(control_demo.url)
     encodes = engine_after_a_frame(page, control_demo)["ip_adapter"]["encodes"]
-    page.ws.send(pack_style(image_file("JPEG", (50, 30), seed=3), 5))
+    page.ws.send(pack_style(image_file("JPEG", (50, 30), seed=3), 5, "sunset.jpg"))
     reply = page.recv_json(lambda m: m["t"] in ("applied", "error"), timeout=60)
     assert reply["t"] == "applied" and reply["id"] == 5 and (reply["style"]["width"], reply["style"]["height"]) == (50, 30)
     version = reply["style"]["version"]
+    assert reply["style"]["name"] == "sunset.jpg"
     after = engine_after_a_frame(page, control_demo)["ip_adapter"]
     assert after["encodes"] == encodes + 1
     thumb = api.get("/api/style.png")

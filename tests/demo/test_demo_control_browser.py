@@ -47,7 +47,7 @@ def slide(d, element_id, value):
                      "el.dispatchEvent(new Event('input'));", element_id, value)
 
 
-def test_the_panel_has_one_row_per_controlnet_beside_a_full_size_output(page):
+def test_the_panel_has_one_row_per_controlnet_beside_a_full_size_output(page, control_demo):
     d = page
     rows = d.find_elements(By.CSS_SELECTOR, "#controlnets .cn")
     assert len(rows) == 2 and d.find_element(By.ID, "cnSection").is_displayed()
@@ -55,7 +55,8 @@ def test_the_panel_has_one_row_per_controlnet_beside_a_full_size_output(page):
     assert all(r.find_element(By.CSS_SELECTOR, ".cn-name").text == "random:controlnet-tiny" for r in rows)
     assert d.find_element(By.ID, "ipSection").is_displayed()
     assert d.find_element(By.ID, "cnScale1").get_attribute("value") == "0.5"
-    assert "start-style.png · 24×16" in d.find_element(By.ID, "styleText").text  # --style-image, at start
+    style = Api(control_demo.url).status()["conditioning"]["style"]  # --style-image at start, or a later upload
+    assert f"{style['name']} · {style['width']}×{style['height']}" in d.find_element(By.ID, "styleText").text
     out = rect(d, "#out")
     assert out["w"] > 600 and out["h"] > 600 and out["right"] <= out["vw"]  # the output keeps its room
     for selector in ("#cn1", "#styleDrop"):  # reachable in the panel, inside the window
@@ -111,7 +112,7 @@ def test_a_style_image_from_the_file_input_reaches_the_engine_and_a_corrupt_drop
     until(d, lambda d: engine(control_demo)["ip_adapter"]["encodes"] == encodes + 1, 60, "an encode in the engine")
     until(d, lambda d: d.execute_script("const i = document.getElementById('styleThumb');"
                                         "return !i.hidden && i.complete && i.naturalWidth") == 48, 30, "the thumbnail")
-    assert "48×32" in d.find_element(By.ID, "styleText").text
+    assert "style-1.png · 48×32" in d.find_element(By.ID, "styleText").text
     assert "style image set" in d.find_element(By.ID, "message").text
     # a corrupt "PNG" dropped on the drop zone: refused on screen, the engine keeps its style
     d.execute_script("""
@@ -119,9 +120,9 @@ def test_a_style_image_from_the_file_input_reaches_the_engine_and_a_corrupt_drop
         dt.items.add(new File([new Uint8Array([137, 80, 78, 71, 13, 10, 26, 10, 1, 2, 3])], "broken.png", {type: "image/png"}));
         document.getElementById('styleDrop').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));""")
     until(d, lambda d: "style image refused" in d.find_element(By.ID, "message").text, 30, "the refusal on screen")
-    assert "could not be read as a PNG or JPEG file" in d.find_element(By.ID, "message").get_attribute("title")
+    assert "broken.png could not be read as a PNG or JPEG file" in d.find_element(By.ID, "message").get_attribute("title")
     assert engine(control_demo)["ip_adapter"]["encodes"] == encodes + 1
-    assert "48×32" in d.find_element(By.ID, "styleText").text  # the previous style is still the one shown
+    assert "style-1.png · 48×32" in d.find_element(By.ID, "styleText").text  # the previous style is still shown
 
 
 def test_a_preset_stored_from_the_page_carries_the_conditioning(page, control_demo):
