@@ -132,18 +132,6 @@ class Api:
 _ids = itertools.count(1_000_000)
 
 
-def control_api_landed() -> bool:
-    """The engine takes ControlNets and an IP-Adapter, and the shared CLI flags for them exist (issue 14)."""
-    import inspect
-
-    from rtdiffusion import StreamEngine
-    from rtdiffusion.cli.common import OPTIONS
-
-    params = inspect.signature(StreamEngine.from_pretrained).parameters
-    return "controlnets" in params and "ip_adapter" in params and hasattr(StreamEngine, "set_style_image") and \
-        "--controlnet" in OPTIONS and "--style-image" in OPTIONS
-
-
 def test_image(i: int = 0) -> np.ndarray:
     """A moving pattern, uint8 [H, W, 3]."""
     y, x = np.mgrid[0:HEIGHT, 0:WIDTH]

@@ -17,7 +17,7 @@ from demo.conditioning import (MAX_STYLE_BYTES, STYLE_HEADER_SIZE, decode_style,
                                thumbnail_png)
 from demo.controls import PresetBody
 from demo.protocol import ProtocolError
-from demo_helpers import Api, WsClient, control_api_landed
+from demo_helpers import Api, WsClient
 
 def image_file(fmt: str = "PNG", size=(40, 24), seed: int = 0) -> bytes:
     rgb = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
@@ -81,9 +81,6 @@ def test_presets_carry_the_conditioning_settings():
 
 
 # ---- a real server with two ControlNets and an IP-Adapter ---------------------------------------------------------
-needs_control = pytest.mark.skipif(not control_api_landed(), reason="the engine has no controlnets= / ip_adapter= yet")
-
-
 @pytest.fixture
 def page(control_demo):
     with WsClient(control_demo.ws_url, "control") as client:
@@ -110,7 +107,6 @@ def live(units):
     return [{k: u[k] for k in ("scale", "enabled", "start", "end")} for u in units]
 
 
-@needs_control
 def test_hello_and_status_describe_the_conditioning(page, control_demo):
     cond = page.hello["conditioning"]
     assert [(u["index"], u["preprocessor"]) for u in cond["controlnets"]] == [(0, "canny"), (1, "tile")]
@@ -120,7 +116,6 @@ def test_hello_and_status_describe_the_conditioning(page, control_demo):
     assert len(status["conditioning"]["controlnets"]) == 2 and status["conditioning"]["ip_adapter"] is not None
 
 
-@needs_control
 def test_the_style_image_given_at_start_is_encoded_and_shown(control_demo):
     with WsClient(control_demo.ws_url, "view") as viewer:
         style = viewer.hello["conditioning"]["style"]
@@ -132,7 +127,6 @@ def test_the_style_image_given_at_start_is_encoded_and_shown(control_demo):
     assert thumb.status == 200 and Image.open(io.BytesIO(thumb.body)).getpixel((0, 0)) == (200, 40, 90)
 
 
-@needs_control
 def test_websocket_settings_change_the_engine(page, control_demo):
     assert ask(page, {"t": "controlnet", "index": 1, "scale": 0.25, "start": 0.1})["t"] == "applied"
     reply = ask(page, {"t": "controlnet", "index": 0, "enabled": False})
@@ -149,7 +143,6 @@ def test_websocket_settings_change_the_engine(page, control_demo):
     ask(page, {"t": "ip_adapter", "scale": 0.6, "enabled": True})
 
 
-@needs_control
 @pytest.mark.parametrize("msg, words", [
     ({"t": "controlnet", "index": 2, "scale": 0.3}, "index: expected a ControlNet index from 0 to 1; got 2"),
     ({"t": "controlnet", "index": 0, "scale": float("nan")}, "scale: Input should be a finite number"),
@@ -172,7 +165,6 @@ def test_bad_settings_get_a_clear_error_and_change_nothing(page, control_demo, m
     assert Api(control_demo.url).status()["controls"]["controlnets"] == live(before["controlnets"])
 
 
-@needs_control
 def test_a_viewer_cannot_change_settings(control_demo):
     with WsClient(control_demo.ws_url, "view") as viewer:
         reply = ask(viewer, {"t": "controlnet", "index": 0, "scale": 0.1})
@@ -182,7 +174,6 @@ def test_a_viewer_cannot_change_settings(control_demo):
         assert reply["code"] == "not_controller" and reply["what"] == "style_image"
 
 
-@needs_control
 def test_style_image_upload_reaches_the_engine_and_bad_files_keep_the_previous_style(page, control_demo):
     api = Api(control_demo.url)
     encodes = engine_after_a_frame(page, control_demo)["ip_adapter"]["encodes"]
@@ -205,7 +196,6 @@ def test_style_image_upload_reaches_the_engine_and_bad_files_keep_the_previous_s
     assert api.get("/api/style.png").body == thumb.body
 
 
-@needs_control
 def test_presets_store_and_apply_the_conditioning_settings(page, control_demo):
     api = Api(control_demo.url)
     stored = {"controlnets": [{"scale": 0.3, "enabled": False, "start": 0.0, "end": 0.5}, {"scale": 1.5}],

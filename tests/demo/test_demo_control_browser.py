@@ -13,10 +13,9 @@ import pytest
 from PIL import Image
 
 from browser_helpers import HAVE_CHROMIUM, SKIP_REASON, chromium, until
-from demo_helpers import Api, control_api_landed
+from demo_helpers import Api
 
-pytestmark = [pytest.mark.browser, pytest.mark.skipif(not HAVE_CHROMIUM, reason=SKIP_REASON),
-              pytest.mark.skipif(not control_api_landed(), reason="the engine has no controlnets= / ip_adapter= yet")]
+pytestmark = [pytest.mark.browser, pytest.mark.skipif(not HAVE_CHROMIUM, reason=SKIP_REASON)]
 pytest.importorskip("selenium.webdriver", reason="needs selenium: pip install rtdiffusion[test]")
 from selenium.webdriver.common.by import By  # noqa: E402
 
