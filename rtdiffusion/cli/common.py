@@ -308,6 +308,7 @@ def check_control_args(args: argparse.Namespace) -> None:
                 raise ConfigError(f"{flag} needs --ip-adapter MODEL (the IP-Adapter that reads the style image)")
     for path, _ in getattr(args, "style_image", None) or []:
         check_image(path, "--style-image")
+    _check_models(args, nets)
     if hasattr(args, "control_video"):  # run: the 'external' ControlNets read the second video
         external = [i for i, spec in enumerate(nets) if spec.get("preprocessor") == "external"]
         if external and not args.control_video:
@@ -317,6 +318,24 @@ def check_control_args(args: argparse.Namespace) -> None:
         if args.control_video and not external:
             raise ConfigError("--control-video feeds ControlNets with the 'external' preprocessor; add one, e.g. "
                               "--controlnet MODEL:external")
+
+
+def _check_models(args: argparse.Namespace, nets: list[dict[str, Any]]) -> None:
+    """The cheap model checks, before loading: a random: ControlNet's name, the IP-Adapter's family."""
+    from ..control import controlnet, ip_adapter
+    from ..errors import ConfigError
+
+    for spec in nets:
+        model = spec["model"]
+        if model.startswith("random:") and model[len("random:"):] not in controlnet.RANDOM_CONTROLNETS:
+            raise ConfigError(f"--controlnet {model}: unknown random ControlNet; expected one of "
+                              f"{', '.join('random:' + k for k in controlnet.RANDOM_CONTROLNETS)}, a hub id, a "
+                              f"folder or a .safetensors file")
+    if getattr(args, "ip_adapter", None):
+        try:
+            ip_adapter.check_family_early(ip_adapter.IPAdapterSpec.parse(args.ip_adapter), args.model)
+        except ConfigError as exc:
+            raise ConfigError(f"--ip-adapter {args.ip_adapter}: {exc}") from None
 
 
 def check_image(path: str, flag: str) -> None:

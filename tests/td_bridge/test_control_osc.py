@@ -16,7 +16,15 @@ box_of = {}
 
 
 @pytest.fixture
-def osc():
+def osc(receiver):
+    box, rx, client, listener = receiver
+    drain_after(client, listener)  # nothing left from the test before
+    return receiver
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    """One receiver for the file (closing one waits out its socket timeout)."""
     listener = Listener()
     sender = OscSender("127.0.0.1", listener.port)
     box = Mailbox()
