@@ -44,6 +44,18 @@ def probe_step(b: FrameBuffers) -> None:
     torch.dot(r, r, out=b.probe_dots[2])
 
 
+def preprocess(frame_u8: torch.Tensor, image: torch.Tensor) -> None:
+    """uint8 NHWC [N, H, W, 3] -> [-1, 1] NCHW [N, 3, H, W], into ``image``."""
+    image.copy_(frame_u8.permute(0, 3, 1, 2))
+    image.mul_(2.0 / 255.0).sub_(1.0)
+
+
+def postprocess(image: torch.Tensor, out_u8: torch.Tensor) -> None:
+    """[-1, 1] NCHW [N, 3, H, W] (overwritten) -> uint8 NHWC [N, H, W, 3], rounded, into ``out_u8``."""
+    image.mul_(127.5).add_(128.0).clamp_(0.0, 255.0)
+    out_u8.copy_(image.permute(0, 2, 3, 1))
+
+
 def no_mark(stage: str) -> None:
     """Stage marker used in production: nothing. The benchmark passes one that records CUDA events."""
 
@@ -51,7 +63,6 @@ def no_mark(stage: str) -> None:
 def denoise(b: FrameBuffers, nets: Networks, guidance: Guidance, ring_shift: bool,
             mark: Callable[[str], None] = no_mark) -> None:
     """Stages 3-5 of a frame, from x_t (slot 0 already holds the new frames) to ``denoised`` and the ring."""
-    F = b.layout.frames
     # 3. UNet over the stream batch (plus uncond rows for INITIALIZE / FULL), with the family's added
     #    conditioning bundle (b.added: () for SD 1.5 / 2.1; SDXL's text_embeds [B, P], time_ids [B, 6])
     guidance.fill_uncond_rows(b)
@@ -59,6 +70,14 @@ def denoise(b: FrameBuffers, nets: Networks, guidance: Guidance, ring_shift: boo
     residuals = b.control.run(b, nets)
     eps = nets.unet(b.unet_in, b.t_unet, b.embeds, *b.added, *residuals)  # [B, 4, h, w]
     mark("unet")
+    scheduler_stage(b, eps, guidance, ring_shift)  # 4-5
+    mark("scheduler")
+
+
+def scheduler_stage(b: FrameBuffers, eps: torch.Tensor, guidance: Guidance, ring_shift: bool) -> None:
+    """Stages 4-5, from the UNet's rows of this stream (eps [B, 4, h, w]) to ``denoised`` and the shifted ring.
+    (multistream_step.py runs it per stream on that stream's rows of the group's one UNet call.)"""
+    F = b.layout.frames
     guided = guidance.combine(b, eps)  # [SF, 4, h, w]
     # 4. scheduler step: denoised = A * x_t + B * eps   (schedule.py, equations 1-2)
     torch.mul(b.x_t, b.coef_A, out=b.denoised)
@@ -67,7 +86,6 @@ def denoise(b: FrameBuffers, nets: Networks, guidance: Guidance, ring_shift: boo
     # 5. shift the ring in place: slot s+1 <- a_{s+1} * denoised_s + b_{s+1} * noise_{s+1}  (equation 3)
     if ring_shift:  # fixed per layout (S > 1), not per frame
         torch.addcmul(b.renoise[F:], b.alpha_row[F:], b.denoised[:-F], out=b.x_t[F:])
-    mark("scheduler")
 
 
 def main_step(b: FrameBuffers, nets: Networks, guidance: Guidance, ring_shift: bool,
@@ -78,8 +96,7 @@ def main_step(b: FrameBuffers, nets: Networks, guidance: Guidance, ring_shift: b
     F = b.layout.frames
     b.probe_ref.copy_(b.probe)  # this frame is the filter's new reference
     # 1. preprocess: uint8 NHWC -> [-1, 1] NCHW
-    b.image.copy_(b.io.frame_u8.permute(0, 3, 1, 2))  # [F, 3, H, W]
-    b.image.mul_(2.0 / 255.0).sub_(1.0)
+    preprocess(b.io.frame_u8, b.image)
     mark("preprocess")
     # 2. encode and add slot-0 noise: x_t[:F] = a_0 * scaling * z + b_0 * noise_0
     latent = nets.encode(b.image)  # [F, 4, h, w]
@@ -90,8 +107,7 @@ def main_step(b: FrameBuffers, nets: Networks, guidance: Guidance, ring_shift: b
     torch.mul(b.denoised[-F:], b.inv_scaling, out=b.dec_in)
     image = nets.decode(b.dec_in)  # [F, 3, H, W]
     mark("decode")
-    image.mul_(127.5).add_(128.0).clamp_(0.0, 255.0)
-    b.io.out_u8.copy_(image.permute(0, 2, 3, 1))
+    postprocess(image, b.io.out_u8)
     mark("postprocess")
 
 
@@ -105,10 +121,8 @@ def overlapped_step(b: FrameBuffers, nets: Networks, guidance: Guidance, ring_sh
     side.fork()
     with side:  # decode first: it reads dec_in, which the main branch rewrites only after the join
         image = nets.decode(b.dec_in)  # [F, 3, H, W]
-        image.mul_(127.5).add_(128.0).clamp_(0.0, 255.0)
-        b.io.out_u8.copy_(image.permute(0, 2, 3, 1))
-        b.image.copy_(b.io.frame_u8.permute(0, 3, 1, 2))  # [F, 3, H, W]
-        b.image.mul_(2.0 / 255.0).sub_(1.0)
+        postprocess(image, b.io.out_u8)
+        preprocess(b.io.frame_u8, b.image)
         b.latent_next.copy_(nets.encode(b.image))  # [F, 4, h, w]
     torch.addcmul(b.renoise[:F], b.alpha_in, b.latent, out=b.x_t[:F])
     denoise(b, nets, guidance, ring_shift)
