@@ -63,6 +63,7 @@ class Hub:
         self.controller: Client | None = None
         self.rejected = 0
         self.connections = 0
+        self._tasks: set[asyncio.Task] = set()  # style uploads in progress (kept referenced until done)
 
     def add(self, ws: WebSocket, role: str) -> tuple[Client, Client | None]:
         self.connections += 1
@@ -163,21 +164,42 @@ class Hub:
         await client.send_json({"t": "applied", "what": what, "controls": controls})
 
     async def _on_style(self, client: Client, data: bytes) -> None:
-        """A style image upload (conditioning.py): decoded and encoded on a worker thread, answered 'applied'."""
+        """A style image upload (conditioning.py): the header is checked here; decoding and handing it to the engine
+        run on a worker thread in their own task, so the page's frames keep flowing meanwhile (a large PNG takes
+        a second to decode). Answered 'applied' or an error with what = 'style_image'."""
         try:
             if client is not self.controller:
                 raise ProtocolError("not_controller", "only the control page (/ws?role=control) may set the style "
                                                       "image; this socket is a viewer")
             request_id, name, payload = parse_style(data)
+        except ProtocolError as exc:
+            exc.what = "style_image"
+            raise
+        task = asyncio.create_task(self._set_style(client, request_id, name, payload))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _set_style(self, client: Client, request_id: int, name: str, payload: memoryview) -> None:
+        try:
             try:
                 style = await asyncio.to_thread(self.server.conditioning.set_style_image, payload,
                                                 name[:60] or "the style image")
             except HttpError as exc:
                 raise ProtocolError("rejected", f"style image: {exc}") from None
+            reply = {"t": "applied", "what": "style_image", "id": request_id, "style": style}
         except ProtocolError as exc:
             exc.what = "style_image"
-            raise
-        await client.send_json({"t": "applied", "what": "style_image", "id": request_id, "style": style})
+            self._count_rejected(client, exc)
+            reply = {**exc.to_message(), "id": request_id}
+        try:
+            await client.send_json(reply)
+        except Exception:  # the page went away meanwhile
+            pass
+
+    def _count_rejected(self, client: Client, exc: ProtocolError) -> None:
+        client.rejected += 1
+        self.rejected += 1
+        log.info("websocket %d: rejected a message (%s): %s", client.number, exc.code, exc)
 
     async def serve(self, ws: WebSocket) -> None:
         role = ws.query_params.get("role", "view")
@@ -204,9 +226,7 @@ class Hub:
                     elif msg.get("text") is not None:
                         await self._on_text(client, msg["text"])
                 except ProtocolError as exc:
-                    client.rejected += 1
-                    self.rejected += 1
-                    log.info("websocket %d: rejected a message (%s): %s", client.number, exc.code, exc)
+                    self._count_rejected(client, exc)
                     await client.send_json(exc.to_message())
         except (WebSocketDisconnect, RuntimeError):  # RuntimeError: receive after close
             pass

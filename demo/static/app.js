@@ -38,7 +38,7 @@
     applied: (msg) => cond.reply(msg),
     replaced: () => { say("another control page took over; reload to take control back"); },
     frame: (frame) => view.show(frame),
-    closed: () => { input.inFlight = false; cond.busy = null; },
+    closed: () => { input.inFlight = false; cond.busy = null; cond.styleBusy = false; },
   });
   cond = new RtdConditioning({ link, say, onEdit: () => { lastLocalEdit = performance.now(); } });
   view.onShown = (frame) => {  // the side-by-side view shows the input this output was made from

@@ -14,6 +14,7 @@ class RtdConditioning {
     this.ip = null; this.maxStyleBytes = 8 * 1024 * 1024;
     this.pending = new Map();  // "controlnet:0" | "ip_adapter" -> message to send
     this.busy = null; this.busySince = 0; this.styleId = 0;
+    this.styleBusy = false; this.stylePending = null;  // one style image in flight (the server decodes it aside)
     this.sent = { controlnet: 0, ip_adapter: 0, style_image: 0 }; this.applied = []; this.errors = [];
     const $ = (id) => document.getElementById(id);
     this.$ = $;
@@ -36,7 +37,7 @@ class RtdConditioning {
   hello(info, controls) {
     if (!info) return;
     this.units = info.controlnets || []; this.ip = info.ip_adapter; this.maxStyleBytes = info.max_style_bytes || this.maxStyleBytes;
-    this.busy = null; this.pending.clear();
+    this.busy = null; this.pending.clear(); this.styleBusy = false; this.stylePending = null;
     this.buildRows();
     this.$("cnSection").hidden = !this.units.length;
     this.$("ipSection").hidden = !this.ip;
@@ -117,7 +118,7 @@ class RtdConditioning {
       this.errors.push(msg.message);
       this.say(msg.what === "style_image" ? `style image refused: ${msg.message}` : `server: ${msg.message}`);
     }
-    this.done();
+    if (msg.what === "style_image") { this.styleBusy = false; this.sendStyle(); } else this.done();
     return true;
   }
 
@@ -136,7 +137,7 @@ class RtdConditioning {
     if (next.done) return;
     const [key, msg] = next.value; this.pending.delete(key);
     this.busy = key; this.busySince = performance.now();
-    if (msg instanceof ArrayBuffer) this.link.sendBinary(msg); else this.link.sendJson(msg);
+    this.link.sendJson(msg);
     this.sent[key.split(":")[0]] += 1;
   }
 
@@ -161,8 +162,14 @@ class RtdConditioning {
     new Uint8Array(buf, H).set(name);
     new Uint8Array(buf, H + name.byteLength).set(bytes);
     this.say(`sending ${file.name}…`, true);
-    this.pending.set("style_image", buf);
-    this.pump();
+    this.stylePending = buf;
+    this.sendStyle();
+  }
+
+  sendStyle() {  // the newest chosen file, once the previous one is answered
+    if (this.styleBusy || !this.stylePending || !this.link.open) return;
+    this.link.sendBinary(this.stylePending); this.stylePending = null;
+    this.styleBusy = true; this.sent.style_image += 1;
   }
 
   // Every conditioning control, for a preset.
