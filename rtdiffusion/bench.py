@@ -152,16 +152,16 @@ def stage_profile(engine, frames: list[np.ndarray], repeats: int = 30) -> dict[s
             mark("start")
             frame = torch.from_numpy(frames[i % len(frames)])
             if cuda:
-                engine._in_host[0].copy_(frame)
-                engine._io.frame_u8.copy_(engine._in_host, non_blocking=True)
+                engine._host.in_host[0].copy_(frame)
+                engine._io.frame_u8.copy_(engine._host.in_host, non_blocking=True)
             else:
                 engine._io.frame_u8[0].copy_(frame)
             mark("upload")
             main_step(st.buffers, nets, st.guidance, st.ring_shift, mark)
             if cuda:
-                engine._out_host.copy_(engine._io.out_u8, non_blocking=True)
+                engine._host.out_host.copy_(engine._io.out_u8, non_blocking=True)
             else:
-                engine._out_host.copy_(engine._io.out_u8)
+                engine._host.out_host.copy_(engine._io.out_u8)
             mark("readback")
             if cuda:
                 stamps[-1][1].synchronize()

@@ -527,3 +527,32 @@ def apply_updates(settings: StreamSettings, num_inference_steps: int, **kw: Any)
                               f"{', '.join(sorted([*UPDATE_KEYS, 'strength', 'steps']))}")
         settings = UPDATE_KEYS[key](settings, value)
     return settings.validate(num_inference_steps)
+
+
+def check_cache_frames(s: StreamSettings, kv_max_frames: int) -> None:
+    """cache_maxframes may not exceed the banks' allocated size (EngineConfig.kv_max_frames)."""
+    if s.cache.maxframes > kv_max_frames:
+        raise ConfigError(f"cache_maxframes must be at most kv_max_frames={kv_max_frames} (the banks' allocated "
+                          f"size, set when the engine is built); got {s.cache.maxframes}")
+
+
+def update_settings(base: StreamSettings, num_inference_steps: int, kv_max_frames: int, has_ip_adapter: bool,
+                    **kw: Any) -> StreamSettings:
+    """``StreamEngine.update(**kw)`` on top of ``base``: prompt, negative_prompt, prompt_method, seed and
+    cache_reset, then :func:`apply_updates` for the rest. Raises ConfigError and changes nothing."""
+    if "prompt" in kw or "negative_prompt" in kw or "prompt_method" in kw:
+        neg = kw.pop("negative_prompt", base.prompt.negative)
+        method = kw.pop("prompt_method", base.prompt.method)
+        prompt = kw.pop("prompt", [list(p) for p in base.prompt.parts])
+        base = dataclasses.replace(base, prompt=PromptSpec.parse(prompt, method, neg))
+    if "seed" in kw:
+        base = dataclasses.replace(base, seed=SeedSpec.parse(kw.pop("seed")))
+    if kw.pop("cache_reset", False):
+        base = dataclasses.replace(base, cache=dataclasses.replace(
+            base.cache, reset_token=base.cache.reset_token + 1))
+    if not has_ip_adapter and ("ip_adapter_scale" in kw or "ip_adapter_enabled" in kw):
+        raise ConfigError("ip_adapter_scale / ip_adapter_enabled need an IP-Adapter: pass ip_adapter=... "
+                          "to from_pretrained")
+    new = apply_updates(base, num_inference_steps, **kw)
+    check_cache_frames(new, kv_max_frames)
+    return new

@@ -13,42 +13,42 @@ Threads and frame boundaries:
 
 Settings therefore change only between frames, never in the middle of one. The frame thread holds
 ``_frame_lock`` for a whole frame, so two threads calling the engine at once are serialised.
+
+Around it, one job per module: pretrained, host_frames, similar_filter, engine_status, graph_cache (.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-import math
-import os
-import random
 import threading
-import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from engines.graph import CaptureError, GraphCache
 
-from . import control, prepare
-from .backends import build_executor, choose_backend
+from . import control, prepare, pretrained
+from .backends import build_executor
 from .buffers import FrameBuffers, FrameIO, StreamLayout
 from .conditioning import conditioning_for
-from .config import (Backend, CacheSettings, EngineConfig, FilterSettings, PromptSpec, SchedulerKind, SeedSpec,
-                     StreamSettings, VaeKind, apply_updates, parse_device, parse_dtype, parse_enum,
-                     parse_threads, set_cpu_threads)
+from .config import EngineConfig, PromptSpec, SeedSpec, StreamSettings, update_settings
 from .control import ip_adapter as ip_adapter_mod
-from .errors import ConfigError, FrameError
-from .executors import OVERLAP_LATENCY, CapturedFrame, EagerExecutor, LayoutState
+from .engine_status import FrameClock, engine_status
+from .errors import ConfigError
+from .executors import CapturedFrame, EagerExecutor, LayoutState
+from .graph_cache import GRAPH_CACHE_ENV, GraphCacheControl, graph_cache_capacity
 from .guidance import make_guidance
-from .models.loading import Components, check_size, check_size_early, load_components
+from .host_frames import HostFrames
+from .models.loading import Components, check_size
 from .prompts import PromptEncoder
 from .schedule import SlotConstants, slot_constants
+from .similar_filter import SimilarFrameFilter
 from .temporal import TemporalCache
-from .vocabulary import strength_of
+
+__all__ = ["StreamEngine", "FrameResult", "GraphCacheControl", "GRAPH_CACHE_ENV"]
 
 log = logging.getLogger(__name__)
 
@@ -68,74 +68,7 @@ class StreamEngine:
     """Restyles a stream of frames with a diffusion model (StreamDiffusion's stream batch)."""
 
     # ------------------------------------------------------------------ construction
-    @classmethod
-    def from_pretrained(cls, model: str, *, width: int | None = None, height: int | None = None,
-                        strength: float | None = None, steps: int | None = None, t_index_list=None,
-                        cfg: Any = "none", guidance_scale: float = 1.2, delta: float = 1.0,
-                        device: Any = "auto", dtype: Any = "auto", seed: Any = 2, backend: Any = "auto",
-                        vae: Any = "tiny", frame_buffer_size: int = 1, num_inference_steps: int = 50,
-                        scheduler: Any = None, prompt: Any = "", negative_prompt: str = "",
-                        prompt_method: Any = "linear", similar_filter: bool = False,
-                        similar_threshold: float = 0.98, similar_max_skip: int = 10,
-                        max_vram_gb: float | None = None, engine_dir: str | None = None,
-                        lora: tuple = (), vae_id: str | None = None, local_files_only: bool | None = None,
-                        model_seed: int = 0, graph_cache_size: int = 4, kv_max_frames: int = 4,
-                        cache_enabled: bool = False, cache_maxframes: int = 1,
-                        cache_interval: int = 1, compile_preset: str = "default",
-                        compile_artifacts: str = "auto", threads: int | None = None, ip_adapter: Any = None,
-                        vae_overlap: bool = False, controlnets: Any = ()) -> "StreamEngine":
-        """Load ``model`` (hub id, local diffusers folder, one ``.safetensors`` checkpoint, or
-        ``random:sd-turbo|sd15|sdxl-turbo|sdxl|tiny|tiny-sdxl``) and prepare. Width and height default to the
-        model's own size (512 for sd-turbo and SDXL-Turbo, 1024 for SDXL base).
-
-        Every argument is checked before the model loads, so a typo fails in milliseconds.
-        ip_adapter: {"model": "random:ip-adapter-sd15" | a .bin / .safetensors file, "image_encoder": folder or
-        hub id, "scale": 0.6, "enabled": True} (rtdiffusion/control/ip_adapter.py); style images come with
-        set_style_image(), scale and on/off with update(ip_adapter_scale=, ip_adapter_enabled=).
-        strength (0 keeps the input, 1 restyles fully) and steps (denoising steps per frame) are the friendly
-        form of t_index_list (rtdiffusion/vocabulary.py); give one form or the other. Default: strength 0.35,
-        1 step, which is t_index_list [32]. threads: torch threads for CPU inference (None: half the cores,
-        at most 8; process-wide, set here only when the device is the CPU). vae_overlap: run the TAESD encode
-        of each call's frames and the decode of the previous call's results next to the UNet, on a parallel
-        branch of the captured frame: faster frames (BENCHMARKS.md, issue 17), each coming out 2 calls later
-        (status()["latency_frames"] counts them). controlnets: ControlNets, each a dict (model, preprocessor,
-        scale, start, end, enabled, preprocessor_options), a ControlNetSpec or a model name (rtdiffusion/control).
-        """
-        dev = parse_device(device)
-        set_cpu_threads(dev, parse_threads(threads))
-        dt = parse_dtype(dtype, dev)
-        be = parse_enum(Backend, backend, "backend")
-        vk = parse_enum(VaeKind, vae, "vae")
-        sk = None if scheduler is None else parse_enum(SchedulerKind, scheduler, "scheduler")
-        # validate sizes early with a provisional config (the model may supply the default size)
-        choose_backend(EngineConfig(model, _given(width, 512), _given(height, 512), dev, dt, be, vk, frame_buffer_size,
-                                    num_inference_steps, sk, max_vram_gb, engine_dir, kv_max_frames,
-                                    compile_preset, compile_artifacts, vae_overlap=vae_overlap))
-        settings = apply_updates(StreamSettings(
-            prompt=PromptSpec.parse(prompt, prompt_method, negative_prompt), seed=SeedSpec.parse(seed),
-            filter=FilterSettings(similar_filter, similar_threshold, similar_max_skip),
-            cache=CacheSettings(cache_enabled, cache_maxframes, cache_interval)),
-            num_inference_steps, strength=strength, steps=steps, t_index_list=t_index_list, cfg=cfg,
-            guidance_scale=guidance_scale, delta=delta)
-        _check_cache_frames(settings, kv_max_frames)
-        ip_spec = None if ip_adapter is None else ip_adapter_mod.IPAdapterSpec.parse(ip_adapter)
-        if ip_spec is not None:
-            ip_adapter_mod.check_family_early(ip_spec, model)  # random: models: before building
-            settings = dataclasses.replace(settings, ip_adapter=ip_spec.settings())
-        specs = control.parse_specs(controlnets)
-        low_vram = max_vram_gb is not None and dev.type == "cuda"
-        check_size_early(model, width, height, vk)  # random: models: a wrong size fails before building
-        comps = load_components(model, dev, dt, vk, seed=model_seed, vae_id=vae_id, lora=tuple(lora),
-                                local_files_only=local_files_only,
-                                unet_device=torch.device("cpu") if low_vram else None)
-        ip = None if ip_spec is None else ip_adapter_mod.load(ip_spec, comps, dev, dt, seed=model_seed,
-                                                            local_files_only=local_files_only)
-        size = comps.default_size
-        config = EngineConfig(model, _given(width, size), _given(height, size), dev, dt, be, vk, frame_buffer_size,
-                              num_inference_steps, sk, max_vram_gb, engine_dir, kv_max_frames, compile_preset,
-                              compile_artifacts, vae_overlap=vae_overlap)
-        stack = control.make_control(specs, comps, config, seed=model_seed, local_files_only=local_files_only)
-        return cls(config, comps, settings, ip_adapter=ip, graph_cache_size=graph_cache_size, controlnets=stack)
+    from_pretrained = classmethod(pretrained.from_pretrained)  # arguments checked, model loaded: pretrained.py
 
     def __init__(self, config: EngineConfig, components: Components, settings: StreamSettings | None = None,
                  *, ip_adapter: Any = None, graph_cache_size: int = 4, controlnets: Any = ()):
@@ -159,15 +92,11 @@ class StreamEngine:
         self._tokens = self._prompts.tokens + (ip_adapter.tokens if ip_adapter is not None else 0)  # T (+ T_ip)
         self._conditioning = conditioning_for(components.unet.config)  # the UNet's added inputs (SDXL)
         self._io = FrameIO.allocate(F, H, W, self.device)
-        # pinned host staging for uploads / readback, and for the filter's three dot products
-        self._in_host = torch.zeros(F, H, W, 3, dtype=torch.uint8, pin_memory=cuda)
-        self._out_host = torch.zeros(F, H, W, 3, dtype=torch.uint8, pin_memory=cuda)
-        self._probe_host = torch.zeros(3, dtype=torch.float32, pin_memory=cuda)
-        self._probe_event = torch.cuda.Event() if cuda else None
-        self._out_event = torch.cuda.Event() if cuda else None
+        self._host = HostFrames(F, H, W, self.device, self.stream)  # the caller's frames: checks, pinned staging
+        self._filter = SimilarFrameFilter(self.device)  # its state, and the pinned copy of the GPU's probe
         # a small ring of "output ready" events: a consumer may hold the last few results' events
         self._ready_events = [torch.cuda.Event() for _ in range(4)] if cuda else []
-        self._graphs = GraphCache(_graph_cache_capacity(graph_cache_size))
+        self._graphs = GraphCache(graph_cache_capacity(graph_cache_size))
         self._layouts: dict[StreamLayout, LayoutState] = {}
         self._frame: CapturedFrame | None = None  # the active layout's captured graphs (graph backends)
         # ControlNets (rtdiffusion/control): specs are loaded here, a stack from from_pretrained is used as is;
@@ -193,12 +122,7 @@ class StreamEngine:
         self._settings: StreamSettings | None = None  # applied: what the frames run with
         self._state: LayoutState | None = None
         self._frames = 0
-        self._skipped = 0
-        self._skip_run = 0
-        self._rng = random.Random(0)
-        self._host_probe_ref: np.ndarray | None = None
-        self._frame_times: deque[float] = deque(maxlen=240)
-        self._last_frame_at: float | None = None
+        self._clock = FrameClock()  # intervals between frames, for status()
         self._accepted = self._control.initial_settings(settings or StreamSettings()).validate(config.num_inference_steps)
         self._check_cache_backend(self._accepted)
         self._apply(self._accepted)
@@ -265,22 +189,8 @@ class StreamEngine:
         ip_adapter_scale (0..5) and ip_adapter_enabled (with an IP-Adapter; a buffer write, no recapture).
         Validated now; applied at the next frame boundary."""
         with self._lock:
-            base = self._accepted
-            if "prompt" in kw or "negative_prompt" in kw or "prompt_method" in kw:
-                neg = kw.pop("negative_prompt", base.prompt.negative)
-                method = kw.pop("prompt_method", base.prompt.method)
-                prompt = kw.pop("prompt", [list(p) for p in base.prompt.parts])
-                base = dataclasses.replace(base, prompt=PromptSpec.parse(prompt, method, neg))
-            if "seed" in kw:
-                base = dataclasses.replace(base, seed=SeedSpec.parse(kw.pop("seed")))
-            if kw.pop("cache_reset", False):
-                base = dataclasses.replace(base, cache=dataclasses.replace(
-                    base.cache, reset_token=base.cache.reset_token + 1))
-            if self._ip is None and ("ip_adapter_scale" in kw or "ip_adapter_enabled" in kw):
-                raise ConfigError("ip_adapter_scale / ip_adapter_enabled need an IP-Adapter: pass ip_adapter=... "
-                                  "to from_pretrained")
-            new = apply_updates(base, self.config.num_inference_steps, **kw)
-            _check_cache_frames(new, self.config.kv_max_frames)
+            new = update_settings(self._accepted, self.config.num_inference_steps, self.config.kv_max_frames,
+                                  self._ip is not None, **kw)
             self._check_cache_backend(new)
             self._pending = self._accepted = new
 
@@ -377,7 +287,7 @@ class StreamEngine:
         return self._constants[t_index]
 
     def _stream_ctx(self):
-        return torch.cuda.stream(self.stream) if self.stream is not None else _NullCtx()
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ frames
     def __call__(self, frame: Any, *, use_graph: bool = True) -> Any:
@@ -386,14 +296,15 @@ class StreamEngine:
         With a stream batch of S steps the frame that comes out entered S-1 calls earlier.
         use_graph=False runs this frame eagerly on the same state (debugging and comparison).
         """
-        arr, kind = self._check_frame(frame)
+        arr, kind = self._host.check(frame)
         with self._frame_lock:
             self._boundary()
-            skip = self._host_probe_skip(arr) if kind != "cuda" and self._settings.filter.enabled else None
+            f = self._settings.filter
+            skip = self._filter.host_skip(arr, f) if kind != "cuda" and f.enabled else None
             if skip:
                 self._count_frame()
                 return self._download(self._result(skip=True), kind)
-            self._upload(arr, kind)
+            self._host.upload(arr, kind, self._io.frame_u8)
             result = self._run(None, use_graph, decided=skip is not None)
             return self._download(result, kind)
 
@@ -437,14 +348,8 @@ class StreamEngine:
         tensor: uint8 [H, W, 3] ([F, H, W, 3] with a frame buffer), contiguous, on the engine's device.
         The active shape's graph is captured against it now (graphs of the old buffer stay cached).
         """
+        self._host.check_input_buffer(tensor, self._io.frame_u8.device)
         F, H, W = self.config.frame_buffer_size, self.height, self.width
-        want = (H, W, 3) if F == 1 else (F, H, W, 3)
-        if (not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.uint8 or tuple(tensor.shape) != want
-                or tensor.device != self._io.frame_u8.device or not tensor.is_contiguous()):
-            got = (f"{type(tensor).__name__} {getattr(tensor, 'dtype', '')} {list(getattr(tensor, 'shape', []))} "
-                   f"on {getattr(tensor, 'device', '?')}")
-            raise FrameError(f"an input buffer must be a contiguous uint8 tensor of shape {list(want)} on "
-                             f"{self._io.frame_u8.device}; got {got}")
         with self._frame_lock, self._stream_ctx():
             self._io = FrameIO(tensor.view(F, H, W, 3), self._io.out_u8)
             for st in self._layouts.values():
@@ -458,13 +363,11 @@ class StreamEngine:
         if executor.captures and (self._frame is None or self._frame.released):
             self._frame = self._captured(st)  # evicted or removed through graph_cache: capture again
             executor = self._executor  # (capture may have fallen back to eager)
-        skip = False if decided else self._decide_skip()
+        skip = False if decided else self._filter.device_skip(self._settings.filter)
         with self._stream_ctx():
             if self._settings.filter.enabled and not decided:
                 executor.probe(st, self._frame)
-                self._probe_host.copy_(st.buffers.probe_dots, non_blocking=True)
-                if self._probe_event is not None:
-                    self._probe_event.record()
+                self._filter.record_probe(st.buffers.probe_dots)
             if not skip:
                 if consumer_done is not None:
                     self.stream.wait_event(consumer_done)
@@ -476,7 +379,7 @@ class StreamEngine:
 
     def _result(self, skip: bool) -> FrameResult:
         ready = None
-        if self._out_event is not None:
+        if self.stream is not None:
             with self._stream_ctx():
                 ready = self._ready_events[self._frames % len(self._ready_events)]
                 ready.record()
@@ -485,214 +388,12 @@ class StreamEngine:
 
     def _count_frame(self) -> None:
         self._frames += 1
-        now = time.perf_counter()
-        if self._last_frame_at is not None:
-            self._frame_times.append(now - self._last_frame_at)
-        self._last_frame_at = now
-
-    def _host_probe_skip(self, frame: Any) -> bool:
-        """Similar-frame filter for frames that come from the host: the same 8x-subsampled probe as the
-        GPU's, computed here on this very frame (tens of microseconds), so a scene cut is never skipped."""
-        f = frame if frame.ndim == 4 else frame[None]
-        p = np.asarray(f[:, ::8, ::8, :], dtype=np.float32).ravel() * (2.0 / 255.0) - 1.0
-        ref = self._host_probe_ref
-        skip = ref is not None and ref.shape == p.shape and self._skip_rule(float(p @ ref), float(p @ p),
-                                                                             float(ref @ ref))
-        if not skip:
-            self._host_probe_ref = p
-        return skip
-
-    def _decide_skip(self) -> bool:
-        """Similar-frame filter for frames already on the device (step(), CUDA frames): decided from the
-        last probe the GPU has finished, so one frame late, but it never waits on the GPU."""
-        f = self._settings.filter
-        if not f.enabled or (self._probe_event is not None and not self._probe_event.query()):
-            return False
-        return self._skip_rule(*self._probe_host.tolist())
-
-    def _skip_rule(self, ab: float, aa: float, bb: float) -> bool:
-        """StreamDiffusion's rule: skip with probability max(0, 1 - (1 - cos) / (1 - threshold)),
-        at most max_skip frames in a row."""
-        f = self._settings.filter
-        cos = ab / math.sqrt(aa * bb) if aa > 0 and bb > 0 else 0.0
-        skip_prob = 0.0 if f.threshold >= 1 else max(0.0, 1.0 - (1.0 - cos) / (1.0 - f.threshold))
-        if self._skip_run < f.max_skip and self._rng.random() < skip_prob:
-            self._skip_run += 1
-            self._skipped += 1
-            return True
-        self._skip_run = 0
-        return False
-
-    def _check_frame(self, frame: Any) -> tuple[Any, str]:
-        F, H, W = self.config.frame_buffer_size, self.height, self.width
-        want = (H, W, 3) if F == 1 else (F, H, W, 3)
-        if isinstance(frame, np.ndarray):
-            kind, dtype_ok, shape = "numpy", frame.dtype == np.uint8, tuple(frame.shape)
-        elif isinstance(frame, torch.Tensor):
-            kind = "cuda" if frame.is_cuda else "torch"
-            dtype_ok, shape = frame.dtype == torch.uint8, tuple(frame.shape)
-            if frame.is_cuda and self.device.type != "cuda":
-                raise FrameError(f"got a CUDA frame but the engine runs on {self.device}; pass a CPU frame")
-        else:
-            raise FrameError(f"a frame must be a numpy array or a torch tensor of uint8 {list(want)}; "
-                             f"got {type(frame).__name__}")
-        if not dtype_ok:
-            raise FrameError(f"a frame must be uint8 (0-255) of shape {list(want)}; got dtype {frame.dtype}")
-        if shape != want:
-            raise FrameError(f"a frame must have shape {list(want)} (height, width, RGB) for this engine; "
-                             f"got {list(shape)}")
-        return frame, kind
-
-    def _upload(self, frame: Any, kind: str) -> None:
-        dst = self._io.frame_u8  # [F, H, W, 3]
-        src = frame if frame.ndim == 4 else frame[None]
-        if kind == "cuda":
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))  # GPU-side, not a host sync
-            if src.data_ptr() == dst.data_ptr():
-                return  # the caller wrote into input_buffer: zero copy
-            with self._stream_ctx():
-                dst.copy_(src, non_blocking=True)
-            return
-        host = torch.from_numpy(np.ascontiguousarray(src)) if kind == "numpy" else src
-        if self.stream is None:
-            dst.copy_(host)
-            return
-        self._in_host.copy_(host)  # pageable -> pinned (host memcpy)
-        with self._stream_ctx():
-            dst.copy_(self._in_host, non_blocking=True)
+        self._clock.tick()
 
     def _download(self, result: FrameResult, kind: str) -> Any:
-        if kind == "cuda":
-            torch.cuda.current_stream(self.device).wait_event(result.ready)
-            return result.output.clone()
-        if self.stream is None:
-            out = result.output.clone()
-        else:
-            with self._stream_ctx():
-                self._out_host.copy_(self._io.out_u8, non_blocking=True)
-                self._out_event.record()
-            self._out_event.synchronize()  # the one host sync of a frame: handing the result back
-            out = (self._out_host[0] if self.config.frame_buffer_size == 1 else self._out_host).clone()
-        return out.numpy() if kind == "numpy" else out
+        return self._host.download(result.output, result.ready, kind, self._io.out_u8)
 
     # ------------------------------------------------------------------ status
     def status(self) -> dict[str, Any]:
-        s = self._settings
-        times = sorted(self._frame_times)
-        med = times[len(times) // 2] if times else None
-        return {
-            "model": self.config.model, "device": str(self.device), "dtype": str(self.config.dtype).replace("torch.", ""),
-            "width": self.width, "height": self.height, "frame_buffer_size": self.config.frame_buffer_size,
-            "backend": self.backend, "backend_reason": self.backend_reason, "backend_fallback": self.backend_fallback,
-            "scheduler": self.scheduler_kind.value, "vae": self.config.vae.value,
-            "frames": self._frames, "skipped_frames": self._skipped, "prompt_encodes": self._prompts.encodes,
-            "fps": (1.0 / med) if med else 0.0, "frame_ms_median": med * 1e3 if med else None,
-            "latency_frames": ((len(s.t_index_list) - 1) * self.config.frame_buffer_size
-                               + OVERLAP_LATENCY * self.config.vae_overlap),
-            "vae_overlap": self.config.vae_overlap,
-            "strength": strength_of(s.t_index_list, self.config.num_inference_steps), "steps": len(s.t_index_list),
-            "t_index_list": list(s.t_index_list), "cfg": s.cfg.value, "effective_cfg": s.effective_cfg.value,
-            "guidance_scale": s.guidance_scale, "delta": s.delta,
-            "prompt": [list(p) for p in s.prompt.parts], "prompt_method": s.prompt.method.value,
-            "negative_prompt": s.prompt.negative, "seed": [list(p) for p in s.seed.parts],
-            "similar_filter": dataclasses.asdict(s.filter), "cache": dataclasses.asdict(s.cache),
-            "graph_cache": {"size": len(self._graphs), "capacity": self._graphs.capacity,
-                            "keys": [_key_str(k) for k in self._graphs.keys()],
-                            "captures": getattr(self._executor, "captures_done", 0)},
-            "temporal_cache": self._temporal.describe(), "text_encoder_graphed": self._prompts.graphed,
-            "low_vram": self.low_vram, "networks": self._base_nets.describe(),
-            "threads": torch.get_num_threads() if self.device.type == "cpu" else None,
-            "ip_adapter": self._ip.describe(s.ip_adapter) if self._ip is not None else None,
-            "controlnets": self._control.describe(s.controlnets),
-        }
-
-
-def _key_str(key: Any) -> str:
-    layout = key[0]
-    return (f"{layout.width}x{layout.height} S={layout.slots} F={layout.frames} cfg={layout.cfg.value} "
-            f"{str(layout.dtype).replace('torch.', '')} kv={key[3][1]}")
-
-
-def _given(value: Any, default: int) -> Any:
-    """``default`` only when ``value`` is None: a 0 width is an error (EngineConfig says so), not "the default"."""
-    return default if value is None else value
-
-
-def _check_cache_frames(s: StreamSettings, kv_max_frames: int) -> None:
-    if s.cache.maxframes > kv_max_frames:
-        raise ConfigError(f"cache_maxframes must be at most kv_max_frames={kv_max_frames} (the banks' allocated "
-                          f"size, set when the engine is built); got {s.cache.maxframes}")
-
-
-GRAPH_CACHE_ENV = "RTDIFFUSION_GRAPH_CACHE"
-
-
-def _graph_cache_capacity(default: int) -> int:
-    """RTDIFFUSION_GRAPH_CACHE: 'off' / '0' keeps only the active shape's graph (every switch recaptures),
-    'on' the default capacity, a number that capacity. Unset: the engine's graph_cache_size."""
-    raw = os.environ.get(GRAPH_CACHE_ENV, "").strip().lower()
-    if not raw or raw == "on":
-        return default
-    if raw in ("off", "0"):
-        return 1
-    if raw.isdigit() and int(raw) >= 1:
-        return int(raw)
-    raise ConfigError(f"{GRAPH_CACHE_ENV} must be 'on', 'off' or a capacity (a whole number); got {raw!r}")
-
-
-class GraphCacheControl:
-    """The engine's graph cache, as the Python API sees it.
-
-    Reads go straight to the cache (it has its own lock). Changes take the engine's frame lock, so they land
-    between frames; if they drop the graph of the shape now in use, the next frame captures it again.
-    Keys are (StreamLayout, input address, output address, KV-cache key) tuples, as keys() lists them.
-    """
-
-    def __init__(self, engine: "StreamEngine"):
-        self._engine, self._cache = engine, engine._graphs
-
-    def keys(self) -> list:
-        return self._cache.keys()
-
-    def describe(self) -> list[str]:
-        return [_key_str(k) for k in self._cache.keys()]
-
-    def __len__(self) -> int:
-        return len(self._cache)
-
-    def __contains__(self, key: Any) -> bool:
-        return key in self._cache
-
-    @property
-    def active_key(self) -> tuple | None:
-        e = self._engine
-        return e._graph_key(e._state.buffers.layout) if e._executor.captures else None
-
-    @property
-    def capacity(self) -> int:
-        return self._cache.capacity
-
-    @capacity.setter
-    def capacity(self, value: int) -> None:
-        try:
-            with self._engine._frame_lock:
-                self._cache.capacity = value
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from exc
-
-    def remove(self, key: Any) -> bool:
-        with self._engine._frame_lock:
-            return self._cache.remove(key)
-
-    def purge(self, n: int | None = None) -> int:
-        """Drop the n least recently used graphs (all when None); returns how many were dropped."""
-        with self._engine._frame_lock:
-            return self._cache.purge(n)
-
-
-class _NullCtx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+        """Settings, backend, frame counts and fps, caches, networks (engine_status.py); from any thread."""
+        return engine_status(self)
