@@ -9,7 +9,7 @@ from .config import Backend, CfgMode, EngineConfig, SchedulerKind, StreamSetting
 from .errors import ConfigError, FrameError, ModelNotFoundError, RtDiffusionError
 
 __all__ = [
-    "StreamEngine", "Backend", "CfgMode", "EngineConfig", "SchedulerKind", "StreamSettings", "VaeKind",
+    "StreamEngine", "MultiStreamEngine", "Backend", "CfgMode", "EngineConfig", "SchedulerKind", "StreamSettings", "VaeKind",
     "ConfigError", "FrameError", "ModelNotFoundError", "RtDiffusionError",
 ]
 
@@ -19,4 +19,8 @@ def __getattr__(name: str):  # keep `import rtdiffusion` light: the engine pulls
         from .engine import StreamEngine
 
         return StreamEngine
+    if name == "MultiStreamEngine":  # many streams, one model, one UNet call per tick (docs/multistream.md)
+        from .multistream import MultiStreamEngine
+
+        return MultiStreamEngine
     raise AttributeError(name)
