@@ -57,8 +57,13 @@ def status(inbox, client):
 
 
 def errors_after(inbox, mark):
+    """address -> every /error reason for it since ``mark``, joined with " | "."""
+    errors = {}
     with inbox.lock:
-        return {p[0]: p[1] for a, p in inbox.messages[mark:] if a == "/error"}
+        for a, p in inbox.messages[mark:]:
+            if a == "/error":
+                errors[p[0]] = f"{errors[p[0]]} | {p[1]}" if p[0] in errors else p[1]
+    return errors
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +126,8 @@ def test_controlnet_messages_apply_at_the_next_frame_and_bad_ones_change_nothing
     st = status(inbox, c)
     errors = errors_after(inbox, mark)
     assert "out of range" in errors["/controlnet/5/scale"] and "has ControlNets 0 to 1" in errors["/controlnet/5/scale"]
-    assert "cannot change while streaming" in errors["/controlnets"]
+    assert "cannot change while streaming" in errors["/controlnets"] and "start must not be after end" in errors[
+        "/controlnets"]
     assert "finite" in errors["/controlnet/1/scale"]
     assert "/ipadapter_scale" in errors and "no IP-Adapter" in errors["/ipadapter_update"]
     assert st["engine"]["controlnets"] == units  # nothing changed
