@@ -175,13 +175,13 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "--max-steps": dict(type=int, default=4, metavar="N", help="the most --steps"),
     "--controlnet": dict(type=controlnet_spec, action="append", default=None, metavar=CONTROLNET_FORM,
                          help="add a ControlNet (repeatable, up to 8): hub id, folder, .safetensors or "
-                              "random:controlnet-sd15 | random:controlnet-sd21 | random:controlnet-tiny; "
+                              "random:controlnet-sd15 | sd21 | sdxl | tiny | tiny-sdxl (random weights); "
                               "PREPROCESSOR canny (default) | tile | depth | external (the control image comes "
                               "from outside: --control-video in run, the control ring in td); SCALE the "
                               "conditioning scale, 0-5 (default 1), e.g. random:controlnet-tiny:canny:0.8"),
     "--ip-adapter": dict(default=None, metavar="MODEL",
-                         help="IP-Adapter weights: a file, or random:ip-adapter-sd15 | random:ip-adapter-plus-sd15 | "
-                              "random:ip-adapter-sdxl | random:ip-adapter-tiny (none exists for SD 2.x / sd-turbo)"),
+                         help="IP-Adapter weights: a .bin / .safetensors file, or random:ip-adapter-sd15 | plus-sd15 | sdxl | "
+                              "plus-sdxl | tiny (random weights); none exists for SD 2.x / sd-turbo"),
     "--ip-adapter-scale": dict(type=ip_scale, default=None, metavar="S",
                                help="how strongly the style image steers the picture, 0-5 (default 0.6); needs "
                                     "--ip-adapter"),
