@@ -36,7 +36,6 @@ import time
 from collections import deque
 from typing import Any
 
-import numpy as np
 import torch
 
 from engines.graph import CapturedStep, CaptureError
@@ -51,7 +50,7 @@ from .errors import ConfigError, FrameError
 from .models.loading import Components, check_size, check_size_early, load_components
 from .multistream_io import GroupFrames, StreamErrors, check_frame
 from .multistream_step import GroupIO, GroupLayout, GroupState, group_step
-from .multistream_streams import Stream, change_settings
+from .multistream_streams import Stream, TickGather, per_stream_settings
 from .prompts import PromptEncoder
 from .schedule import SlotConstants, slot_constants
 from .vocabulary import strength_of
@@ -83,11 +82,13 @@ class MultiStreamEngine:
         dt = parse_dtype(dtype, dev)
         be, vk = parse_enum(Backend, backend, "backend"), parse_enum(VaeKind, vae, "vae")
         sk = None if scheduler is None else parse_enum(SchedulerKind, scheduler, "scheduler")
-        per_stream = _per_stream(streams, stream_settings, num_inference_steps)
-        size = lambda v, d: d if v is None else v  # noqa: E731
-        mk = lambda s: EngineConfig(model, size(width, s), size(height, s), dev, dt, be, vk, frame_buffer_size,  # noqa: E731
-                                    num_inference_steps, sk, None, engine_dir, compile_preset=compile_preset,
-                                    compile_artifacts=compile_artifacts)
+        per_stream = per_stream_settings(streams, stream_settings, num_inference_steps, MAX_STREAMS)
+
+        def mk(default: int) -> EngineConfig:  # width / height default to the model's own size
+            return EngineConfig(model, default if width is None else width, default if height is None else height,
+                                dev, dt, be, vk, frame_buffer_size, num_inference_steps, sk, None, engine_dir,
+                                compile_preset=compile_preset, compile_artifacts=compile_artifacts)
+
         _group_config(mk(512))  # sizes and backend, before the model loads
         check_size_early(model, width, height, vk)
         comps = load_components(model, dev, dt, vk, seed=model_seed, vae_id=vae_id, lora=tuple(lora),
@@ -118,7 +119,7 @@ class MultiStreamEngine:
         self._tick_lock = threading.RLock()  # one tick (or settings application) at a time
         self._group: GroupState | None = None
         self._graph: CapturedStep | None = None
-        self._gather_cv, self._queued, self._results, self._gathering = threading.Condition(), {}, {}, 0
+        self.gather = TickGather(self)  # per-stream frame calls (Stream.__call__)
         self.ticks, self.layout_changes, self.captures_done = 0, 0, 0
         self._tick_times: deque[float] = deque(maxlen=240)
         self._last_tick_at: float | None = None
@@ -261,7 +262,7 @@ class MultiStreamEngine:
         if not isinstance(frames, (list, tuple)) or len(frames) != N:
             raise FrameError(f"step_all takes a list of {N} frames, one per stream (None: no frame this tick); "
                              f"got {type(frames).__name__} of {len(frames) if hasattr(frames, '__len__') else '?'}")
-        want = self._frame_shape()
+        want = self.frame_shape
         checked: list[tuple[Any, str] | None] = []
         errors: dict[int, BaseException] = {}
         for i, f in enumerate(frames):
@@ -283,7 +284,9 @@ class MultiStreamEngine:
             raise StreamErrors(errors, outputs)
         return outputs
 
-    def _frame_shape(self) -> tuple[int, ...]:
+    @property
+    def frame_shape(self) -> tuple[int, ...]:
+        """A frame of one stream: [H, W, 3] uint8 ([F, H, W, 3] with a frame buffer)."""
         F, H, W = self.config.frame_buffer_size, self.config.height, self.config.width
         return (H, W, 3) if F == 1 else (F, H, W, 3)
 
@@ -317,47 +320,6 @@ class MultiStreamEngine:
         self._last_tick_at = now
         return outputs
 
-    def gather(self, index: int, frame: Any, timeout: float | None) -> Any:
-        """Stream ``index``'s frame call (Stream.__call__): queue, run the tick when all have arrived, wait."""
-        check_frame(frame, self._frame_shape(), self.device, f"stream {index}: ")  # raises on this caller's thread
-        cv = self._gather_cv
-        with cv:
-            if index in self._queued:
-                raise FrameError(f"stream {index} already has a frame queued for the next tick (one caller per "
-                                 "stream, or use step_all)")
-            tick = self._gathering
-            self._queued[index] = frame
-            run = len(self._queued) == len(self._streams)
-            if run:
-                frames = [self._queued[i] for i in range(len(self._streams))]
-                self._queued.clear()
-                self._gathering += 1
-        if run:
-            try:
-                result: Any = self.step_all(frames, return_exceptions=True)
-            except BaseException as exc:  # every waiter of this tick sees it
-                result = exc
-            with cv:
-                self._results[tick] = [result, len(self._streams)]
-                cv.notify_all()
-        with cv:
-            if not cv.wait_for(lambda: tick in self._results, timeout):
-                if self._queued.get(index) is frame and self._gathering == tick:
-                    del self._queued[index]
-                    raise TimeoutError(f"stream {index}: the other streams sent no frame within {timeout} s; "
-                                       "this frame was withdrawn")
-                cv.wait_for(lambda: tick in self._results)  # the tick started meanwhile: its result comes
-            entry = self._results[tick]
-            entry[1] -= 1
-            if entry[1] == 0:
-                del self._results[tick]
-        if isinstance(entry[0], BaseException):
-            raise entry[0]
-        out = entry[0][index]
-        if isinstance(out, BaseException):
-            raise out
-        return out
-
     # ------------------------------------------------------------------ status
     def stream_status(self, i: int) -> dict[str, Any]:
         st, L = self._streams[i], self._group.layout
@@ -380,7 +342,8 @@ class MultiStreamEngine:
         return {
             "model": c.model, "device": str(self.device), "dtype": str(c.dtype).replace("torch.", ""),
             "width": c.width, "height": c.height, "frame_buffer_size": c.frame_buffer_size,
-            "backend": self.backend if self.backend_fallback is None else "eager", "backend_reason": self.backend_reason,
+            "backend": self.backend if self.backend_fallback is None else "eager",
+            "backend_reason": self.backend_reason,
             "backend_fallback": self.backend_fallback, "scheduler": self.scheduler_kind.value, "vae": c.vae.value,
             "streams": len(self._streams), "ticks": self.ticks, "tick_ms_median": med * 1e3 if med else None,
             "ticks_per_s": (1.0 / med) if med else 0.0,
@@ -402,25 +365,6 @@ def _group_config(config: EngineConfig) -> EngineConfig:
         fallback = Backend.COMPILED if importlib.util.find_spec("triton") is not None else Backend.GRAPH
         config = dataclasses.replace(config, backend=fallback)
     return config
-
-
-def _per_stream(streams: Any, common: dict[str, Any], num_inference_steps: int) -> list[StreamSettings]:
-    """from_pretrained's ``streams`` (a count, or one dict per stream) and common keywords -> settings per stream."""
-    if isinstance(streams, bool) or not isinstance(streams, (int, list, tuple)):
-        raise ConfigError(f"streams must be a number of streams (1 to {MAX_STREAMS}) or a list of one settings "
-                          f"dict per stream; got {streams!r:.80}")
-    each = [{}] * streams if isinstance(streams, int) else list(streams)
-    if not 1 <= len(each) <= MAX_STREAMS:
-        raise ConfigError(f"streams must be from 1 to {MAX_STREAMS}; got {len(each)}")
-    out = []
-    for i, own in enumerate(each):
-        if not isinstance(own, dict):
-            raise ConfigError(f"stream {i}: settings must be a dict (prompt, seed, steps, ...); got {own!r:.80}")
-        try:
-            out.append(change_settings(StreamSettings(), num_inference_steps, {**common, **own}))
-        except ConfigError as exc:
-            raise ConfigError(f"stream {i}: {exc}") from None
-    return out
 
 
 class _NullCtx:

@@ -17,7 +17,8 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from .config import PromptSpec, SeedSpec, StreamSettings, apply_updates
-from .errors import ConfigError
+from .errors import ConfigError, FrameError
+from .multistream_io import check_frame
 
 if TYPE_CHECKING:
     from .multistream import MultiStreamEngine
@@ -109,7 +110,83 @@ class Stream:
         of the group has queued one; ``timeout`` (seconds, None: no limit) bounds the wait for the others
         (TimeoutError, and this frame is withdrawn). For one thread driving every stream use
         ``group.step_all``."""
-        return self._group.gather(self.index, frame, timeout)
+        check_frame(frame, self._group.frame_shape, self._group.device, f"stream {self.index}: ")  # raises here
+        return self._group.gather.call(self.index, frame, timeout)
 
     def status(self) -> dict[str, Any]:
         return self._group.stream_status(self.index)
+
+
+def per_stream_settings(streams: Any, common: dict[str, Any], num_inference_steps: int,
+                        max_streams: int) -> list[StreamSettings]:
+    """from_pretrained's ``streams`` (a count, or one dict per stream) and common keywords -> settings per stream."""
+    if isinstance(streams, bool) or not isinstance(streams, (int, list, tuple)):
+        raise ConfigError(f"streams must be a number of streams (1 to {max_streams}) or a list of one settings "
+                          f"dict per stream; got {streams!r:.80}")
+    each = [{}] * streams if isinstance(streams, int) else list(streams)
+    if not 1 <= len(each) <= max_streams:
+        raise ConfigError(f"streams must be from 1 to {max_streams}; got {len(each)}")
+    out = []
+    for i, own in enumerate(each):
+        if not isinstance(own, dict):
+            raise ConfigError(f"stream {i}: settings must be a dict (prompt, seed, steps, ...); got {own!r:.80}")
+        try:
+            out.append(change_settings(StreamSettings(), num_inference_steps, {**common, **own}))
+        except ConfigError as exc:
+            raise ConfigError(f"stream {i}: {exc}") from None
+    return out
+
+
+class TickGather:
+    """Per-stream frame calls gathered into ticks: the call that completes a tick runs it, the others wait.
+
+        stream i: queue (tick t) ... wait until results[t]       stream j (last of tick t): queue, run
+                  step_all(frames of t), publish results[t], notify -> every caller takes its own entry
+
+    A tick's number is fixed when its last frame arrives, so a frame queued while tick t runs belongs to t+1.
+    """
+
+    def __init__(self, group: "MultiStreamEngine"):
+        self._group, self._cv = group, threading.Condition()
+        self._queued: dict[int, Any] = {}
+        self._results: dict[int, list] = {}  # tick -> [step_all's list or its exception, callers yet to read]
+        self._gathering = 0  # the tick now being gathered
+
+    def call(self, index: int, frame: Any, timeout: float | None) -> Any:
+        n, cv = len(self._group), self._cv
+        with cv:
+            if index in self._queued:
+                raise FrameError(f"stream {index} already has a frame queued for the next tick (one caller per "
+                                 "stream, or use step_all)")
+            tick = self._gathering
+            self._queued[index] = frame
+            frames = None
+            if len(self._queued) == n:
+                frames = [self._queued[i] for i in range(n)]
+                self._queued.clear()
+                self._gathering += 1
+        if frames is not None:
+            try:
+                result: Any = self._group.step_all(frames, return_exceptions=True)
+            except BaseException as exc:  # every caller of this tick sees it
+                result = exc
+            with cv:
+                self._results[tick] = [result, n]
+                cv.notify_all()
+        with cv:
+            if not cv.wait_for(lambda: tick in self._results, timeout):
+                if self._queued.get(index) is frame and self._gathering == tick:
+                    del self._queued[index]
+                    raise TimeoutError(f"stream {index}: the other streams sent no frame within {timeout} s; "
+                                       "this frame was withdrawn")
+                cv.wait_for(lambda: tick in self._results)  # its tick started meanwhile: the result comes
+            entry = self._results[tick]
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._results[tick]
+        if isinstance(entry[0], BaseException):
+            raise entry[0]
+        out = entry[0][index]
+        if isinstance(out, BaseException):
+            raise out
+        return out

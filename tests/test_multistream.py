@@ -90,7 +90,8 @@ def test_each_stream_equals_a_single_engine_and_the_unet_runs_once_per_tick(tiny
     assert [r["first"] for r in rows] == [0, 1, 3, 9]
     assert [(r["stream"], r["uncond"]) for r in rows] == [(1, 0), (2, 0), (3, 3), (2, 1)]
     assert [group.stream(i).status()["frames"] for i in range(4)] == [ticks] * 4
-    assert group.stream(2).status()["prompt"] == [["glass city", 1.0]] and group.stream(1).status()["seed"] == [[5, 1.0]]
+    assert group.stream(2).status()["prompt"] == [["glass city", 1.0]]
+    assert group.stream(1).status()["seed"] == [[5, 1.0]]
     # each stream's UNet inputs are rows of the one arena, not tensors of their own
     arena = group._group.arena
     for i, r in enumerate(rows):
