@@ -13,7 +13,6 @@ Threads and frame boundaries:
 
 Settings therefore change only between frames, never in the middle of one. The frame thread holds
 ``_frame_lock`` for a whole frame, so two threads calling the engine at once are serialised.
-
 Around it, one job per module: pretrained, host_frames, similar_filter, engine_status, graph_cache (.py).
 """
 
@@ -34,7 +33,7 @@ from . import control, prepare, pretrained
 from .backends import build_executor
 from .buffers import FrameBuffers, FrameIO, StreamLayout
 from .conditioning import conditioning_for
-from .config import EngineConfig, PromptSpec, SeedSpec, StreamSettings, update_settings
+from .config import EngineConfig
 from .control import ip_adapter as ip_adapter_mod
 from .engine_status import FrameClock, engine_status
 from .errors import ConfigError
@@ -45,6 +44,7 @@ from .host_frames import HostFrames
 from .models.loading import Components, check_size
 from .prompts import PromptEncoder
 from .schedule import SlotConstants, slot_constants
+from .settings import PromptSpec, SeedSpec, StreamSettings, update_settings
 from .similar_filter import SimilarFrameFilter
 from .temporal import TemporalCache
 

@@ -14,11 +14,12 @@ import torch
 
 from . import control
 from .backends import choose_backend
-from .config import (Backend, CacheSettings, EngineConfig, FilterSettings, PromptSpec, SchedulerKind, SeedSpec,
-                     StreamSettings, VaeKind, apply_updates, check_cache_frames, parse_device, parse_dtype,
-                     parse_enum, parse_threads, set_cpu_threads)
+from .config import (Backend, EngineConfig, SchedulerKind, VaeKind, parse_device, parse_dtype, parse_enum,
+                     parse_threads, set_cpu_threads)
 from .control import ip_adapter as ip_adapter_mod
 from .models.loading import check_size_early, load_components
+from .settings import (CacheSettings, FilterSettings, PromptSpec, SeedSpec, StreamSettings, apply_updates,
+                       check_cache_frames)
 
 if TYPE_CHECKING:
     from .engine import StreamEngine

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import FilterSettings
+from .settings import FilterSettings
 
 
 class SimilarFrameFilter:
