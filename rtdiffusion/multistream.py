@@ -43,9 +43,10 @@ from engines.graph import CapturedStep, CaptureError
 from . import prepare
 from .backends import build_executor, choose_backend
 from .buffers import StreamLayout
+from .checks import parse_enum
 from .conditioning import conditioning_for
-from .config import (Backend, EngineConfig, SchedulerKind, StreamSettings, VaeKind, parse_device, parse_dtype,
-                     parse_enum, parse_threads, set_cpu_threads)
+from .config import (Backend, EngineConfig, SchedulerKind, VaeKind, parse_device, parse_dtype, parse_threads,
+                     set_cpu_threads)
 from .errors import ConfigError, FrameError
 from .models.loading import Components, check_size, check_size_early, load_components
 from .multistream_io import GroupFrames, StreamErrors, check_frame
@@ -53,6 +54,7 @@ from .multistream_step import GroupIO, GroupLayout, GroupState, group_step
 from .multistream_streams import Stream, TickGather, per_stream_settings
 from .prompts import PromptEncoder
 from .schedule import SlotConstants, slot_constants
+from .settings import StreamSettings
 from .vocabulary import strength_of
 
 log = logging.getLogger(__name__)

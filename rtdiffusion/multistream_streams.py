@@ -16,9 +16,9 @@ import dataclasses
 import threading
 from typing import TYPE_CHECKING, Any
 
-from .config import PromptSpec, SeedSpec, StreamSettings, apply_updates
 from .errors import ConfigError, FrameError
 from .multistream_io import check_frame
+from .settings import PromptSpec, SeedSpec, StreamSettings, apply_updates
 
 if TYPE_CHECKING:
     from .multistream import MultiStreamEngine

@@ -16,9 +16,10 @@ import torch
 
 from rtdiffusion import ConfigError, FrameError, MultiStreamEngine, StreamEngine
 from rtdiffusion.bench import synthetic_frames
-from rtdiffusion.config import EngineConfig, StreamSettings
+from rtdiffusion.config import EngineConfig
 from rtdiffusion.multistream_io import StreamErrors
 from rtdiffusion.multistream_streams import change_settings
+from rtdiffusion.settings import StreamSettings
 
 H = W = 64
 CONFIG = EngineConfig("random:tiny", W, H, torch.device("cpu"), torch.float32)
