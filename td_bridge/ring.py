@@ -3,7 +3,9 @@
 A ring is one ``multiprocessing.shared_memory`` segment (Windows, macOS, Linux) holding a fixed header, a
 slot table and ``slot_count`` pixel slots. The bridge creates two: the input ring (TouchDesigner or any client
 writes, the bridge reads) and the output ring (the bridge writes, clients read). The segment's layout (the
-header's fields, the slot table) is drawn in ring_layout.py; opening segments by name is segment.py.
+header's fields, the slot table) is drawn in ring_layout.py; opening segments by name is segment.py; how
+bytes are read and written (and who can truncate what) is segment_io.py; what writer and reader share (header
+words, size checks, the serving bridge's upkeep) is ring_base.py.
 
 Protocol (a seqlock per slot; one writer per ring)::
 
@@ -32,9 +34,15 @@ Who serves a ring, and how clients notice a new bridge::
       owner_pid, CLOSED cleared                       "not responding"; the segment now under the name
     heartbeat += 1 four times a second                (``probe``) has another session, or is gone -> let go
     every loop: size, geometry and flags checked      and attach to what is there now
-      against what it made; flags and geometry      before every frame: the segment's size (a truncated
-      rewritten, a truncated segment recreated        segment would raise SIGBUS on access)
+      against what it made; flags and geometry      before every frame: the segment's size; a segment
+      rewritten, a truncated segment recreated        truncated even during a copy -> RingTruncated, let go
     at exit: CLOSED set, unlinked (if it made it)   CLOSED seen -> let go, wait for the next bridge
+
+Every byte goes through segment_io: on Linux, where any process that can open a ring's name may shrink it
+at any moment, with pread / preadv / pwrite on the descriptor (a truncation, even in the middle of a frame, is
+a short read: RingTruncated, never SIGBUS); on macOS and Windows, where a segment cannot shrink, through the
+mapping. ``read`` copies a frame with one preadv straight into the caller's buffer; ``write`` / ``commit``
+/ ``publish`` write it with one pwrite.
 
 Everyone follows the CHECKSUM flag as it is now (the server keeps it right), so a writer that attached while
 the flag was wrong recovers as soon as the server repairs it.
@@ -44,18 +52,19 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import time
 import zlib
 from multiprocessing import shared_memory
 
 import numpy as np
 
+from .ring_base import _Ring, _attach_checked, _new_session, _seq_off
 from .ring_layout import (FLAG_CHECKSUM, FLAG_CLOSED, HEADER_FIXED, MAGIC, MAX_SIDE, MAX_SLOTS, SLOT_ENTRY,
                           VERSION, FrameInfo, PixelFormat, RingError, RingLayout, RingTruncated, RowOrder,
-                          _ENTRY, _HEADER, _META, _OFF_FLAGS, _OFF_PID, _OFF_PUBLISHED, _OFF_SESSION, _SESSION,
-                          describe_flags, parse_header)
-from .segment import _CREATED, _attach, _open_untracked, _unlink_name, probe
+                          _HEADER, _META, _OFF_FLAGS, _OFF_PUBLISHED, _OFF_SESSION, _SESSION, describe_flags,
+                          parse_header)
+from .segment import _CREATED, _open_untracked, probe
+from .segment_io import segment_io
 
 log = logging.getLogger(__name__)
 
@@ -67,178 +76,28 @@ __all__ = ["FLAG_CHECKSUM", "FLAG_CLOSED", "HEADER_FIXED", "MAGIC", "MAX_SIDE", 
            "RingWriter", "RowOrder", "describe_flags", "parse_header", "probe", "to_rgb", "_open_untracked"]
 
 
-def _attach_checked(name: str, expect: "RingLayout | None"):
-    """Attach to ring ``name`` and read its header; with ``expect``, its size and format must match."""
-    shm = _attach(name)
-    try:
-        layout, _ = parse_header(shm.buf, shm.size, name)
-        if expect is not None and (layout.width, layout.height, layout.pixel_format) != (
-                expect.width, expect.height, expect.pixel_format):
-            raise RingError(f"ring {name!r} is {layout.describe()}; expected {expect.describe()}")
-    except RingError:
-        shm.close()
-        raise
-    return shm, layout
-
-
-class _Ring:
-    """Views over one mapped segment. Subclasses add the writer's or the reader's half of the protocol.
-
-    ``owner``: this process created the segment and unlinks it at close. ``serving`` (see ``serve``): this
-    process is the bridge behind the ring; it keeps the header right and marks the ring CLOSED at close."""
-
-    def __init__(self, shm: shared_memory.SharedMemory, layout: RingLayout, owner: bool) -> None:
-        self._shm = shm
-        self.layout = layout
-        self.name = shm.name
-        self._owner = owner
-        self.serving = False
-        buf = shm.buf
-        self._buf = buf
-        self._fd = getattr(shm, "_fd", -1)  # POSIX: the segment's descriptor, for fstat; Windows: -1
-        # [S] u64 views, one element per slot entry; each write is one aligned 8-byte store
-        self._seq = np.ndarray((layout.slot_count,), dtype="<u8", buffer=buf, offset=HEADER_FIXED,
-                               strides=(SLOT_ENTRY,))
-        self._published = np.ndarray((1,), dtype="<u8", buffer=buf, offset=_OFF_PUBLISHED)
-        self._flags = np.ndarray((1,), dtype="<u4", buffer=buf, offset=_OFF_FLAGS)
-        self._session = np.ndarray((2,), dtype="<u8", buffer=buf, offset=_OFF_SESSION)  # [session, heartbeat]
-        # [S, H, W, C] uint8 pixel views, one per slot
-        self._slots = [np.ndarray(layout.shape, dtype=np.uint8, buffer=buf,
-                                  offset=layout.header_bytes + k * layout.slot_stride)
-                       for k in range(layout.slot_count)]
-        # the geometry fields (magic .. slot_count, and slot_stride) as this process opened them
-        self._geometry = (bytes(buf[:24]), bytes(buf[32:40]))
-        self._want_flags = FLAG_CHECKSUM if layout.checksum else 0  # what a serving bridge keeps in `flags`
-
-    @property
-    def published(self) -> int:
-        return int(self._published[0])
-
-    @property
-    def closed(self) -> bool:
-        return bool(self._flags[0] & FLAG_CLOSED)
-
-    @property
-    def session(self) -> int:
-        return int(self._session[0])
-
-    @property
-    def heartbeat(self) -> int:
-        return int(self._session[1])
-
-    @property
-    def owner_pid(self) -> int:
-        return int.from_bytes(bytes(self._buf[_OFF_PID:_OFF_PID + 4]), "little")
-
-    def serve(self, checksum: bool | None = None) -> int:
-        """Become the bridge behind this ring: a new session id, our pid, the flags as we want them (CLOSED
-        cleared; CHECKSUM as ``checksum``, default as the ring has it). Returns the session id."""
-        if checksum is not None:
-            self._want_flags = FLAG_CHECKSUM if checksum else 0
-        self._buf[_OFF_PID:_OFF_PID + 4] = (os.getpid() & 0xFFFFFFFF).to_bytes(4, "little")
-        self._flags[0] = self._want_flags
-        self._session[0] = _new_session()
-        self._session[1] += 1  # a served ring's heartbeat is never 0 (0: nobody beats it; never called stale)
-        self.serving = True
-        return self.session
-
-    def beat(self) -> None:
-        """Server: one heartbeat (clients call the ring dead when it stops). Checks the size first."""
-        self.check_size()
-        self._session[1] += 1
-
-    def segment_size(self) -> int:
-        """The segment's size now (POSIX: fstat; it can shrink under us). Windows sections cannot shrink."""
-        return os.fstat(self._fd).st_size if self._fd >= 0 else self._shm.size
-
-    def check_size(self) -> None:
-        """Raise RingTruncated if the segment is smaller than the ring now; call before touching it."""
-        size = self.segment_size()
-        if size < self.layout.total_bytes:
-            raise RingTruncated(f"shared memory {self.name!r} was truncated to {size} bytes under this process "
-                                f"(the {self.layout.describe()} ring needs {self.layout.total_bytes}); its pages "
-                                f"are not touched again")
-
-    def check_header(self) -> None:
-        """Raise RingError naming what changed since this process opened the ring: the segment's size, its
-        geometry, and (on the serving side) the flags. ``repair_header`` puts geometry and flags back."""
-        self.check_size()
-        if (bytes(self._buf[:24]), bytes(self._buf[32:40])) != self._geometry:
-            try:
-                now = parse_header(self._buf, self._shm.size, self.name)[0].describe()
-            except RingError as exc:  # names the broken field
-                raise RingError(f"corrupt header: {exc}") from None
-            raise RingError(f"ring {self.name!r} header changed while in use: now {now}, opened as "
-                            f"{self.layout.describe()}")
-        if self.serving:
-            flags = int(self._flags[0])
-            if flags != self._want_flags:
-                raise RingError(f"ring {self.name!r}: {describe_flags(flags, self._want_flags)}")
-
-    def clear_closed(self) -> None:
-        """Mark the ring open again (a bridge adopting a ring of the right geometry that it will serve)."""
-        self._flags[0] &= ~np.uint32(FLAG_CLOSED)
-
-    def repair_header(self) -> None:
-        """Server only: write the geometry and the flags back after someone scribbled on them."""
-        assert self._owner or self.serving, "only the ring's bridge may rewrite its header"
-        self.check_size()
-        self._buf[:24], self._buf[32:40] = self._geometry
-        self._flags[0] = self._want_flags
-
-    def close(self, unlink: bool | None = None) -> None:
-        """Unmap; the server also marks the ring CLOSED, and (by default only its creator) unlinks it."""
-        if self._shm is None:
-            return
-        unlink = self._owner if unlink is None else unlink
-        if self._owner or self.serving:
-            try:
-                if self.segment_size() >= HEADER_FIXED:
-                    self._flags[0] |= FLAG_CLOSED
-            except (ValueError, TypeError, OSError):  # pragma: no cover
-                pass
-        self._seq = self._published = self._flags = self._session = None  # type: ignore[assignment]
-        self._slots = []
-        self._buf = None  # type: ignore[assignment]
-        shm, self._shm = self._shm, None
-        try:
-            shm.close()
-        except BufferError:  # a caller still holds a view; the mapping goes when it is collected
-            log.warning("ring %s still has views in use; it stays mapped until they are released", self.name)
-        if unlink:
-            _CREATED.discard(self.name)
-            try:
-                if self._owner:
-                    shm.unlink()  # also ends the resource tracker's registration
-                else:
-                    _unlink_name(self.name)
-            except FileNotFoundError:
-                pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _new_session() -> int:
-    return secrets.randbits(63) | 1  # never 0 (0: an old bridge that does not write sessions)
-
-
 class RingWriter(_Ring):
     """The one writer of a ring. ``create`` makes a new segment; ``attach`` writes into one made elsewhere.
 
-    Hot path: ``begin()`` gives the next slot as a writable [H, W, C] uint8 view, ``commit()`` publishes it.
-    ``write(frame)`` does both with the conversions a client needs (float 0..1 in, other row order in).
-    Neither allocates per frame once the first float frame has set up its scratch buffer.
+    Hot path: ``begin()`` gives a writable [H, W, C] uint8 buffer for the next slot, ``commit()`` publishes
+    it (where the segment can shrink, Linux, the buffer is this writer's own and ``commit`` writes it with one
+    pwrite; elsewhere it is the slot itself). ``publish(frame)`` does both for a frame already in the ring's
+    layout, with one copy. ``write(frame)`` adds the conversions a client needs (float 0..1 in, other row
+    order in). None of them allocates per frame once the first frame has set up the buffers.
+
+    The writer keeps each slot's ``seq`` itself (it is the only writer), so writing reads nothing from the
+    segment but the flags word (as 0 if it is gone) and cannot fail on a segment truncated under it: on Linux
+    the pwrite grows it back (see segment_io), and the next size check reports it.
     """
 
-    def __init__(self, shm, layout, owner) -> None:
-        super().__init__(shm, layout, owner)
+    def __init__(self, shm, layout, owner, io=None) -> None:
+        super().__init__(shm, layout, owner, io)
         self._k = -1
         self._next = self.published
         self._begun_ns = 0
+        self._seqs = [self._word(_seq_off(k)) for k in range(layout.slot_count)]  # [S] what we last stored
+        self._stage: np.ndarray | None = None  # [H, W, C] uint8 where begin() hands out pixels (FdIO only)
+        self._meta = bytearray(_META.size)  # frame_index, timestamp_ns, source_index, crc32 of one slot
         self._scratch: np.ndarray | None = None  # [H, W, C_src] float32, made on the first float frame
 
     @classmethod
@@ -249,16 +108,17 @@ class RingWriter(_Ring):
         except FileExistsError:
             raise RingError(f"shared memory {name!r} already exists (another bridge running, or one that "
                             f"crashed on Linux/macOS left it in /dev/shm); choose another name") from None
-        buf = shm.buf
-        buf[:layout.header_bytes] = bytes(layout.header_bytes)
+        head = bytearray(layout.header_bytes)
         flags = FLAG_CHECKSUM if layout.checksum else 0
-        _HEADER.pack_into(buf, 0, MAGIC, VERSION, layout.header_bytes, layout.width, layout.height,
+        _HEADER.pack_into(head, 0, MAGIC, VERSION, layout.header_bytes, layout.width, layout.height,
                           layout.channels, layout.pixel_format.code, layout.row_order.value, layout.slot_count,
                           flags, os.getpid() & 0xFFFFFFFF, layout.slot_stride, 0)
-        _SESSION.pack_into(buf, _OFF_SESSION, _new_session(), 0)  # every segment made has its own id
+        _SESSION.pack_into(head, _OFF_SESSION, _new_session(), 0)  # every segment made has its own id
+        io = segment_io(shm, shm.name)
+        io.write_from(0, head)
         _CREATED.add(shm.name)
         log.debug("created ring %s: %s, %d bytes", shm.name, layout.describe(), layout.total_bytes)
-        return cls(shm, layout, owner=True)
+        return cls(shm, layout, owner=True, io=io)
 
     @classmethod
     def attach(cls, name: str, expect: RingLayout | None = None) -> "RingWriter":
@@ -268,32 +128,61 @@ class RingWriter(_Ring):
         ``begin()`` and ``commit()``): it is made even again, else its seqlock would read inverted forever.
         The CLOSED flag is left as it is: it belongs to the ring's creator (see ``clear_closed``).
         """
-        shm, layout = _attach_checked(name, expect)
-        w = cls(shm, layout, owner=False)
-        for k in range(layout.slot_count):
-            if int(w._seq[k]) & 1:
-                log.debug("ring %s: slot %d was left mid-write by a previous writer; repaired", name, k)
-                w._seq[k] += 1
-        return w
+        shm, io, layout = _attach_checked(name, expect)
+        try:
+            for k in range(layout.slot_count):
+                s = io.u64(_seq_off(k))
+                if s & 1:
+                    log.debug("ring %s: slot %d was left mid-write by a previous writer; repaired", name, k)
+                    io.set_u64(_seq_off(k), s + 1)
+            return cls(shm, layout, owner=False, io=io)
+        except RingError:  # truncated while attaching
+            shm.close()
+            raise
 
     def begin(self) -> np.ndarray:
-        """Enter the next slot (its seq goes odd) and return its [H, W, C] uint8 pixels to fill in place."""
-        n = self._next
-        k = n % self.layout.slot_count
-        self._seq[k] += 1
+        """Enter the next slot (its seq goes odd) and return [H, W, C] uint8 pixels to fill in place."""
+        k = self._next % self.layout.slot_count
+        self._seqs[k] += 1
+        self._io.set_u64(_seq_off(k), self._seqs[k])
         self._k = k
         self._begun_ns = time.monotonic_ns()
-        return self._slots[k]
+        if self._io.mapped:
+            return self._slots[k]
+        if self._stage is None:
+            self._stage = np.zeros(self.layout.shape, np.uint8)
+        return self._stage
 
     def commit(self, source_index: int | None = None) -> int:
         """Publish the slot filled since ``begin()``; returns its frame index."""
+        return self._commit(None if self._io.mapped else self._stage, source_index)
+
+    def publish(self, frame: np.ndarray, source_index: int | None = None) -> int:
+        """Publish ``frame``, already in the ring's layout ([H, W, C] uint8, C-contiguous), with one copy
+        (Linux: one pwrite from ``frame`` itself, say a pinned readback buffer). Returns its frame index."""
+        if frame.shape != self.layout.shape or frame.dtype != np.uint8 or not frame.flags.c_contiguous:
+            raise RingError(f"ring {self.name!r}: publish() takes C-contiguous {list(self.layout.shape)} uint8 "
+                            f"frames in the ring's layout; got {frame.dtype} {list(frame.shape)}")
+        dst = self.begin()
+        if self._io.mapped:
+            np.copyto(dst, frame)
+            return self._commit(None, source_index)
+        return self._commit(frame, source_index)
+
+    def _commit(self, pixels: np.ndarray | None, source_index: int | None) -> int:
+        """pixels: [H, W, C] uint8 to write into the slot, or None when they are in it already (MapIO)."""
         k, n = self._k, self._next
         assert k >= 0, "commit() without begin()"
-        crc = zlib.crc32(self._slots[k].data) if self._flags[0] & FLAG_CHECKSUM else 0  # the flag as it is now
-        _META.pack_into(self._buf, HEADER_FIXED + k * SLOT_ENTRY + 8, n, self._begun_ns,
-                        n if source_index is None else source_index, crc)
-        self._seq[k] += 1
-        self._published[0] = n + 1
+        io, off = self._io, _seq_off(k)
+        src = self._slots[k] if pixels is None else pixels
+        crc = zlib.crc32(src) if self._word(_OFF_FLAGS, 4) & FLAG_CHECKSUM else 0  # the flag as it is now
+        if pixels is not None:
+            io.write_from(self.layout.header_bytes + k * self.layout.slot_stride, pixels)
+        _META.pack_into(self._meta, 0, n, self._begun_ns, n if source_index is None else source_index, crc)
+        io.write_from(off + 8, self._meta)
+        self._seqs[k] += 1
+        io.set_u64(off, self._seqs[k])
+        io.set_u64(_OFF_PUBLISHED, n + 1)
         self._next = n + 1
         self._k = -1
         return n
@@ -306,7 +195,7 @@ class RingWriter(_Ring):
         none. ``rows`` is the frame's row order; it is flipped when the ring's differs.
         """
         self.check_frame(frame)  # after this nothing below can fail, so the slot is always left even
-        self.check_size()  # a truncated segment would raise SIGBUS, not an exception
+        self.check_size()  # a first check; begin() and commit() never read the segment, so never fail
         dst = self.begin()
         src = frame if rows is self.layout.row_order else frame[::-1]
         if src.dtype != np.uint8:
@@ -338,49 +227,65 @@ class RingWriter(_Ring):
 class RingReader(_Ring):
     """A reader of a ring made by another process (or by this one: ``RingReader(writer_ring_name)``)."""
 
-    def __init__(self, shm, layout, owner) -> None:
-        super().__init__(shm, layout, owner)
+    def __init__(self, shm, layout, owner, io=None) -> None:
+        super().__init__(shm, layout, owner, io)
         self.last_index = -1
         self.retries = 0  # reads that had to start over because the writer was inside the slot
         self.checksum_failures = 0
-        self._entry = bytearray(_ENTRY.size)
+        self._meta = bytearray(_META.size)  # frame_index, timestamp_ns, source_index, crc32 of the slot read
+        self._stage: np.ndarray | None = None  # [H, W, C] uint8, only for an ``out`` that is not C-contiguous
 
     @classmethod
     def attach(cls, name: str, expect: RingLayout | None = None) -> "RingReader":
-        shm, layout = _attach_checked(name, expect)
-        return cls(shm, layout, owner=False)
+        shm, io, layout = _attach_checked(name, expect)
+        return cls(shm, layout, owner=False, io=io)
 
     @classmethod
     def create(cls, name: str | None, layout: RingLayout) -> "RingReader":
         """Create a segment that another process writes (the bridge's input ring)."""
         w = RingWriter.create(name, layout)
-        shm, w._shm = w._shm, None  # hand the mapping over; the writer object is dropped
-        return cls(shm, layout, owner=True)
+        shm, io, w._shm = w._shm, w._io, None  # hand the segment over; the writer object is dropped
+        return cls(shm, layout, owner=True, io=io)
 
     def new_frame(self) -> bool:
         """True when a frame newer than the last one read has been published (no copy)."""
         return self.published - 1 > self.last_index
 
+    def _dst(self, out: np.ndarray) -> np.ndarray:
+        """Where a read lands: ``out`` itself when it is C-contiguous (one preadv straight into it), else a
+        staging buffer copied into ``out`` once the frame is known to be whole."""
+        if out.shape != self.layout.shape or out.dtype != np.uint8:
+            raise RingError(f"ring {self.name!r}: read() takes a {list(self.layout.shape)} uint8 array "
+                            f"(empty_frame()); got {out.dtype} {list(out.shape)}")
+        if out.flags.c_contiguous and out.flags.writeable:
+            return out
+        if self._stage is None:
+            self._stage = np.zeros(self.layout.shape, np.uint8)
+        return self._stage
+
     def read(self, out: np.ndarray) -> FrameInfo | None:
         """Copy the newest frame into ``out`` ([H, W, C] uint8 in the ring's layout) if it is newer than the
         last one read. Returns its FrameInfo, or None when there is nothing new. Never returns a torn frame.
 
-        Raises RingTruncated when the segment shrank (checked first: touching it would raise SIGBUS), and
-        RingError when every one of ``_RETRIES`` attempts failed, naming what was seen on them: the writer
-        rewrote the slot during each copy (it laps this reader: more slots help), the slot stayed mid-write
-        (its writer died or hangs inside a frame), the slot was never written or holds an older frame than
-        ``published`` says (a corrupt ``published`` counter), or the crc32 did not match a stable slot."""
+        Raises RingTruncated when the segment shrank, whether before the read (its size is checked first) or
+        during it (Linux: a short pread; see segment_io), and RingError when every one of ``_RETRIES``
+        attempts failed, naming what was seen on them: the writer rewrote the slot during each copy (it laps
+        this reader: more slots help), the slot stayed mid-write (its writer died or hangs inside a frame), the
+        slot was never written or holds an older frame than ``published`` says (a corrupt ``published``
+        counter), or the crc32 did not match a stable slot."""
         self.check_size()
-        slots = self.layout.slot_count
+        dst = self._dst(out)
+        io, lay = self._io, self.layout
+        slots = lay.slot_count
         seen = dict.fromkeys(_FAILURES, 0)
         p = k = s1 = index = 0
         stuck = None  # (published, seq) of the first odd slot seen; the same every time: a stuck writer
         for _ in range(_RETRIES):
-            p = int(self._published[0])
+            p = io.u64(_OFF_PUBLISHED)
             if p - 1 <= self.last_index:
                 return None
             k = (p - 1) % slots
-            s1 = int(self._seq[k])
+            s1 = io.u64(_seq_off(k))
             if s1 == 0 or s1 & 1:
                 if s1 == 0:
                     seen["unwritten"] += 1
@@ -394,15 +299,15 @@ class RingReader(_Ring):
                 self.retries += 1
                 time.sleep(0)
                 continue
-            np.copyto(out, self._slots[k])
-            self._entry[:] = self._buf[HEADER_FIXED + k * SLOT_ENTRY:HEADER_FIXED + k * SLOT_ENTRY + _ENTRY.size]
-            s2 = int(self._seq[k])
+            io.read_into(lay.header_bytes + k * lay.slot_stride, dst)  # [H, W, C] one preadv (Linux)
+            io.read_into(_seq_off(k) + 8, self._meta)
+            s2 = io.u64(_seq_off(k))
             if s1 != s2:
                 seen["lapped"] += 1
                 self.retries += 1
                 continue
-            _, index, ts, source, crc = _ENTRY.unpack_from(self._entry, 0)
-            if self._flags[0] & FLAG_CHECKSUM and zlib.crc32(out.data) != crc:  # the flag as it is now
+            index, ts, source, crc = _META.unpack_from(self._meta, 0)
+            if io.u32(_OFF_FLAGS) & FLAG_CHECKSUM and zlib.crc32(dst) != crc:  # the flag as it is now
                 seen["crc"] += 1
                 self.checksum_failures += 1
                 self.retries += 1
@@ -411,8 +316,11 @@ class RingReader(_Ring):
                 seen["older"] += 1
                 self.retries += 1
                 continue
+            if dst is not out:
+                np.copyto(out, dst)
             self.last_index = index
             return FrameInfo(index, ts, source)
+        self.check_size()  # shrunk while we tried (zeros where it was cut): say that, not what it did to them
         raise RingError(self._failure(seen, p, k, s1, index))
 
     def _failure(self, seen: dict[str, int], p: int, k: int, seq: int, index: int) -> str:

@@ -62,8 +62,7 @@ _OFF_SESSION = 48
 _OFF_HEARTBEAT = 56
 _KNOWN_FLAGS = FLAG_CLOSED | FLAG_CHECKSUM
 _SESSION = struct.Struct("<QQ")  # session, heartbeat at _OFF_SESSION
-# seq, frame_index, timestamp_ns, source_index, crc32 (one slot-table entry); _META is the same without seq
-_ENTRY = struct.Struct("<QQQQI")
+# frame_index, timestamp_ns, source_index, crc32: a slot-table entry after its seq (at +8), read and written whole
 _META = struct.Struct("<QQQI")
 
 

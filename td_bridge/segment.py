@@ -1,6 +1,7 @@
 """Opening shared-memory segments by name for the rings: untracked, with every failure a RingError.
 
-Stdlib only. ``probe`` reads who serves the ring under a name without keeping it mapped.
+Stdlib + numpy. ``probe`` reads who serves the ring under a name without keeping it open. Headers are read
+through segment_io (on Linux with pread, so a segment truncated meanwhile is an error, never SIGBUS).
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import sys
 import threading
 from multiprocessing import shared_memory
 
-from .ring_layout import _OFF_SESSION, _SESSION, RingError, parse_header
+from .ring_layout import _OFF_HEARTBEAT, _OFF_SESSION, HEADER_FIXED, RingError, RingLayout, parse_header
+from .segment_io import segment_io
 
 
 _CREATED: set[str] = set()  # segments this process created (and whose tracker registration it keeps)
@@ -67,13 +69,20 @@ def _unlink_name(name: str) -> None:
     # Windows: a section goes when its last handle closes; there is no name to remove
 
 
+def read_layout(io, name: str) -> tuple[RingLayout, int]:
+    """Parse the header of the segment behind ``io`` (segment_io); (layout, flags) or RingError."""
+    size = io.size()
+    return parse_header(io.read_bytes(0, HEADER_FIXED) if size >= HEADER_FIXED else b"", size, name)
+
+
 def probe(name: str) -> tuple[int, int]:
     """(session, heartbeat) of the ring now under ``name``; RingError if there is none or it is not a ring.
 
     Clients call it about once a second to find out whether the name still means the segment they hold."""
     shm = _attach(name)
     try:
-        parse_header(shm.buf, shm.size, name)
-        return _SESSION.unpack_from(shm.buf, _OFF_SESSION)
+        io = segment_io(shm, name)
+        read_layout(io, name)
+        return io.u64(_OFF_SESSION), io.u64(_OFF_HEARTBEAT)
     finally:
         shm.close()
