@@ -200,12 +200,10 @@ class MultiStreamEngine:
                 kept.append(i)
             elif old is not None:
                 reset.append(i)
+        graph = self._capture(group) if self._captures else None  # before the old one goes: a failure keeps it
         if self._graph is not None:
             self._graph.release()
-            self._graph = None
-        if self._captures:
-            self._graph = self._capture(group)
-        self._group = group
+        self._graph, self._group = graph, group
         for i, s in enumerate(target):
             self._streams[i]._settings = s
         if old is not None:

@@ -242,3 +242,50 @@ def test_from_pretrained_checks_and_builds(tiny_components):
     assert group.stream(1).status()["strength"] == pytest.approx(0.5, abs=0.02)
     outs = group.step_all([np.zeros((H, W, 3), np.uint8), torch.zeros(H, W, 3, dtype=torch.uint8)])
     assert isinstance(outs[0], np.ndarray) and isinstance(outs[1], torch.Tensor) and outs[1].shape == (H, W, 3)
+
+
+def test_frame_buffer_streams_equal_single_engines(tiny_components):
+    """F = 2 frames per stream per tick: each stream's rows of the [N*F] frame arenas are its own two frames."""
+    config = EngineConfig("random:tiny", W, H, torch.device("cpu"), torch.float32, frame_buffer_size=2)
+    ss = [settings(t_index_list=[32], prompt="a", seed=1),
+          settings(t_index_list=[15, 35], cfg="initialize", guidance_scale=1.2, prompt="b", seed=2)]
+    group = MultiStreamEngine(config, tiny_components, ss)
+    singles = [StreamEngine(config, tiny_components, s) for s in ss]
+    frames = synthetic_frames(8, H, W)
+    for k in range(3):
+        fr = [np.stack([frames[(2 * k + 3 * i) % 8], frames[(2 * k + 3 * i + 1) % 8]]) for i in range(2)]
+        outs = group.step_all(fr)
+        for i in range(2):
+            ref = singles[i](fr[i])
+            assert outs[i].shape == (2, H, W, 3)
+            if k >= len(ss[i].t_index_list) - 1:
+                assert_close(outs[i], ref, f"stream {i}, tick {k}")
+    # rows: stream 0 = 1 step x 2 frames; stream 1 = 2 uncond (initialize: F) + 2 steps x 2 frames
+    assert group.status()["rows_per_stream"] == [2, 6]
+
+
+def test_sdxl_added_conditioning_rows_are_views_of_the_arena():
+    """SDXL's text_embeds / time_ids follow the same row layout as unet_in (no model needed to check it)."""
+    from rtdiffusion.buffers import StreamLayout
+    from rtdiffusion.conditioning import TextTimeConditioning
+    from rtdiffusion.multistream_step import GroupIO, GroupLayout, GroupState
+    from rtdiffusion.settings import CfgMode
+
+    def layout(slots: int, cfg: CfgMode) -> StreamLayout:
+        return StreamLayout(frames=1, slots=slots, cfg=cfg, height=H, width=W, latent_h=8, latent_w=8,
+                            text_tokens=5, text_dim=16, dtype=torch.float32, device=torch.device("cpu"))
+
+    cond = TextTimeConditioning(pooled_dim=12)
+    gl = GroupLayout((layout(1, CfgMode.NONE), layout(2, CfgMode.FULL), layout(3, CfgMode.INITIALIZE)))
+    z = torch.zeros(3, H, W, 3, dtype=torch.uint8)
+    g = GroupState(gl, GroupIO(z, z.clone()), cond)
+    assert gl.row_starts == (0, 1, 5) and gl.unet_rows == 9
+    text_embeds, time_ids = g.arena.added
+    assert text_embeds.shape == (9, 12) and time_ids.shape == (9, 6)
+    for slot, start in zip(g.slots, gl.row_starts):
+        b = slot.buffers
+        assert b.added[0].data_ptr() == text_embeds[start].data_ptr()
+        assert b.added[1].data_ptr() == time_ids[start].data_ptr() and b.added[1].shape[0] == b.layout.unet_rows
+    assert (time_ids == torch.tensor([H, W, 0, 0, H, W], dtype=torch.float32)).all()  # every row written
+    g.slots[1].buffers.added[0].fill_(1.0)  # one stream's rows only
+    assert text_embeds[1:5].eq(1).all() and text_embeds[:1].eq(0).all() and text_embeds[5:].eq(0).all()
