@@ -31,15 +31,16 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
 
 
 def spawn(*args):
+    """The other process; its stdout carries only what it prints on purpose (warnings go to stderr)."""
     return subprocess.Popen([sys.executable, str(PROC), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=ENV)
+                            stderr=subprocess.PIPE, text=True, env=ENV)
 
 
 def wait_for_line(proc, want):
     line = proc.stdout.readline().strip()
     if line != want:
-        rest = proc.communicate(timeout=TIMEOUT)[0]
-        pytest.fail(f"expected {want!r} from the other process, got {line!r} (exit {proc.returncode}): {rest}")
+        out, err = proc.communicate(timeout=TIMEOUT)
+        pytest.fail(f"expected {want!r} from the other process, got {line!r} (exit {proc.returncode}): {out} {err}")
 
 
 def ring_for(role, name, layout):
@@ -65,15 +66,15 @@ def test_truncation_between_the_size_check_and_the_copy(shm_name, role, size, ba
         try:
             wait_for_line(proc, "paused")  # it has passed the size check
             os.ftruncate(mine._fd, size)
-            out = proc.communicate("go\n", timeout=TIMEOUT)[0]
+            out, err = proc.communicate("go\n", timeout=TIMEOUT)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate(timeout=TIMEOUT)
     if backend == "map":  # the old path: a copy through the mapping after a passing size check
-        assert proc.returncode == -signal.SIGBUS, (proc.returncode, out)
+        assert proc.returncode == -signal.SIGBUS, (proc.returncode, out, err)
         return
-    assert proc.returncode == 0, (proc.returncode, out)
+    assert proc.returncode == 0, (proc.returncode, out, err)
     lines = out.splitlines()
     if role == "write":  # the pwrite grew the file back (to the end of slot 0); the next write sees it short
         assert lines[0].startswith("wrote, segment now") and int(lines[0].split()[3]) < lay.total_bytes, out
@@ -104,12 +105,12 @@ def test_random_truncations_never_kill_a_reader_or_a_writer(shm_name, role):
                 time.sleep(rng.uniform(0, 1e-3))
                 os.pwrite(fd, saved, 0)
                 time.sleep(rng.uniform(0, 2e-3))
-            out = proc.communicate("stop\n", timeout=TIMEOUT)[0]
+            out, err = proc.communicate("stop\n", timeout=TIMEOUT)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate(timeout=TIMEOUT)
-        assert proc.returncode == 0, (proc.returncode, out)  # not -SIGBUS, and no other outcome (exit 3)
+        assert proc.returncode == 0, (proc.returncode, out, err)  # not -SIGBUS, and no other outcome (exit 3)
         counts = json.loads(out.splitlines()[-1])
         print(f"{role}: {counts} (during: caught by the short read itself, after a passing size check)")
         assert counts["frames"] >= 1
