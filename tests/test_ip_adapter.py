@@ -260,10 +260,11 @@ def test_ip_adapter_and_temporal_kv_cache_coexist(adapters):
 
 def test_image_encoder_is_found_beside_the_file_by_its_width(adapters, tmp_path):
     """h94's layout: sdxl_models/ holds a ViT-bigG encoder that the *_vit-h files there do not read; the ViT-H one
-    is models/image_encoder. The encoder whose width fits is taken; a wrong one given explicitly is refused."""
+    is models/image_encoder, which models/ip-adapter_sd15_vit-G does not read. The encoder whose width fits is
+    taken; a wrong one given explicitly is refused."""
     import shutil
 
-    path, folder, _ = adapters["sd15", "base"]
+    path, folder, sd = adapters["sd15", "base"]
     (tmp_path / "sdxl_models").mkdir()
     model = str(tmp_path / "sdxl_models" / "ip-adapter_vit-h.safetensors")
     shutil.copy(path, model)
@@ -275,19 +276,40 @@ def test_image_encoder_is_found_beside_the_file_by_its_width(adapters, tmp_path)
     with pytest.raises(ConfigError, match="width 16, but its image encoder's projection_dim is 24"):
         StreamEngine.from_pretrained("random:tiny-sd15", device="cpu", ip_adapter={"model": model,
                                                                                   "image_encoder": str(wrong)})
+    # an SD 1.5 file reading the wider (bigG-like) encoder, as models/ip-adapter_sd15_vit-G: ../sdxl_models/
+    from safetensors.torch import save_file
+
+    vit_g = tmp_path / "models" / "ip-adapter_sd15_vit-G.safetensors"
+    proj = dict(sd["image_proj"], **{"proj.weight": torch.randn(sd["image_proj"]["proj.weight"].shape[0], 24) / 5})
+    save_file({f"{s}.{k}": v.contiguous() for s, part in (("image_proj", proj), ("ip_adapter", sd["ip_adapter"]))
+               for k, v in part.items()}, str(vit_g))
+    engine = StreamEngine.from_pretrained("random:tiny-sd15", device="cpu", ip_adapter=str(vit_g))
+    assert engine._ip.style.vision.config.projection_dim == 24 and engine._ip.tokens == 4
     shutil.rmtree(tmp_path / "models")
-    with pytest.raises(ConfigError, match="no image encoder given and none of width 16"):
+    with pytest.raises(ConfigError, match="no image encoder given and none of projection_dim 16"):
         StreamEngine.from_pretrained("random:tiny-sd15", device="cpu", ip_adapter=model)
+    # a hub file: the repo's encoder of the width it reads (ip-adapter_sdxl and _sd15_vit-G read ViT-bigG/14)
+    from rtdiffusion.control.ip_weights import _default_encoder
+
+    nowhere = str(tmp_path / "cache" / "x.safetensors")
+    for file, plus, width, folder in (("sdxl_models/ip-adapter_sdxl.safetensors", False, 1280, "sdxl_models"),
+                                      ("sdxl_models/ip-adapter_sdxl_vit-h.safetensors", False, 1024, "models"),
+                                      ("sdxl_models/ip-adapter-plus_sdxl_vit-h.bin", True, 1280, "models"),
+                                      ("models/ip-adapter_sd15_vit-G.bin", False, 1280, "sdxl_models")):
+        assert _default_encoder(f"h94/IP-Adapter/{file}", nowhere, width, plus) == f"h94/IP-Adapter/{folder}/image_encoder"
 
 
 @pytest.mark.parametrize("name,unet,params", [("ip-adapter-sd15", "sd15_unet.json", 22_319_616),
                                               ("ip-adapter-plus-sd15", "sd15_unet.json", 49_087_488),
-                                              ("ip-adapter-sdxl", "sdxl_unet.json", 349_188_096),
+                                              ("ip-adapter-sd15-vit-g", "sd15_unet.json", 23_106_048),
+                                              ("ip-adapter-sdxl", "sdxl_unet.json", 351_285_248),
+                                              ("ip-adapter-sdxl-vit-h", "sdxl_unet.json", 349_188_096),
                                               ("ip-adapter-plus-sdxl", "sdxl_unet.json", 423_748_864)])
 def test_random_ip_adapters_have_the_published_layout(name, unet, params):
     """random:<name> is the h94/IP-Adapter file's layout: the parameter counts are those of the published fp16
-    files (ip-adapter_sd15 44.6 MB, ip-adapter-plus_sd15 98.2 MB, ip-adapter_sdxl_vit-h 698 MB,
-    ip-adapter-plus_sdxl_vit-h 848 MB at 2 bytes a parameter); counted on a meta-device UNet, no weights made."""
+    files (ip-adapter_sd15 44.6 MB, ip-adapter-plus_sd15 98.2 MB, ip-adapter_sd15_vit-G 46.2 MB, ip-adapter_sdxl
+    703 MB, ip-adapter_sdxl_vit-h 698 MB, ip-adapter-plus_sdxl_vit-h 848 MB at 2 bytes a parameter); counted on a
+    meta-device UNet, no weights made."""
     from diffusers import UNet2DConditionModel
 
     from rtdiffusion.control.ip_weights import published_layout
@@ -299,6 +321,25 @@ def test_random_ip_adapters_have_the_published_layout(name, unet, params):
     assert sum(math.prod(shape) for keys in layout.values() for shape, _ in keys.values()) == params
     assert len(layout["ip_adapter"]) == 2 * (16 if "sd15" in name else 70)
     assert layout["ip_adapter"]["1.to_k_ip.weight"][0] == (320 if "sd15" in name else 640, 768 if "sd15" in name else 2048)
+    reads = layout["image_proj"]["proj_in.weight" if arch.plus else "proj.weight"][0][1]  # the width it reads
+    bigg = arch.published in ("sdxl_models/ip-adapter_sdxl", "models/ip-adapter_sd15_vit-G")
+    assert ipa.H94_ENCODERS[arch.plus, reads] == ("sdxl_models" if bigg else "models") + "/image_encoder"
+
+
+def test_the_image_encoder_configs_have_the_published_sizes():
+    """ViT-bigG/14 (h94's sdxl_models/image_encoder) and ViT-H/14 (models/image_encoder) on the meta device: open_clip's
+    image-tower parameter counts (model_profile.csv: 1844.91 M and 632.08 M); the one each random: adapter reads."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    for config, params, width in (("clip_vit_bigg14_vision_ipadapter.json", 1_844_907_264, 1280),
+                                  ("clip_vit_h14_vision_ipadapter.json", 632_076_800, 1024)):
+        cfg = {k: v for k, v in read_config(config).items() if not k.startswith("_") and k not in
+               ("architectures", "torch_dtype", "transformers_version", "model_type")}
+        with torch.device("meta"):
+            model = CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg))
+        assert sum(p.numel() for p in model.parameters()) == params and cfg["projection_dim"] == width
+    bigg = {n for n, a in ipa.RANDOM_IP_ADAPTERS.items() if a.vision_config == "clip_vit_bigg14_vision_ipadapter.json"}
+    assert bigg == {"ip-adapter-sdxl", "ip-adapter-sd15-vit-g"}
 
 
 def test_processor_traces_in_one_graph_and_reads_the_live_scale():

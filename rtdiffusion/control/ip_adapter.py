@@ -17,7 +17,7 @@ from ..config import IPAdapterSettings
 from ..errors import ConfigError
 from ..models.families import RANDOM_ARCHS, SD21, FamilyName, ModelFamily
 from . import ip_attention
-from .ip_weights import (RANDOM_IP_ADAPTERS, check_encoder, check_fits, feature_width, image_projection,
+from .ip_weights import (H94_ENCODERS, RANDOM_IP_ADAPTERS, check_encoder, check_fits, feature_width, image_projection,
                          is_plus, pretrained_vision, random_state_dict, random_vision, read_file, resolve_file)
 from .style import StyleEncoder
 
@@ -153,5 +153,5 @@ def load(spec: IPAdapterSpec, components, device: torch.device, dtype: torch.dty
     return IPAdapter(spec, sd, style, family)
 
 
-__all__ = ["IPAdapter", "IPAdapterSpec", "RANDOM_IP_ADAPTERS", "check_family", "check_family_early", "load",
+__all__ = ["H94_ENCODERS", "IPAdapter", "IPAdapterSpec", "RANDOM_IP_ADAPTERS", "check_family", "check_family_early", "load",
            "read_file", "random_state_dict"]

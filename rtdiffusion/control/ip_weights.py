@@ -10,14 +10,22 @@ Files, as h94/IP-Adapter ships them (``.bin`` pickles of ``{"image_proj": {...},
     ip_adapter: "{k}.to_k_ip.weight", "{k}.to_v_ip.weight" [C_layer, D] for k = 1, 3, 5, ... (one per
           cross-attention layer, in ``unet.attn_processors`` order)
 
-D is the UNet's cross-attention width, which names the family: 768 SD 1.5 (ip-adapter_sd15,
-ip-adapter-plus_sd15), 2048 SDXL (ip-adapter_sdxl_vit-h, ip-adapter-plus_sdxl_vit-h; both read CLIP ViT-H/14,
-``clip_vit_h14_vision_ipadapter.json``). None was published for SD 2.x (sd-turbo): such an engine refuses one.
+D is the UNet's cross-attention width, which names the family: 768 SD 1.5, 2048 SDXL. None was published for
+SD 2.x (sd-turbo): such an engine refuses one. The image encoder is the one the file was trained with, told
+apart by the width the projection reads (E = projection_dim for base, E' = hidden_size for plus):
 
-``random:ip-adapter-sd15 | plus-sd15 | sdxl | plus-sdxl`` are those formats with seeded random weights (and a
-random ViT-H/14 image encoder); ``random:ip-adapter-tiny`` / ``random:ip-adapter-plus-tiny`` are tiny ones
-(tiny image encoder, ``tiny_clip_vision_ipadapter.json``) for the tiny SD 1.5-style and SDXL-style UNets
-of CPU tests. The image projection is diffusers' own module, loaded with diffusers' own conversion, so the
+    published file (h94/IP-Adapter)        random: name                  image encoder (packaged config)
+    models/ip-adapter_sd15                 ip-adapter-sd15               ViT-H/14  clip_vit_h14_vision_ipadapter.json
+    models/ip-adapter-plus_sd15            ip-adapter-plus-sd15          ViT-H/14
+    models/ip-adapter_sd15_vit-G           ip-adapter-sd15-vit-g         ViT-bigG/14  clip_vit_bigg14_vision_ipadapter.json
+    sdxl_models/ip-adapter_sdxl            ip-adapter-sdxl               ViT-bigG/14
+    sdxl_models/ip-adapter_sdxl_vit-h      ip-adapter-sdxl-vit-h         ViT-H/14
+    sdxl_models/ip-adapter-plus_sdxl_vit-h ip-adapter-plus-sdxl          ViT-H/14
+
+(ip-adapter_sd15_light / _light_v11 and the plus-face files have the layout of the row above them without
+"light" / "face" and load as files.) ``random:ip-adapter-tiny`` / ``random:ip-adapter-plus-tiny`` are tiny ones
+(tiny image encoder, ``tiny_clip_vision_ipadapter.json``) for the tiny SD 1.5-style and SDXL-style UNets of
+CPU tests. The image projection is diffusers' own module, loaded with diffusers' own conversion, so the
 tokens are exactly diffusers'; the attention is ours (``ip_attention.py``).
 """
 
@@ -46,16 +54,27 @@ class RandomIPAdapter:
     queries: int = 16  # plus: Q image tokens
     resampler_dim: int = 0  # plus: Hd (0: the cross-attention width D)
     heads: int = 12  # plus: resampler heads of 64 dims
+    published: str = ""  # the h94/IP-Adapter file whose layout it has ("" for the tiny test ones)
 
 
-RANDOM_IP_ADAPTERS = {
-    "ip-adapter-sd15": RandomIPAdapter(FamilyName.SD15, False, "clip_vit_h14_vision_ipadapter.json"),
-    "ip-adapter-plus-sd15": RandomIPAdapter(FamilyName.SD15, True, "clip_vit_h14_vision_ipadapter.json", 16, 768, 12),
-    "ip-adapter-sdxl": RandomIPAdapter(FamilyName.SDXL, False, "clip_vit_h14_vision_ipadapter.json"),
-    "ip-adapter-plus-sdxl": RandomIPAdapter(FamilyName.SDXL, True, "clip_vit_h14_vision_ipadapter.json", 16, 1280, 20),
+VIT_H, VIT_BIGG = "clip_vit_h14_vision_ipadapter.json", "clip_vit_bigg14_vision_ipadapter.json"
+RANDOM_IP_ADAPTERS = {  # one name per published layout (see the table above)
+    "ip-adapter-sd15": RandomIPAdapter(FamilyName.SD15, False, VIT_H, published="models/ip-adapter_sd15"),
+    "ip-adapter-plus-sd15": RandomIPAdapter(FamilyName.SD15, True, VIT_H, 16, 768, 12,
+                                            published="models/ip-adapter-plus_sd15"),
+    "ip-adapter-sd15-vit-g": RandomIPAdapter(FamilyName.SD15, False, VIT_BIGG,
+                                             published="models/ip-adapter_sd15_vit-G"),
+    "ip-adapter-sdxl": RandomIPAdapter(FamilyName.SDXL, False, VIT_BIGG, published="sdxl_models/ip-adapter_sdxl"),
+    "ip-adapter-sdxl-vit-h": RandomIPAdapter(FamilyName.SDXL, False, VIT_H,
+                                             published="sdxl_models/ip-adapter_sdxl_vit-h"),
+    "ip-adapter-plus-sdxl": RandomIPAdapter(FamilyName.SDXL, True, VIT_H, 16, 1280, 20,
+                                            published="sdxl_models/ip-adapter-plus_sdxl_vit-h"),
     "ip-adapter-tiny": RandomIPAdapter(None, False, "tiny_clip_vision_ipadapter.json"),
     "ip-adapter-plus-tiny": RandomIPAdapter(None, True, "tiny_clip_vision_ipadapter.json", 4, 64, 1),
 }
+# h94/IP-Adapter's two image encoders by the width a projection reads: (plus?, width) -> folder in the repo
+H94_ENCODERS = {(False, 1024): "models/image_encoder", (True, 1280): "models/image_encoder",  # ViT-H/14
+                (False, 1280): "sdxl_models/image_encoder", (True, 1664): "sdxl_models/image_encoder"}  # bigG
 _WIDTH_FAMILY = {768: "sd15", 1024: "sd21", 2048: "sdxl"}  # cross-attention width -> family name
 
 
@@ -221,24 +240,28 @@ def pretrained_vision(image_encoder: str | None, model: str, path: str, width: i
 
 
 def _default_encoder(model: str, path: str, width: int, plus: bool) -> str:
-    """An ``image_encoder/`` folder beside the file or at ``../models/image_encoder`` whose width fits (h94's
-    sdxl_models/ holds a ViT-bigG encoder the *_vit-h files do not read), else, for a hub file, the repo's
-    ``models/image_encoder`` (CLIP ViT-H/14, what ip-adapter(-plus)_sd15 and *_sdxl_vit-h read)."""
+    """The image encoder h94/IP-Adapter's layout puts near the file: the first of ``image_encoder/`` beside it,
+    ``../models/image_encoder`` (ViT-H/14) and ``../sdxl_models/image_encoder`` (ViT-bigG/14) whose width fits
+    (so sdxl_models/ip-adapter_sdxl_vit-h finds models/ and models/ip-adapter_sd15_vit-G finds sdxl_models/);
+    else, for a hub file, the repo's folder of that width (:data:`H94_ENCODERS`)."""
     here = os.path.dirname(os.path.abspath(path))
     key = "hidden_size" if plus else "projection_dim"
-    for cand in (os.path.join(here, "image_encoder"), os.path.join(here, "..", "models", "image_encoder")):
+    for cand in (os.path.join(here, "image_encoder"), os.path.join(here, "..", "models", "image_encoder"),
+                 os.path.join(here, "..", "sdxl_models", "image_encoder")):
         try:
             with open(os.path.join(cand, "config.json")) as f:
                 if json.load(f).get(key) == width:
-                    return cand
+                    return os.path.normpath(cand)
         except (OSError, ValueError):
             continue
-    if not os.path.isfile(model):  # owner/repo/path/in/repo, downloaded by resolve_file
+    if not os.path.isfile(model) and (plus, width) in H94_ENCODERS:  # owner/repo/path/in/repo, from the hub
         owner, repo, _ = model.split("/", 2)
-        return f"{owner}/{repo}/models/image_encoder"
-    raise ConfigError(f"IP-Adapter {model!r}: no image encoder given and none of width {width} found beside it "
-                      "(expected an image_encoder/ folder next to the file or at ../models/image_encoder, or "
-                      "ip_adapter={'image_encoder': a folder or hub id such as 'h94/IP-Adapter/models/image_encoder'})")
+        return f"{owner}/{repo}/{H94_ENCODERS[plus, width]}"
+    raise ConfigError(f"IP-Adapter {model!r}: no image encoder given and none of {key} {width} found beside it "
+                      "(expected an image_encoder/ folder next to the file, at ../models/image_encoder or at "
+                      "../sdxl_models/image_encoder, or ip_adapter={'image_encoder': a folder or hub id such as "
+                      "'h94/IP-Adapter/models/image_encoder' (ViT-H/14) or 'h94/IP-Adapter/sdxl_models/image_encoder' "
+                      "(ViT-bigG/14)})")
 
 
 def feature_width(image_proj: dict[str, torch.Tensor], plus: bool) -> int:
@@ -253,5 +276,6 @@ def check_encoder(vision, image_proj: dict[str, torch.Tensor], plus: bool, sourc
     if want != have:
         what = "hidden size" if plus else "projection_dim"
         raise ConfigError(f"IP-Adapter {source!r} reads image features of width {want}, but its image encoder's "
-                          f"{what} is {have}; pass the image encoder it was trained with (ViT-H/14 for the "
-                          "sd15 and *_vit-h sdxl files)")
+                          f"{what} is {have}; pass the image encoder it was trained with (h94's models/image_encoder, "
+                          "ViT-H/14, for ip-adapter(-plus)_sd15 and the *_vit-h sdxl files; sdxl_models/image_encoder, "
+                          "ViT-bigG/14, for ip-adapter_sdxl and ip-adapter_sd15_vit-G)")
