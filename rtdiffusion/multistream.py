@@ -293,7 +293,9 @@ class MultiStreamEngine:
     def _tick(self, checked: list) -> list:
         F, g = self.config.frame_buffer_size, self._group
         active = [c is not None for c in checked]
-        if not any(active):
+        if not any(active):  # nothing to run: every stream sits this tick out
+            for st in self._streams:
+                st.held += 1
             return [None] * len(checked)
         held = [s for s, a in zip(g.slots, active) if not a]
         self._host.upload(checked, F)

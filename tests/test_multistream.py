@@ -193,6 +193,8 @@ def test_a_bad_frame_or_setting_fails_only_its_stream(tiny_components):
     assert group.stream(0).status()["held_ticks"] == 0 and group.stream(2).status()["held_ticks"] == 1
     with pytest.raises(FrameError, match="list of 3 frames"):
         group.step_all(frames[:2])
+    assert group.step_all([None, None, None]) == [None, None, None]  # nobody sent a frame: nothing runs
+    assert [group.stream(i).status()["held_ticks"] for i in range(3)] == [1, 3, 2]
 
 
 def test_each_stream_called_from_its_own_thread(tiny_components):
