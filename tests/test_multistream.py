@@ -20,6 +20,7 @@ from rtdiffusion.config import EngineConfig
 from rtdiffusion.multistream_io import StreamErrors
 from rtdiffusion.multistream_streams import change_settings
 from rtdiffusion.settings import StreamSettings
+from rtdiffusion.vocabulary import t_index_for
 
 H = W = 64
 CONFIG = EngineConfig("random:tiny", W, H, torch.device("cpu"), torch.float32)
@@ -291,3 +292,36 @@ def test_sdxl_added_conditioning_rows_are_views_of_the_arena():
     assert (time_ids == torch.tensor([H, W, 0, 0, H, W], dtype=torch.float32)).all()  # every row written
     g.slots[1].buffers.added[0].fill_(1.0)  # one stream's rows only
     assert text_embeds[1:5].eq(1).all() and text_embeds[:1].eq(0).all() and text_embeds[5:].eq(0).all()
+
+
+def test_updates_from_another_thread_while_ticks_run(tiny_components):
+    """Settings arriving while ticks run land whole at a boundary; after the last update, the next tick has it."""
+    group = MultiStreamEngine(CONFIG, tiny_components, [settings(prompt="a"), settings(prompt="b")])
+    frames = synthetic_frames(2, H, W)
+    done = threading.Event()
+    errors: list = []
+
+    def control() -> None:
+        try:
+            for n in range(40):
+                group.stream(1).update(seed=100 + n, strength=0.3 + 0.01 * (n % 10))
+                group.stream(0).update_prompt(f"prompt {n}")
+        except Exception as exc:  # reported below
+            errors.append(exc)
+        finally:
+            done.set()
+
+    t = threading.Thread(target=control)
+    t.start()
+    ticks = 0
+    while not done.is_set() or ticks < 3:
+        group.step_all(frames)
+        ticks += 1
+        s = group.stream(1).settings  # applied settings are always one whole update, never half of one
+        n = s.seed.parts[0][0] - 100
+        assert (n < 0 and s.t_index_list == (32,)) or list(s.t_index_list) == t_index_for(0.3 + 0.01 * (n % 10), 1, 50)
+    t.join(timeout=60)
+    assert not errors
+    group.step_all(frames)
+    assert group.stream(1).status()["seed"] == [[139, 1.0]]
+    assert group.stream(0).status()["prompt"] == [["prompt 39", 1.0]]
