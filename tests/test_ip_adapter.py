@@ -4,7 +4,7 @@ The adapters are written to disk in the published layout (``.safetensors`` with 
 prefixes, and a ``.bin`` pickle as h94/IP-Adapter ships them) with a saved CLIP vision encoder folder, and the
 engine loads them as a user would. The reference is diffusers' UNet with the same state dict loaded by
 ``unet._load_ip_adapter_weights`` and called with ``added_cond_kwargs={"image_embeds": [...]}`` as its pipelines
-call it (uncond rows: zero image embeds for base, a zero image's hidden states for plus).
+call it (uncond rows: zero image embeds for base, a zero image's hidden states for plus and full-face).
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def adapters(tmp_path_factory):
     out = {}
     for family, model in MODELS.items():
         unet = load_components(model, CPU, torch.float32).unet
-        for kind in ("base", "plus"):
-            arch = ipa.RANDOM_IP_ADAPTERS["ip-adapter-plus-tiny" if kind == "plus" else "ip-adapter-tiny"]
+        for kind in ("base", "plus", "full-face"):
+            arch = ipa.RANDOM_IP_ADAPTERS["ip-adapter-tiny" if kind == "base" else f"ip-adapter-{kind}-tiny"]
             sd = ipa.random_state_dict(arch, unet, vision_cfg, seed=11)
             if kind == "plus" and family == "sd15":  # the .bin pickle layout
                 path = root / f"ip-adapter-{kind}_{family}.bin"
@@ -79,7 +79,7 @@ def reference_eps(engine, sd, kind, scale, style):
     vision = CLIPVisionModelWithProjection.from_pretrained(engine._ip.spec.image_encoder).eval()
     pix = engine._ip.style.preprocess(torch.from_numpy(style))  # [1, 3, S, S]
     with torch.no_grad():
-        if kind == "plus":
+        if kind != "base":  # plus, full-face: hidden states
             cond = vision(pix, output_hidden_states=True).hidden_states[-2]
             uncond = vision(torch.zeros_like(pix), output_hidden_states=True).hidden_states[-2]
         else:
@@ -93,7 +93,8 @@ def reference_eps(engine, sd, kind, scale, style):
 
 
 @pytest.mark.parametrize("family,kind,cfg,frames", [("sd15", "base", "none", 1), ("sd15", "plus", "full", 1),
-                                                    ("sdxl", "base", "full", 2), ("sdxl", "plus", "none", 1)])
+                                                    ("sdxl", "base", "full", 2), ("sdxl", "plus", "none", 1),
+                                                    ("sd15", "full-face", "full", 1)])
 def test_stream_step_matches_diffusers_ip_adapter(adapters, family, kind, cfg, frames):
     """One stream step (1 step; uncond rows with cfg full; 2 frames a call) against diffusers' IP-Adapter UNet."""
     g = 1.5 if cfg == "full" else 1.0
@@ -103,6 +104,8 @@ def test_stream_step_matches_diffusers_ip_adapter(adapters, family, kind, cfg, f
     engine(np.stack([image(2 + i, 64, 64) for i in range(frames)]) if frames > 1 else image(2, 64, 64))
     b = engine._state.buffers
     assert b.embeds.shape[1] == engine._prompts.tokens + engine._ip.tokens
+    tokens = {"base": 4, "plus": 4, "full-face": 1 + (32 // 8) ** 2}[kind]  # full-face: every patch + CLS
+    assert engine._ip.tokens == tokens and engine.status()["ip_adapter"]["kind"] == kind
     eps_ref = reference_eps(engine, adapters[family, kind][2], kind, 0.7, style)
     with torch.no_grad():
         eps_ours = engine._base_nets.unet(b.unet_in, b.t_unet, b.embeds, *b.added)
@@ -191,6 +194,22 @@ def test_sd_turbo_and_other_families_are_refused():
         StreamEngine.from_pretrained("random:sdxl-turbo", device="cpu", ip_adapter="random:ip-adapter-sd15")
     with pytest.raises(ConfigError, match="ip-adapter-plus-sdxl"):  # the message lists the known names
         StreamEngine.from_pretrained("random:tiny-sd15", device="cpu", ip_adapter="random:ip-adapter-vit-g")
+
+
+def test_faceid_files_are_refused_with_the_reason(tmp_path):
+    """FaceID adapters read InsightFace face embeddings, not CLIP image features (MLPProjModel: proj.0, proj.2, norm;
+    FaceID Plus: perceiver_resampler.*)."""
+    from safetensors.torch import save_file
+
+    faceid = {"image_proj.proj.0.weight": torch.zeros(64, 512), "image_proj.proj.2.weight": torch.zeros(128, 64),
+              "image_proj.norm.weight": torch.ones(32), "ip_adapter.1.to_k_ip.weight": torch.zeros(32, 32)}
+    save_file(faceid, str(tmp_path / "ip-adapter-faceid_sd15.safetensors"))
+    with pytest.raises(ConfigError, match="FaceID adapter: it reads InsightFace face embeddings"):
+        StreamEngine.from_pretrained("random:tiny-sd15", device="cpu",
+                                     ip_adapter=str(tmp_path / "ip-adapter-faceid_sd15.safetensors"))
+    with pytest.raises(ConfigError, match="FaceID"):
+        ipa.projection_kind({"perceiver_resampler.proj_in.weight": torch.zeros(1), "proj.0.weight": torch.zeros(1)},
+                            "ip-adapter-faceid-plusv2_sd15.bin")
 
 
 def test_a_file_of_another_family_is_refused_naming_both(adapters):
@@ -301,13 +320,15 @@ def test_image_encoder_is_found_beside_the_file_by_its_width(adapters, tmp_path)
 
 @pytest.mark.parametrize("name,unet,params", [("ip-adapter-sd15", "sd15_unet.json", 22_319_616),
                                               ("ip-adapter-plus-sd15", "sd15_unet.json", 49_087_488),
+                                              ("ip-adapter-full-face-sd15", "sd15_unet.json", 21_794_304),
                                               ("ip-adapter-sd15-vit-g", "sd15_unet.json", 23_106_048),
                                               ("ip-adapter-sdxl", "sdxl_unet.json", 351_285_248),
                                               ("ip-adapter-sdxl-vit-h", "sdxl_unet.json", 349_188_096),
                                               ("ip-adapter-plus-sdxl", "sdxl_unet.json", 423_748_864)])
 def test_random_ip_adapters_have_the_published_layout(name, unet, params):
     """random:<name> is the h94/IP-Adapter file's layout: the parameter counts are those of the published fp16
-    files (ip-adapter_sd15 44.6 MB, ip-adapter-plus_sd15 98.2 MB, ip-adapter_sd15_vit-G 46.2 MB, ip-adapter_sdxl
+    files (ip-adapter_sd15 44.6 MB, ip-adapter-plus_sd15 98.2 MB, ip-adapter-full-face_sd15 43.6 MB,
+    ip-adapter_sd15_vit-G 46.2 MB, ip-adapter_sdxl
     703 MB, ip-adapter_sdxl_vit-h 698 MB, ip-adapter-plus_sdxl_vit-h 848 MB at 2 bytes a parameter); counted on a
     meta-device UNet, no weights made."""
     from diffusers import UNet2DConditionModel
@@ -321,9 +342,10 @@ def test_random_ip_adapters_have_the_published_layout(name, unet, params):
     assert sum(math.prod(shape) for keys in layout.values() for shape, _ in keys.values()) == params
     assert len(layout["ip_adapter"]) == 2 * (16 if "sd15" in name else 70)
     assert layout["ip_adapter"]["1.to_k_ip.weight"][0] == (320 if "sd15" in name else 640, 768 if "sd15" in name else 2048)
-    reads = layout["image_proj"]["proj_in.weight" if arch.plus else "proj.weight"][0][1]  # the width it reads
+    first = {"base": "proj.weight", "plus": "proj_in.weight", "full-face": "proj.0.weight"}[arch.kind.value]
+    reads = layout["image_proj"][first][0][1]  # the width it reads
     bigg = arch.published in ("sdxl_models/ip-adapter_sdxl", "models/ip-adapter_sd15_vit-G")
-    assert ipa.H94_ENCODERS[arch.plus, reads] == ("sdxl_models" if bigg else "models") + "/image_encoder"
+    assert ipa.H94_ENCODERS[arch.kind.hidden_states, reads] == ("sdxl_models" if bigg else "models") + "/image_encoder"
 
 
 def test_the_image_encoder_configs_have_the_published_sizes():

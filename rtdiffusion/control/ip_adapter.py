@@ -17,8 +17,9 @@ from ..config import IPAdapterSettings
 from ..errors import ConfigError
 from ..models.families import RANDOM_ARCHS, SD21, FamilyName, ModelFamily
 from . import ip_attention
-from .ip_weights import (H94_ENCODERS, RANDOM_IP_ADAPTERS, check_encoder, check_fits, feature_width, image_projection,
-                         is_plus, pretrained_vision, random_state_dict, random_vision, read_file, resolve_file)
+from .ip_weights import (H94_ENCODERS, RANDOM_IP_ADAPTERS, ProjKind, check_encoder, check_fits, feature_width,
+                         image_projection, pretrained_vision, projection_kind, random_state_dict, random_vision,
+                         read_file, resolve_file)
 from .style import StyleEncoder
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,8 @@ class IPAdapter:
     :meth:`install`; :meth:`apply` runs between frames (engine ``_apply``) and writes buffers only."""
 
     def __init__(self, spec: IPAdapterSpec, sd: dict[str, dict[str, torch.Tensor]], style: StyleEncoder,
-                 family: ModelFamily):
-        self.spec, self.family, self.style = spec, family, style
+                 family: ModelFamily, kind: ProjKind = ProjKind.BASE):
+        self.spec, self.family, self.style, self.kind = spec, family, style, kind
         self._ip_layers = sd["ip_adapter"]
         self.tokens = style.tokens  # T_ip
         self.scale = ip_attention.IPScale(style.device)
@@ -118,7 +119,7 @@ class IPAdapter:
         self.style.write_tokens(buffers.embeds, self.text_tokens, buffers.layout.uncond_rows, settings.style)
 
     def describe(self, settings: IPAdapterSettings) -> dict[str, Any]:
-        return {"model": self.spec.model, "kind": "plus" if self.style.plus else "base", "scale": settings.scale,
+        return {"model": self.spec.model, "kind": self.kind.value, "scale": settings.scale,
                 "enabled": settings.enabled, "images": self.style.images.describe(settings.style),
                 "tokens": self.tokens, "encodes": self.style.encodes, "encoder_graphed": self.style.graphed}
 
@@ -134,24 +135,25 @@ def load(spec: IPAdapterSpec, components, device: torch.device, dtype: torch.dty
         arch = RANDOM_IP_ADAPTERS[spec.model[len(RANDOM):]]
         vision_cfg = read_config(arch.vision_config)
         sd = random_state_dict(arch, unet, vision_cfg, seed + 17)
-        plus = is_plus(sd["image_proj"], spec.model)
+        kind = projection_kind(sd["image_proj"], spec.model)
         vision = random_vision(vision_cfg, seed + 18, device)
     else:
         path = resolve_file(spec.model, local_files_only)
         sd = read_file(path)
-        plus = is_plus(sd["image_proj"], spec.model)
+        kind = projection_kind(sd["image_proj"], spec.model)
         check_fits(sd, unet, family, spec.model)  # before the image encoder loads: a wrong file fails fast
-        vision = pretrained_vision(spec.image_encoder, spec.model, path, feature_width(sd["image_proj"], plus), plus,
-                                   local_files_only)
+        vision = pretrained_vision(spec.image_encoder, spec.model, path, feature_width(sd["image_proj"], kind),
+                                   kind.hidden_states, local_files_only)
     proj = image_projection(sd["image_proj"], unet)
-    check_encoder(vision, sd["image_proj"], plus, spec.model)
+    check_encoder(vision, sd["image_proj"], kind, spec.model)
     style = StyleEncoder(vision.to(device=device, dtype=dtype).eval().requires_grad_(False),
-                         proj.to(device=device, dtype=dtype).eval().requires_grad_(False), plus, device, dtype)
+                         proj.to(device=device, dtype=dtype).eval().requires_grad_(False), kind.hidden_states,
+                         device, dtype)
     # engine caches: the UNet now carries IP layers (their weights are in its state_dict, so in its fingerprint),
     # and an exported UNet takes [B, T + T_ip, D] embeds and ip_scale (rtdiffusion/backends.py trt_networks)
     components.identity.update(ip_adapter=spec.model, ip_tokens=style.tokens)
-    return IPAdapter(spec, sd, style, family)
+    return IPAdapter(spec, sd, style, family, kind)
 
 
-__all__ = ["H94_ENCODERS", "IPAdapter", "IPAdapterSpec", "RANDOM_IP_ADAPTERS", "check_family", "check_family_early", "load",
-           "read_file", "random_state_dict"]
+__all__ = ["H94_ENCODERS", "IPAdapter", "IPAdapterSpec", "ProjKind", "RANDOM_IP_ADAPTERS", "check_family",
+           "check_family_early", "load", "projection_kind", "read_file", "random_state_dict"]

@@ -7,23 +7,26 @@ Files, as h94/IP-Adapter ships them (``.bin`` pickles of ``{"image_proj": {...},
     base  proj.weight [4*D, E], proj.bias, norm.weight/bias [D]          4      image_embeds [N, E]
     plus  latents [1, Q, Hd], proj_in [Hd, E'], proj_out [D, Hd],         Q      hidden_states[-2] [N, 257, E']
           norm_out, layers.{0..3}.{0: norm1, norm2, to_q, to_kv, to_out; 1: LayerNorm, Linear, GELU, Linear}
+    full  proj.0 [E', E'] + GELU + proj.2 [D, E'] + proj.3 LayerNorm [D]  257    hidden_states[-2] [N, 257, E']
+    (full-face; FaceID files read InsightFace face embeddings, not CLIP features, and are refused)
     ip_adapter: "{k}.to_k_ip.weight", "{k}.to_v_ip.weight" [C_layer, D] for k = 1, 3, 5, ... (one per
           cross-attention layer, in ``unet.attn_processors`` order)
 
 D is the UNet's cross-attention width, which names the family: 768 SD 1.5, 2048 SDXL. None was published for
 SD 2.x (sd-turbo): such an engine refuses one. The image encoder is the one the file was trained with, told
-apart by the width the projection reads (E = projection_dim for base, E' = hidden_size for plus):
+apart by the width the projection reads (E = projection_dim for base, E' = hidden_size otherwise):
 
     published file (h94/IP-Adapter)        random: name                  image encoder (packaged config)
     models/ip-adapter_sd15                 ip-adapter-sd15               ViT-H/14  clip_vit_h14_vision_ipadapter.json
     models/ip-adapter-plus_sd15            ip-adapter-plus-sd15          ViT-H/14
+    models/ip-adapter-full-face_sd15       ip-adapter-full-face-sd15     ViT-H/14
     models/ip-adapter_sd15_vit-G           ip-adapter-sd15-vit-g         ViT-bigG/14  clip_vit_bigg14_vision_ipadapter.json
     sdxl_models/ip-adapter_sdxl            ip-adapter-sdxl               ViT-bigG/14
     sdxl_models/ip-adapter_sdxl_vit-h      ip-adapter-sdxl-vit-h         ViT-H/14
     sdxl_models/ip-adapter-plus_sdxl_vit-h ip-adapter-plus-sdxl          ViT-H/14
 
-(ip-adapter_sd15_light / _light_v11 and the plus-face files have the layout of the row above them without
-"light" / "face" and load as files.) ``random:ip-adapter-tiny`` / ``random:ip-adapter-plus-tiny`` are tiny ones
+(ip-adapter_sd15_light and _light_v11 have ip-adapter_sd15's layout, ip-adapter-plus-face_sd15 and
+ip-adapter-plus-face_sdxl_vit-h those of the plus files: they load as files.) ``random:ip-adapter-tiny`` / ``-plus-tiny`` / ``-full-face-tiny`` are tiny ones
 (tiny image encoder, ``tiny_clip_vision_ipadapter.json``) for the tiny SD 1.5-style and SDXL-style UNets of
 CPU tests. The image projection is diffusers' own module, loaded with diffusers' own conversion, so the
 tokens are exactly diffusers'; the attention is ours (``ip_attention.py``).
@@ -31,6 +34,7 @@ tokens are exactly diffusers'; the attention is ours (``ip_attention.py``).
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 import os
@@ -44,12 +48,25 @@ from ..models.families import FamilyName, ModelFamily
 from . import ip_attention
 
 
+class ProjKind(enum.Enum):
+    """The image projection of a file (diffusers' class), and the image features it reads."""
+
+    BASE = "base"  # ImageProjection: image_embeds [N, E] -> 4 tokens
+    PLUS = "plus"  # IPAdapterPlusImageProjection (a resampler): hidden_states[-2] -> Q tokens
+    FULL_FACE = "full-face"  # IPAdapterFullImageProjection (an MLP): hidden_states[-2] [N, L, E'] -> L tokens
+
+    @property
+    def hidden_states(self) -> bool:
+        """Reads the encoder's hidden_states[-2] (its hidden size), not image_embeds (its projection_dim)."""
+        return self is not ProjKind.BASE
+
+
 @dataclass(frozen=True)
 class RandomIPAdapter:
     """A ``random:`` IP-Adapter: the published format and sizes, seeded random weights."""
 
     family: FamilyName | None  # None: fits the engine's tiny UNet (SD 1.5- or SDXL-style)
-    plus: bool
+    kind: ProjKind
     vision_config: str  # packaged CLIP vision config
     queries: int = 16  # plus: Q image tokens
     resampler_dim: int = 0  # plus: Hd (0: the cross-attention width D)
@@ -59,20 +76,23 @@ class RandomIPAdapter:
 
 VIT_H, VIT_BIGG = "clip_vit_h14_vision_ipadapter.json", "clip_vit_bigg14_vision_ipadapter.json"
 RANDOM_IP_ADAPTERS = {  # one name per published layout (see the table above)
-    "ip-adapter-sd15": RandomIPAdapter(FamilyName.SD15, False, VIT_H, published="models/ip-adapter_sd15"),
-    "ip-adapter-plus-sd15": RandomIPAdapter(FamilyName.SD15, True, VIT_H, 16, 768, 12,
+    "ip-adapter-sd15": RandomIPAdapter(FamilyName.SD15, ProjKind.BASE, VIT_H, published="models/ip-adapter_sd15"),
+    "ip-adapter-plus-sd15": RandomIPAdapter(FamilyName.SD15, ProjKind.PLUS, VIT_H, 16, 768, 12,
                                             published="models/ip-adapter-plus_sd15"),
-    "ip-adapter-sd15-vit-g": RandomIPAdapter(FamilyName.SD15, False, VIT_BIGG,
+    "ip-adapter-full-face-sd15": RandomIPAdapter(FamilyName.SD15, ProjKind.FULL_FACE, VIT_H,
+                                                 published="models/ip-adapter-full-face_sd15"),
+    "ip-adapter-sd15-vit-g": RandomIPAdapter(FamilyName.SD15, ProjKind.BASE, VIT_BIGG,
                                              published="models/ip-adapter_sd15_vit-G"),
-    "ip-adapter-sdxl": RandomIPAdapter(FamilyName.SDXL, False, VIT_BIGG, published="sdxl_models/ip-adapter_sdxl"),
-    "ip-adapter-sdxl-vit-h": RandomIPAdapter(FamilyName.SDXL, False, VIT_H,
+    "ip-adapter-sdxl": RandomIPAdapter(FamilyName.SDXL, ProjKind.BASE, VIT_BIGG, published="sdxl_models/ip-adapter_sdxl"),
+    "ip-adapter-sdxl-vit-h": RandomIPAdapter(FamilyName.SDXL, ProjKind.BASE, VIT_H,
                                              published="sdxl_models/ip-adapter_sdxl_vit-h"),
-    "ip-adapter-plus-sdxl": RandomIPAdapter(FamilyName.SDXL, True, VIT_H, 16, 1280, 20,
+    "ip-adapter-plus-sdxl": RandomIPAdapter(FamilyName.SDXL, ProjKind.PLUS, VIT_H, 16, 1280, 20,
                                             published="sdxl_models/ip-adapter-plus_sdxl_vit-h"),
-    "ip-adapter-tiny": RandomIPAdapter(None, False, "tiny_clip_vision_ipadapter.json"),
-    "ip-adapter-plus-tiny": RandomIPAdapter(None, True, "tiny_clip_vision_ipadapter.json", 4, 64, 1),
+    "ip-adapter-tiny": RandomIPAdapter(None, ProjKind.BASE, "tiny_clip_vision_ipadapter.json"),
+    "ip-adapter-plus-tiny": RandomIPAdapter(None, ProjKind.PLUS, "tiny_clip_vision_ipadapter.json", 4, 64, 1),
+    "ip-adapter-full-face-tiny": RandomIPAdapter(None, ProjKind.FULL_FACE, "tiny_clip_vision_ipadapter.json"),
 }
-# h94/IP-Adapter's two image encoders by the width a projection reads: (plus?, width) -> folder in the repo
+# h94/IP-Adapter's two image encoders by the width a projection reads: (reads hidden states?, width) -> folder
 H94_ENCODERS = {(False, 1024): "models/image_encoder", (True, 1280): "models/image_encoder",  # ViT-H/14
                 (False, 1280): "sdxl_models/image_encoder", (True, 1664): "sdxl_models/image_encoder"}  # bigG
 _WIDTH_FAMILY = {768: "sd15", 1024: "sd21", 2048: "sdxl"}  # cross-attention width -> family name
@@ -119,14 +139,20 @@ def read_file(path: str) -> dict[str, dict[str, torch.Tensor]]:
     return sd
 
 
-def is_plus(image_proj: dict[str, torch.Tensor], source: str) -> bool:
+def projection_kind(image_proj: dict[str, torch.Tensor], source: str) -> ProjKind:
+    """Which image projection a file has (by its keys, as diffusers' conversion tells them apart)."""
     if "proj.weight" in image_proj:
-        return False
+        return ProjKind.BASE
     if "latents" in image_proj and "proj_in.weight" in image_proj:
-        return True
-    raise ConfigError(f"IP-Adapter {source!r}: its image projection is neither the base IP-Adapter's "
-                      "(proj.weight) nor IP-Adapter Plus' resampler (latents); FaceID / full-face variants are not "
-                      "supported")
+        return ProjKind.PLUS
+    if "proj.3.weight" in image_proj and "proj.0.weight" in image_proj:
+        return ProjKind.FULL_FACE
+    if "norm.weight" in image_proj or any(k.startswith("perceiver_resampler.") for k in image_proj):
+        raise ConfigError(f"IP-Adapter {source!r} is a FaceID adapter: it reads InsightFace face embeddings (and "
+                          "comes with a LoRA for the UNet), not CLIP image features, so it is not supported; use "
+                          "ip-adapter-plus-face or ip-adapter-full-face for faces")
+    raise ConfigError(f"IP-Adapter {source!r}: its image projection is none of the base IP-Adapter's (proj.weight), "
+                      "IP-Adapter Plus' resampler (latents, proj_in) or full-face's MLP (proj.0, proj.3)")
 
 
 def check_fits(sd: dict[str, dict[str, torch.Tensor]], unet: torch.nn.Module, family: ModelFamily,
@@ -160,10 +186,15 @@ def published_layout(arch: RandomIPAdapter, unet: torch.nn.Module, vision_cfg: d
     """Every key and shape of the published file for ``arch`` on ``unet`` (original names, both sections)."""
     D = int(unet.config.cross_attention_dim)
     proj: dict[str, tuple[tuple[int, ...], str]] = {}
-    if not arch.plus:
+    if arch.kind is ProjKind.BASE:
         E = int(vision_cfg["projection_dim"])
         proj.update({"proj.weight": ((4 * D, E), "linear"), "proj.bias": ((4 * D,), "bias"),
                      "norm.weight": ((D,), "one"), "norm.bias": ((D,), "zero")})
+    elif arch.kind is ProjKind.FULL_FACE:
+        E = int(vision_cfg["hidden_size"])
+        proj.update({"proj.0.weight": ((E, E), "linear"), "proj.0.bias": ((E,), "bias"),
+                     "proj.2.weight": ((D, E), "linear"), "proj.2.bias": ((D,), "bias"),
+                     "proj.3.weight": ((D,), "one"), "proj.3.bias": ((D,), "zero")})
     else:
         E, Hd, inner = int(vision_cfg["hidden_size"]), arch.resampler_dim or D, 64 * arch.heads
         proj.update({"latents": ((1, arch.queries, Hd), "linear"),
@@ -220,13 +251,13 @@ def random_vision(cfg: dict, seed: int, device: torch.device | str = "cpu") -> t
         return CLIPVisionModelWithProjection(CLIPVisionConfig(**keep))
 
 
-def pretrained_vision(image_encoder: str | None, model: str, path: str, width: int, plus: bool,
+def pretrained_vision(image_encoder: str | None, model: str, path: str, width: int, hidden: bool,
                       local_files_only: bool | None) -> torch.nn.Module:
     """The image encoder: ``image_encoder`` (folder, hub id, or ``owner/repo/sub/folder``), else the one
     h94/IP-Adapter's layout puts beside the file (see :func:`_default_encoder`)."""
     from transformers import CLIPVisionModelWithProjection
 
-    source = image_encoder or _default_encoder(model, path, width, plus)
+    source = image_encoder or _default_encoder(model, path, width, hidden)
     kw: dict[str, Any] = {} if local_files_only is None else {"local_files_only": local_files_only}
     if not os.path.isdir(source) and source.count("/") > 1:
         owner, repo, sub = source.split("/", 2)
@@ -239,13 +270,13 @@ def pretrained_vision(image_encoder: str | None, model: str, path: str, width: i
                                  f"{type(exc).__name__}: {exc}") from exc
 
 
-def _default_encoder(model: str, path: str, width: int, plus: bool) -> str:
+def _default_encoder(model: str, path: str, width: int, hidden: bool) -> str:
     """The image encoder h94/IP-Adapter's layout puts near the file: the first of ``image_encoder/`` beside it,
     ``../models/image_encoder`` (ViT-H/14) and ``../sdxl_models/image_encoder`` (ViT-bigG/14) whose width fits
     (so sdxl_models/ip-adapter_sdxl_vit-h finds models/ and models/ip-adapter_sd15_vit-G finds sdxl_models/);
     else, for a hub file, the repo's folder of that width (:data:`H94_ENCODERS`)."""
     here = os.path.dirname(os.path.abspath(path))
-    key = "hidden_size" if plus else "projection_dim"
+    key = "hidden_size" if hidden else "projection_dim"  # what the projection reads: hidden states or embeds
     for cand in (os.path.join(here, "image_encoder"), os.path.join(here, "..", "models", "image_encoder"),
                  os.path.join(here, "..", "sdxl_models", "image_encoder")):
         try:
@@ -254,9 +285,9 @@ def _default_encoder(model: str, path: str, width: int, plus: bool) -> str:
                     return os.path.normpath(cand)
         except (OSError, ValueError):
             continue
-    if not os.path.isfile(model) and (plus, width) in H94_ENCODERS:  # owner/repo/path/in/repo, from the hub
+    if not os.path.isfile(model) and (hidden, width) in H94_ENCODERS:  # owner/repo/path/in/repo, from the hub
         owner, repo, _ = model.split("/", 2)
-        return f"{owner}/{repo}/{H94_ENCODERS[plus, width]}"
+        return f"{owner}/{repo}/{H94_ENCODERS[hidden, width]}"
     raise ConfigError(f"IP-Adapter {model!r}: no image encoder given and none of {key} {width} found beside it "
                       "(expected an image_encoder/ folder next to the file, at ../models/image_encoder or at "
                       "../sdxl_models/image_encoder, or ip_adapter={'image_encoder': a folder or hub id such as "
@@ -264,18 +295,19 @@ def _default_encoder(model: str, path: str, width: int, plus: bool) -> str:
                       "(ViT-bigG/14)})")
 
 
-def feature_width(image_proj: dict[str, torch.Tensor], plus: bool) -> int:
-    """The width of the image features the projection reads (encoder hidden size for plus, else projection_dim)."""
-    return int(image_proj["proj_in.weight"].shape[1] if plus else image_proj["proj.weight"].shape[1])
+def feature_width(image_proj: dict[str, torch.Tensor], kind: ProjKind) -> int:
+    """The width of the image features the projection reads (encoder hidden size, or projection_dim for base)."""
+    first = {ProjKind.BASE: "proj.weight", ProjKind.PLUS: "proj_in.weight", ProjKind.FULL_FACE: "proj.0.weight"}
+    return int(image_proj[first[kind]].shape[1])
 
 
-def check_encoder(vision, image_proj: dict[str, torch.Tensor], plus: bool, source: str) -> None:
+def check_encoder(vision, image_proj: dict[str, torch.Tensor], kind: ProjKind, source: str) -> None:
     cfg = vision.config
-    want = feature_width(image_proj, plus)
-    have = int(cfg.hidden_size if plus else cfg.projection_dim)
+    want = feature_width(image_proj, kind)
+    have = int(cfg.hidden_size if kind.hidden_states else cfg.projection_dim)
     if want != have:
-        what = "hidden size" if plus else "projection_dim"
+        what = "hidden size" if kind.hidden_states else "projection_dim"
         raise ConfigError(f"IP-Adapter {source!r} reads image features of width {want}, but its image encoder's "
                           f"{what} is {have}; pass the image encoder it was trained with (h94's models/image_encoder, "
-                          "ViT-H/14, for ip-adapter(-plus)_sd15 and the *_vit-h sdxl files; sdxl_models/image_encoder, "
+                          "ViT-H/14, for ip-adapter(-plus, -full-face)_sd15 and the *_vit-h sdxl files; sdxl_models/image_encoder, "
                           "ViT-bigG/14, for ip-adapter_sdxl and ip-adapter_sd15_vit-G)")

@@ -6,11 +6,11 @@
     between frames (StyleEncoder.write_tokens, from the engine's _apply)
         each key not seen before: preprocess on the device (shortest side -> S, bicubic, centre crop S x S,
         CLIP mean/std; S = the vision config's image_size, 224 for ViT-H/14) -> CLIP vision encoder:
-            base: image_embeds [1, E]        plus: hidden_states[-2] [1, 1 + (S/patch)^2, E']
+            base: image_embeds [1, E]        plus, full-face: hidden_states[-2] [1, 1 + (S/patch)^2, E']
         blend: the weighted average of those features (weights / their sum)
         project: diffusers' image projection -> tokens [1, T_ip, D]
         write: embeds[U:, T_text:] <- tokens; embeds[:U, T_text:] <- the uncond tokens: the projection of
-        zero image embeds (base) or of a zero image's hidden states (plus), as diffusers' pipelines do
+        zero image embeds (base) or of a zero image's hidden states (plus, full-face), as diffusers' pipelines do
 
 An image is encoded once (``encodes`` counts vision-encoder runs) and its features kept (LRU, ``capacity``
 images), so switching back to an earlier style costs only the blend and the projection. Nothing here runs
@@ -143,9 +143,10 @@ def _key(pixels: torch.Tensor) -> str:
 class StyleEncoder:
     """The CLIP vision encoder and the image projection, resident on the device; features cached per image."""
 
-    def __init__(self, vision: torch.nn.Module, projection: torch.nn.Module, plus: bool, device: torch.device,
-                 dtype: torch.dtype, capacity: int = 16):
-        self.vision, self.projection, self.plus = vision, projection, plus
+    def __init__(self, vision: torch.nn.Module, projection: torch.nn.Module, hidden_states: bool,
+                 device: torch.device, dtype: torch.dtype, capacity: int = 16):
+        # hidden_states: the projection reads hidden_states[-2] (plus, full-face), else image_embeds (base)
+        self.vision, self.projection, self.hidden_states = vision, projection, hidden_states
         self.device, self.dtype = device, dtype
         self.size = int(vision.config.image_size)  # S
         self.mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
@@ -189,7 +190,7 @@ class StyleEncoder:
 
     @torch.no_grad()
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The features the projection reads: image_embeds [N, E] (base) or hidden_states[-2] [N, L, E'] (plus)."""
+        """The features the projection reads: image_embeds [N, E] (base) or hidden_states[-2] [N, L, E']."""
         if self._graph is not None and pixel_values.shape == self._pix.shape:
             self._pix.copy_(pixel_values)
             self._graph.replay()
@@ -198,12 +199,12 @@ class StyleEncoder:
 
     @torch.no_grad()
     def _encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if self.plus:
+        if self.hidden_states:
             return self.vision(pixel_values, output_hidden_states=True).hidden_states[-2]
         return self.vision(pixel_values).image_embeds
 
     def _uncond_features(self) -> torch.Tensor:
-        if self.plus:
+        if self.hidden_states:
             return self.encode(torch.zeros(1, 3, self.size, self.size, device=self.device, dtype=self.dtype))
         E = int(self.vision.config.projection_dim)
         return torch.zeros(1, E, device=self.device, dtype=self.dtype)
