@@ -325,3 +325,44 @@ def test_updates_from_another_thread_while_ticks_run(tiny_components):
     group.step_all(frames)
     assert group.stream(1).status()["seed"] == [[139, 1.0]]
     assert group.stream(0).status()["prompt"] == [["prompt 39", 1.0]]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the device machine)")
+def test_group_step_captured_on_cuda_equals_eager_without_allocations():
+    """On a GPU the whole tick is one CUDA graph per group layout: the same pixels as the eager group step,
+    no CUDA allocation per steady tick, a recapture on a layout change with the others' frames kept."""
+    from rtdiffusion.config import Backend, VaeKind
+    from rtdiffusion.models.loading import load_components
+
+    comps = load_components("random:tiny", torch.device("cuda"), torch.float16, VaeKind.TINY, seed=0)
+    ss = [settings(**d) for d in FOUR[:3]]
+
+    def group(backend):
+        config = EngineConfig("random:tiny", W, H, torch.device("cuda"), torch.float16, backend=backend)
+        return MultiStreamEngine(config, comps, list(ss))
+
+    graph, eager = group(Backend.GRAPH), group(Backend.EAGER)
+    assert graph.backend_fallback is None and graph.status()["captures"] == 1
+    frames = synthetic_frames(8, H, W)
+    fr = lambda k: [frames[(k + i) % 8] for i in range(3)]  # noqa: E731
+    for k in range(3):
+        for i, (a, b) in enumerate(zip(graph.step_all(fr(k)), eager.step_all(fr(k)))):
+            assert_close(a, b, f"stream {i}, tick {k}")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    for k in range(3, 6):
+        graph.step_all(fr(k))
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
+    for k in range(3, 6):
+        eager.step_all(fr(k))
+    for g in (graph, eager):
+        g.stream(0).update(steps=2)
+    for k in range(6, 9):
+        for i, (a, b) in enumerate(zip(graph.step_all(fr(k)), eager.step_all(fr(k)))):
+            assert_close(a, b, f"stream {i}, tick {k} after the layout change")
+    assert graph.status()["captures"] == 2 and graph.status()["layout_changes"] == 1
+    cuda_frames = [torch.from_numpy(f).cuda() for f in fr(9)]
+    outs = graph.step_all(cuda_frames)
+    assert all(o.is_cuda and o.shape == (H, W, 3) for o in outs)
