@@ -99,14 +99,28 @@ class IPAdapter:
         self.scale = ip_attention.IPScale(style.device)
         self.processors: dict[str, ip_attention.IPAttnProcessor] = {}
         self.text_tokens = 0
+        self._unet: torch.nn.Module | None = None
 
     def install(self, unet: torch.nn.Module, text_tokens: int) -> None:
         """Put the IP processors on the UNet's cross-attention layers (once, before any backend sees it)."""
-        self.text_tokens = text_tokens
+        self.text_tokens, self._unet = text_tokens, unet
         self.processors = ip_attention.install(unet, self._ip_layers, text_tokens, self.scale)
         self._ip_layers = {}
         log.info("IP-Adapter %s: %d cross-attention layers, %d image tokens after %d text tokens",
                  self.spec.model, len(self.processors), self.tokens, text_tokens)
+
+    def keep_installed(self) -> None:
+        """Between frames (from :meth:`apply`): the backend may have replaced our processors since
+        :meth:`install`. Compile presets 'fast' / 'max' fuse q/k/v projections with diffusers'
+        ``fuse_qkv_projections``, which puts its fused processor on every layer and would drop the image tokens'
+        attention without a word: ours go back on the cross-attention layers (they use the fused k/v
+        projection), the self-attention layers keep the fused one."""
+        if self._unet is None or not (gone := ip_attention.missing(self._unet, self.processors)):
+            return
+        log.warning("IP-Adapter: the backend replaced the IP attention processors of %d cross-attention layers "
+                    "(e.g. %s; compile presets 'fast' / 'max' fuse q/k/v projections); putting them back",
+                    len(gone), gone[0])
+        ip_attention.put_back(self._unet, self.processors)
 
     def accept_style(self, image: Any) -> tuple[tuple[str, float], ...]:
         """Caller's thread: validate and register the style image(s); returns the settings' style value."""
@@ -115,6 +129,7 @@ class IPAdapter:
     def apply(self, buffers, settings: IPAdapterSettings) -> None:
         """Between frames: the scale (0 when disabled) and the image tokens of ``settings.style`` into
         ``buffers.embeds[:, T_text:]`` (uncond rows: the projection of an empty image, as diffusers does)."""
+        self.keep_installed()
         self.scale.write(settings.scale if settings.enabled else 0.0)
         self.style.write_tokens(buffers.embeds, self.text_tokens, buffers.layout.uncond_rows, settings.style)
 

@@ -82,7 +82,10 @@ class IPAttnProcessor(torch.nn.Module):
         query = attn.to_q(hidden_states)  # [B, L, C]
         if attn.norm_cross:
             text = attn.norm_encoder_hidden_states(text)
-        key, value = attn.to_k(text), attn.to_v(text)  # [B, T_text, C]
+        if getattr(attn, "fused_projections", False) and hasattr(attn, "to_kv"):  # compile presets fast / max
+            key, value = attn.to_kv(text).chunk(2, dim=-1)  # one matrix product for both: [B, T_text, C] each
+        else:
+            key, value = attn.to_k(text), attn.to_v(text)  # [B, T_text, C]
         heads = attn.heads
         head_dim = key.shape[-1] // heads
         q = query.view(B, -1, heads, head_dim).transpose(1, 2)  # [B, heads, L, hd]
@@ -139,7 +142,18 @@ def install(unet: torch.nn.Module, ip_layers: dict[str, torch.Tensor], text_toke
         proc = IPAttnProcessor(text_tokens, hidden, int(k.shape[1]), scale)
         proc.load_state_dict({"to_k_ip.weight": k, "to_v_ip.weight": v})
         procs[name] = proc.to(device=param.device, dtype=param.dtype).requires_grad_(False)
+    put_back(unet, procs)
+    return procs
+
+
+def missing(unet: torch.nn.Module, procs: dict[str, IPAttnProcessor]) -> list[str]:
+    """The cross-attention layers whose processor is no longer ours (a backend replaced it)."""
+    current = unet.attn_processors
+    return [name for name, proc in procs.items() if current.get(name) is not proc]
+
+
+def put_back(unet: torch.nn.Module, procs: dict[str, IPAttnProcessor]) -> None:
+    """``procs`` on their layers; every other layer keeps the processor it has."""
     current = dict(unet.attn_processors)
     current.update(procs)
     unet.set_attn_processor(current)
-    return procs
