@@ -253,6 +253,7 @@ def test_bad_input_is_refused_and_the_stream_keeps_its_style(adapters, tmp_path)
     for spec, message in (({"model": "random:ip-adapter-tiny", "scale": float("nan")}, "0 to 5"),
                           ({"model": "random:ip-adapter-tiny", "weight": 1}, "unknown ip_adapter key"),
                           ({"scale": 1.0}, "model string or a dict"),
+                          (["random:ip-adapter-tiny", "random:ip-adapter-plus-tiny"], "one IP-Adapter .* not a list"),
                           (str(tmp_path / "missing.bin"), "does not exist")):
         with pytest.raises((ConfigError, FileNotFoundError), match=message):
             StreamEngine.from_pretrained("random:tiny-sd15", device="cpu", ip_adapter=spec)

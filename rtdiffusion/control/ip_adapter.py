@@ -42,6 +42,10 @@ class IPAdapterSpec:
             return value
         if isinstance(value, str):
             value = {"model": value}
+        if isinstance(value, (list, tuple)):
+            raise ConfigError("ip_adapter takes one IP-Adapter (a model string or a dict), not a list: several at once "
+                              "are not supported; blend several style images with set_style_image([(image, weight), "
+                              f"...]) instead. Got {value!r}")
         if not isinstance(value, dict) or not isinstance(value.get("model"), str) or not value["model"]:
             raise ConfigError("ip_adapter must be a model string or a dict {'model': 'random:ip-adapter-sd15' | a "
                               ".bin / .safetensors file, 'image_encoder': ..., 'scale': 0.6, 'enabled': True}; "
