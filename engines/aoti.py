@@ -24,6 +24,7 @@ storage while the networks live (the engine prepares the modules' memory format 
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import hashlib
@@ -236,6 +237,7 @@ class PackageContext:
     device: torch.device
     options: dict[str, Any]
     identity: Mapping[str, Any] | None = None
+    stage: Callable[[str], Any] | None = None  # build-progress hook: stage(kind) around a first build / load
 
 
 class AotiNetwork:
@@ -258,7 +260,9 @@ class AotiNetwork:
         sig = signature(args)
         run = self._runners.get(sig)
         if run is None:
-            run = self._runners[sig] = self._prepare(sig, args)
+            stage = self.ctx.stage(self.kind.value) if self.ctx.stage is not None else contextlib.nullcontext()
+            with stage:
+                run = self._runners[sig] = self._prepare(sig, args)
         return run(*args)
 
     def _prepare(self, sig: Signature, args: tuple[torch.Tensor, ...]) -> Callable[..., torch.Tensor]:
@@ -316,10 +320,10 @@ class AotiNetworks:
 
     def __init__(self, unet: torch.nn.Module, vae: torch.nn.Module, *, cache: EngineCache, model: str,
                  preset: dict[str, Any], jit: Callable[[torch.nn.Module], Callable] | None = None,
-                 identity: Mapping[str, Any] | None = None) -> None:
+                 identity: Mapping[str, Any] | None = None, stage: Callable[[str], Any] | None = None) -> None:
         device = next(unet.parameters()).device
         ctx = PackageContext(cache=cache, model=model, device=device, options=inductor_options(preset),
-                             identity=identity)
+                             identity=identity, stage=stage)
         jit = jit or (lambda m: m)
 
         def network(kind: NetworkKind, wrapper: torch.nn.Module, **kw: Any) -> AotiNetwork:

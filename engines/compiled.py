@@ -13,8 +13,9 @@ Two ways to compile (``EngineConfig.compile_artifacts``), one set of Inductor pr
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 
@@ -44,6 +45,29 @@ def _prepare_unet(unet_module: torch.nn.Module, preset: str) -> None:
         unet_module.fuse_qkv_projections()  # one q/k/v matrix product per attention instead of three
 
 
+# A build-progress hook: stage(name) is a context manager around a network's compile (or package build / load);
+# the caller's (rtdiffusion.progress.BuildProgress.stage). The default reports nothing.
+StageHook = Callable[[str], ContextManager]
+
+
+def no_stage(name: str) -> ContextManager:
+    return contextlib.nullcontext()
+
+
+class FirstCall:
+    """Runs ``fn``; its first call (where torch.compile compiles) inside ``stage(name)``, later calls plain."""
+
+    def __init__(self, fn: Callable, name: str, stage: StageHook) -> None:
+        self.fn, self.name, self._stage = fn, name, stage
+
+    def __call__(self, *args, **kwargs):
+        if self._stage is None:
+            return self.fn(*args, **kwargs)
+        stage, self._stage = self._stage, None
+        with stage(self.name):
+            return self.fn(*args, **kwargs)
+
+
 def jit_compiler(preset: str) -> Callable[[Callable], Callable]:
     options = _check_preset(preset) or None
     return lambda fn: torch.compile(fn, fullgraph=False, dynamic=False, options=options)
@@ -52,16 +76,17 @@ def jit_compiler(preset: str) -> Callable[[Callable], Callable]:
 class CompiledNetworks(TorchNetworks):
     """torch.compile'd forward, encode and decode (``compile_artifacts='jit'``)."""
 
-    def __init__(self, unet_module: torch.nn.Module, vae_module: torch.nn.Module, preset: str = "default"):
+    def __init__(self, unet_module: torch.nn.Module, vae_module: torch.nn.Module, preset: str = "default",
+                 stage: StageHook = no_stage):
         super().__init__(unet_module, vae_module, name="compiled")
         compile_fn = jit_compiler(preset)
         self.preset, self._compile_fn = preset, compile_fn
         _prepare_unet(unet_module, preset)
         # forward itself, as measured in BENCHMARKS.md: hooks on the UNet module are not run here (weight
         # streaming, which uses them, goes with the eager and graph backends)
-        self._unet_fn = compile_fn(unet_module.forward)
-        self._encode_fn = compile_fn(vae_module.encode)
-        self._decode_fn = compile_fn(vae_module.decode)
+        self._unet_fn = FirstCall(compile_fn(unet_module.forward), "unet", stage)
+        self._encode_fn = FirstCall(compile_fn(vae_module.encode), "vae_encoder", stage)
+        self._decode_fn = FirstCall(compile_fn(vae_module.decode), "vae_decoder", stage)
 
     def _prepare_controlnet(self, module: torch.nn.Module):
         return self._compile_fn(module.forward)  # each ControlNet compiled like the UNet (attach_controlnets)
@@ -72,13 +97,14 @@ class CompiledNetworks(TorchNetworks):
 
 
 def compiled_networks(unet_module: torch.nn.Module, vae_module: torch.nn.Module, *, preset: str, aoti: bool,
-                      cache: EngineCache, model: str, identity: dict | None = None):
+                      cache: EngineCache, model: str, identity: dict | None = None, stage: StageHook = no_stage):
     """The networks of the 'compiled' backend: AOTInductor packages (``aoti``) or torch.compile.
 
     identity: ``Components.identity`` (where the weights came from): lets a restart reuse the weights'
-    fingerprint instead of hashing them again (engines/fingerprints.py)."""
+    fingerprint instead of hashing them again (engines/fingerprints.py). stage: a build-progress hook around
+    each network's first compile, build or load ("unet", "vae_encoder", "vae_decoder")."""
     if not aoti:
-        return CompiledNetworks(unet_module, vae_module, preset)
+        return CompiledNetworks(unet_module, vae_module, preset, stage=stage)
     from .aoti import AotiNetworks
 
     options = _check_preset(preset)
@@ -87,4 +113,4 @@ def compiled_networks(unet_module: torch.nn.Module, vae_module: torch.nn.Module,
     # what runs a call no package can hold (the KV cache's UNet, or a failed export): torch.compile on CUDA
     jit = jit_compiler(preset) if cuda else None
     return AotiNetworks(unet_module, vae_module, cache=cache, model=model, preset=options, jit=jit,
-                        identity=identity)
+                        identity=identity, stage=stage)

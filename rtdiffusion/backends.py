@@ -21,6 +21,8 @@ import torch
 
 from engines.base import TorchNetworks
 
+from . import progress
+
 from .config import Backend, CompileArtifacts, EngineConfig
 from .executors import EagerExecutor, GraphExecutor
 from .models.loading import Components
@@ -119,9 +121,11 @@ def prepare_cuda_modules(comps: Components) -> None:
 TRT_MIN_STEPS, TRT_MAX_STEPS, TRT_GUIDANCE = 1, 4, "full"
 
 
-def build_executor(config: EngineConfig, comps: Components, controlnets: tuple[torch.nn.Module, ...] = ()):
+def build_executor(config: EngineConfig, comps: Components, controlnets: tuple[torch.nn.Module, ...] = (),
+                   stage=progress.NO_STAGE):
     """The executor and its networks for ``config``; ``controlnets``: the engine's ControlNet modules, which
-    the TensorRT backend builds engines of (the torch backends get them later, by ``attach_controlnets``)."""
+    the TensorRT backend builds engines of (the torch backends get them later, by ``attach_controlnets``).
+    stage: the build-progress hook (``BuildProgress.stage``) around the networks' builds and loads."""
     backend, reason = choose_backend(config)
     if config.device.type == "cuda" and config.max_vram_gb is None:
         prepare_cuda_modules(comps)
@@ -138,13 +142,15 @@ def build_executor(config: EngineConfig, comps: Components, controlnets: tuple[t
         artifacts = compile_artifacts(config)
         nets = compiled_networks(comps.unet, comps.vae, preset=config.compile_preset.value,
                                  aoti=artifacts is CompileArtifacts.AOTI, cache=EngineCache(config.engine_dir),
-                                 model=config.model, identity=comps.identity)
+                                 model=config.model, identity=comps.identity, stage=stage)
         reason = f"{reason}; compile artifacts: {artifacts.value}"
         if config.device.type != "cuda":  # no CUDA graphs: the compiled calls are launched from Python
             return EagerExecutor(nets, "compiled", overlap=ov), reason
         return GraphExecutor(nets, "compiled", overlap=ov), reason
     try:
-        return GraphExecutor(trt_networks(config, comps, controlnets=controlnets), "trt", overlap=ov), reason
+        with stage(progress.TRT):
+            nets = trt_networks(config, comps, controlnets=controlnets)
+        return GraphExecutor(nets, "trt", overlap=ov), reason
     except Exception as exc:  # a failed build must not take the engine down: fall back, loudly
         log.warning("TensorRT engines could not be built or loaded (%s: %s); falling back to 'graph'",
                     type(exc).__name__, exc)

@@ -42,6 +42,7 @@ from .graph_cache import GRAPH_CACHE_ENV, GraphCacheControl, graph_cache_capacit
 from .guidance import make_guidance
 from .host_frames import HostFrames
 from .models.loading import Components, check_size
+from .progress import CAPTURE, FIRST_FRAME, TEXT, BuildProgress, engine_progress
 from .prompts import PromptEncoder
 from .schedule import SlotConstants, slot_constants
 from .settings import PromptSpec, SeedSpec, StreamSettings, update_settings
@@ -71,8 +72,10 @@ class StreamEngine:
     from_pretrained = classmethod(pretrained.from_pretrained)  # arguments checked, model loaded: pretrained.py
 
     def __init__(self, config: EngineConfig, components: Components, settings: StreamSettings | None = None,
-                 *, ip_adapter: Any = None, graph_cache_size: int = 4, controlnets: Any = ()):
+                 *, ip_adapter: Any = None, graph_cache_size: int = 4, controlnets: Any = (),
+                 progress: BuildProgress | None = None):
         self.config, self.components = config, components
+        self.build_progress, self._building = progress, _ = engine_progress(progress, config)  # progress.py
         self.device = config.device
         self._check_resolution()
         # IP-Adapter (control/ip_adapter.py): its processors go on the UNet before any backend sees it
@@ -88,7 +91,10 @@ class StreamEngine:
         F, H, W = config.frame_buffer_size, config.height, config.width
         cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if cuda else None
-        self._prompts = PromptEncoder(components.text, self.device, config.dtype)
+        with progress.stage(TEXT):  # the encoders (captured on CUDA) and the first prompt (cached)
+            self._prompts = PromptEncoder(components.text, self.device, config.dtype)
+            with self._stream_ctx():
+                self._prompts.embed((settings or StreamSettings()).prompt)
         self._tokens = self._prompts.tokens + (ip_adapter.tokens if ip_adapter is not None else 0)  # T (+ T_ip)
         self._conditioning = conditioning_for(components.unet.config)  # the UNet's added inputs (SDXL)
         self._io = FrameIO.allocate(F, H, W, self.device)
@@ -103,7 +109,8 @@ class StreamEngine:
         # made before the backend, which builds TensorRT engines of their modules
         self._control = (controlnets if isinstance(controlnets, (control.NoControl, control.ControlStack))
                          else control.make_control(controlnets, components, config))
-        self._executor, self.backend_reason = build_executor(config, components, self._control.modules)
+        self._executor, self.backend_reason = build_executor(config, components, self._control.modules,
+                                                             stage=progress.stage)
         self._base_nets = self._executor.nets  # the backend's networks, before any wrapping
         if self._ip is not None and hasattr(self._base_nets, "bind_inputs"):  # TensorRT: an engine input
             self._base_nets.bind_inputs(ip_scale=self._ip.scale.tensor)
@@ -266,7 +273,8 @@ class StreamEngine:
         frame = self._graphs.get(key)
         if frame is None:  # first visit of this shape: capture (later visits replay at once)
             try:
-                frame = self._executor.capture(st)
+                with self.build_progress.stage(CAPTURE):
+                    frame = self._executor.capture(st)
             except CaptureError as exc:
                 self._fall_back(str(exc))
                 return None
@@ -359,6 +367,9 @@ class StreamEngine:
     def _run(self, consumer_done: torch.cuda.Event | None, use_graph: bool = True,
              decided: bool = False) -> FrameResult:
         """One frame on the device. ``decided``: the host already chose to process it (host probe)."""
+        if self._building is not None:  # the build's last stage: the first frame (compiles on the CPU)
+            building, self._building = self._building, None
+            return building.last_stage(FIRST_FRAME, lambda: self._run(consumer_done, use_graph, decided))
         st, executor = self._state, (self._executor if use_graph else self._eager)
         if executor.captures and (self._frame is None or self._frame.released):
             self._frame = self._captured(st)  # evicted or removed through graph_cache: capture again

@@ -18,6 +18,7 @@ from .config import (Backend, EngineConfig, SchedulerKind, VaeKind, parse_device
                      parse_threads, set_cpu_threads)
 from .control import ip_adapter as ip_adapter_mod
 from .models.loading import check_size_early, load_components
+from .progress import LOAD, BuildProgress, NoProgress, plan_build
 from .settings import (CacheSettings, FilterSettings, PromptSpec, SeedSpec, StreamSettings, apply_updates,
                        check_cache_frames)
 
@@ -39,7 +40,8 @@ def from_pretrained(cls, model: str, *, width: int | None = None, height: int | 
                     cache_enabled: bool = False, cache_maxframes: int = 1,
                     cache_interval: int = 1, compile_preset: str = "default",
                     compile_artifacts: str = "auto", threads: int | None = None, ip_adapter: Any = None,
-                    vae_overlap: bool = False, controlnets: Any = ()) -> "StreamEngine":
+                    vae_overlap: bool = False, controlnets: Any = (),
+                    progress: BuildProgress | None = None) -> "StreamEngine":
     """Load ``model`` (hub id, local diffusers folder, one ``.safetensors`` checkpoint, or
     ``random:sd-turbo|sd15|sdxl-turbo|sdxl|tiny|tiny-sdxl``) and prepare. Width and height default to the
     model's own size (512 for sd-turbo and SDXL-Turbo, 1024 for SDXL base).
@@ -56,6 +58,7 @@ def from_pretrained(cls, model: str, *, width: int | None = None, height: int | 
     branch of the captured frame: faster frames (BENCHMARKS.md, issue 17), each coming out 2 calls later
     (status()["latency_frames"] counts them). controlnets: ControlNets, each a dict (model, preprocessor,
     scale, start, end, enabled, preprocessor_options), a ControlNetSpec or a model name (rtdiffusion/control).
+    progress: a BuildProgress (rtdiffusion/progress.py) told each stage of the build, up to the first frame.
     """
     dev = parse_device(device)
     set_cpu_threads(dev, parse_threads(threads))
@@ -64,9 +67,10 @@ def from_pretrained(cls, model: str, *, width: int | None = None, height: int | 
     vk = parse_enum(VaeKind, vae, "vae")
     sk = None if scheduler is None else parse_enum(SchedulerKind, scheduler, "scheduler")
     # validate sizes early with a provisional config (the model may supply the default size)
-    choose_backend(EngineConfig(model, _given(width, 512), _given(height, 512), dev, dt, be, vk, frame_buffer_size,
-                                num_inference_steps, sk, max_vram_gb, engine_dir, kv_max_frames,
-                                compile_preset, compile_artifacts, vae_overlap=vae_overlap))
+    early = EngineConfig(model, _given(width, 512), _given(height, 512), dev, dt, be, vk, frame_buffer_size,
+                         num_inference_steps, sk, max_vram_gb, engine_dir, kv_max_frames,
+                         compile_preset, compile_artifacts, vae_overlap=vae_overlap)
+    chosen, _ = choose_backend(early)
     settings = apply_updates(StreamSettings(
         prompt=PromptSpec.parse(prompt, prompt_method, negative_prompt), seed=SeedSpec.parse(seed),
         filter=FilterSettings(similar_filter, similar_threshold, similar_max_skip),
@@ -81,17 +85,23 @@ def from_pretrained(cls, model: str, *, width: int | None = None, height: int | 
     specs = control.parse_specs(controlnets)
     low_vram = max_vram_gb is not None and dev.type == "cuda"
     check_size_early(model, width, height, vk)  # random: models: a wrong size fails before building
-    comps = load_components(model, dev, dt, vk, seed=model_seed, vae_id=vae_id, lora=tuple(lora),
-                            local_files_only=local_files_only,
-                            unet_device=torch.device("cpu") if low_vram else None)
-    ip = None if ip_spec is None else ip_adapter_mod.load(ip_spec, comps, dev, dt, seed=model_seed,
-                                                        local_files_only=local_files_only)
-    size = comps.default_size
-    config = EngineConfig(model, _given(width, size), _given(height, size), dev, dt, be, vk, frame_buffer_size,
-                          num_inference_steps, sk, max_vram_gb, engine_dir, kv_max_frames, compile_preset,
-                          compile_artifacts, vae_overlap=vae_overlap)
-    stack = control.make_control(specs, comps, config, seed=model_seed, local_files_only=local_files_only)
-    return cls(config, comps, settings, ip_adapter=ip, graph_cache_size=graph_cache_size, controlnets=stack)
+    progress = progress if progress is not None else NoProgress()
+    plan_build(progress, early, chosen.value, load=True, width=width, height=height, vae_id=vae_id,
+               lora=[list(x) for x in lora], controlnets=[[c.model, str(c.preprocessor)] for c in specs],
+               ip_adapter=None if ip_spec is None else [ip_spec.model, ip_spec.image_encoder])
+    with progress.stage(LOAD):  # the model, then the IP-Adapter's image encoder and the ControlNets
+        comps = load_components(model, dev, dt, vk, seed=model_seed, vae_id=vae_id, lora=tuple(lora),
+                                local_files_only=local_files_only,
+                                unet_device=torch.device("cpu") if low_vram else None)
+        ip = None if ip_spec is None else ip_adapter_mod.load(ip_spec, comps, dev, dt, seed=model_seed,
+                                                            local_files_only=local_files_only)
+        size = comps.default_size
+        config = EngineConfig(model, _given(width, size), _given(height, size), dev, dt, be, vk, frame_buffer_size,
+                              num_inference_steps, sk, max_vram_gb, engine_dir, kv_max_frames, compile_preset,
+                              compile_artifacts, vae_overlap=vae_overlap)
+        stack = control.make_control(specs, comps, config, seed=model_seed, local_files_only=local_files_only)
+    return cls(config, comps, settings, ip_adapter=ip, graph_cache_size=graph_cache_size, controlnets=stack,
+               progress=progress)
 
 
 def _given(value: Any, default: int) -> Any:

@@ -97,6 +97,7 @@ class Bridge:
         self._state_lock = threading.Lock()
         self._heartbeat: threading.Thread | None = None
         self._started_at = time.monotonic()
+        self._staged = False  # the engine reports build stages (/engine/stage)
 
     @property
     def reader(self) -> RingReader | None:
@@ -123,9 +124,24 @@ class Bridge:
 
     def _default_factory(self):
         from rtdiffusion import StreamEngine
+        from rtdiffusion.cli.progress_view import TerminalProgress
+        from rtdiffusion.progress import BuildProgress
 
         c = self.config
-        return StreamEngine.from_pretrained(c.model, width=c.width, height=c.height, **c.engine_options)
+        progress = BuildProgress([self._on_stage, TerminalProgress()])  # OSC /engine/stage and stderr
+        return StreamEngine.from_pretrained(c.model, width=c.width, height=c.height, progress=progress,
+                                            **c.engine_options)
+
+    def _on_stage(self, e) -> None:
+        """A build stage (rtdiffusion.progress.StageEvent) as /engine/stage name index count fraction
+        elapsed_s estimate_s state source, and its fraction as /stream-info/build-progress."""
+        self._staged = True
+        sender = self.sender
+        if sender is None:
+            return
+        sender.send("/engine/stage", e.stage, e.index, e.count, float(e.fraction), float(e.elapsed_s),
+                    float(e.estimate_s), e.state.value, e.source.value)
+        sender.send("/stream-info/build-progress", float(e.fraction))
 
     def load(self) -> None:
         """Load and warm up the engine, then open the rings and announce their names.
@@ -144,14 +160,16 @@ class Bridge:
                 return
             if self.config.style_image is not None:  # --style-image: encoded once, before the warm-up frame
                 self.engine.set_style_image(self.config.style_image)
-            sender.send("/stream-info/build-progress", 0.6)
+            if not self._staged:  # an engine factory without stages: coarse steps
+                sender.send("/stream-info/build-progress", 0.6)
             self._set_state(State.BUILDING)
             sender.send("/stream-info/build-stage", "warm-up frame")
             e = self.engine
             self.engine(np.zeros((e.height, e.width, 3), np.uint8))  # captures / compiles what it needs
             if self.stop.is_set():
                 return
-            sender.send("/stream-info/build-progress", 0.9)
+            if not self._staged:
+                sender.send("/stream-info/build-progress", 0.9)
             self.rings.open(e.width, e.height)
             self.transfer = make_transfer(e, self.reader, self.writer, self._published)
             self.conditioning = Conditioning(e, self.rings, sender, self.config.external_controlnets)

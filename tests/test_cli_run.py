@@ -84,9 +84,15 @@ def test_side_by_side_pairs_each_output_with_its_input_and_fps_is_the_bars(tmp_p
     from rtdiffusion.bench import synthetic_frames
 
     r = subprocess.run([*CLI, "run", *TINY, "--input", "synthetic", "--frames", "4", "--steps", "2",
-                        "--side-by-side", "--output", "pngs"], cwd=tmp_path, env=ENV, capture_output=True, text=True,
-                       timeout=300)
+                        "--side-by-side", "--output", "pngs"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300, env={**ENV, "RTDIFFUSION_CACHE": str(tmp_path / "cache")})
     assert r.returncode == 0, r.stderr
+    # the build's stages, one line each as they start and finish (stderr is not a terminal here)
+    stages = re.findall(r"^build \[(\d)/3\] ([a-z ]+): (started|took)", r.stderr, re.M)
+    assert stages == [(str(i), name, state) for i, name in enumerate(("load weights", "text encoders", "first frame"), 1)
+                      for state in ("started", "took")], r.stderr
+    assert re.search(r"^build done in [\d.]+ s \(3 stages\)$", r.stderr, re.M)
+    assert len(os.listdir(tmp_path / "cache" / ".build-times")) == 1  # recorded: the next build's estimate
     src = synthetic_frames(4, 64, 64)
     pngs = sorted(os.listdir(tmp_path / "pngs"))
     assert len(pngs) == 4

@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 
-from .common import add_engine_args, add_option, build_engine, check_engine_args, cli_spelling, engine_kwargs
+from .common import add_engine_args, add_option, build_engine, check_engine_args
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +46,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--frame-buffer-size must be 1 for bench (it times one frame per call); "
                          f"got {args.frame_buffer_size}")
     check_engine_args(args)
-    if args.vae_overlap:  # a bench-only option for now (the engine flags are shared by every subcommand)
-        from ..engine import StreamEngine
-
-        with cli_spelling():
-            engine = StreamEngine.from_pretrained(args.model, **engine_kwargs(args), vae_overlap=True)
-    else:
-        engine = build_engine(args)
+    # --vae-overlap: a bench-only option for now (the engine flags are shared by every subcommand)
+    engine = build_engine(args, **({"vae_overlap": True} if args.vae_overlap else {}))
     result = run_bench(engine, frames=args.frames, warmup=args.warmup,
                        prompt_change_every=args.prompt_change_every, profile=not args.no_profile,
                        flops=not args.no_flops, kernels=args.kernels)

@@ -20,8 +20,10 @@ import os
 from pathlib import Path
 
 from ..backends import TRT_GUIDANCE, TRT_MAX_STEPS, TRT_MIN_STEPS, check_aoti_on_cuda, prepare_cuda_modules
+from ..progress import LOAD, NETWORKS, NO_STAGE, TRT, BuildProgress
 from ..vocabulary import cli_spelling
 from .common import Deprecated, Renamed, add_option
+from .progress_view import TerminalProgress
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +139,16 @@ def run(args: argparse.Namespace) -> int:
     lora = _parse_lora(args.lora)
 
     cache = EngineCache(args.engine_dir)
-    comps = load_components(args.model, device, dtype, vae_kind, vae_id=args.vae_id, lora=lora)
+    progress = BuildProgress([TerminalProgress()])  # the stages on stderr, estimated from the last such build
+    work = "ONNX export" if args.export_only else TRT if args.backend == "trt" else None
+    progress.plan([(LOAD, False), *([(work, False)] if work else [(n, True) for n in NETWORKS])],
+                  device_type=device.type, root=cache.root,
+                  key={"command": "build", "model": args.model, "backend": args.backend, "aoti": aoti,
+                       "export_only": args.export_only, "device": device.type, "dtype": str(dtype),
+                       "width": args.width, "height": args.height, "steps": [args.min_steps, args.max_steps],
+                       "frame_buffer_size": args.frame_buffer_size, "cfg": cfg.value})
+    with progress.stage(LOAD):
+        comps = load_components(args.model, device, dtype, vae_kind, vae_id=args.vae_id, lora=lora)
     width = args.width or comps.default_size
     height = args.height or comps.default_size
     params = SpecParams.from_modules(comps.unet, comps.vae, width, height, batch=batch,
@@ -152,22 +163,26 @@ def run(args: argparse.Namespace) -> int:
     if args.export_only:
         from engines.onnx_export import export_all_to_cache
 
-        entries = export_all_to_cache(comps.unet, comps.vae, make_specs(params), cache, model=args.model,
-                                      lora=lora_ids, weights=weights, verify=not args.no_verify)
+        with progress.stage(work):
+            entries = export_all_to_cache(comps.unet, comps.vae, make_specs(params), cache, model=args.model,
+                                          lora=lora_ids, weights=weights, verify=not args.no_verify)
     elif args.backend == "trt":
         from engines.trt_runtime import ensure_trt_engines
 
-        entries = ensure_trt_engines(comps.unet, comps.vae, params, cache, model=args.model, lora=lora_ids,
-                                     options=options, weights=weights, device=device)
+        with progress.stage(work):
+            entries = ensure_trt_engines(comps.unet, comps.vae, params, cache, model=args.model, lora=lora_ids,
+                                         options=options, weights=weights, device=device)
     else:
-        entries = _build_compiled(comps, params, cache, model=args.model, preset=args.compile_preset, aoti=aoti)
+        entries = _build_compiled(comps, params, cache, model=args.model, preset=args.compile_preset, aoti=aoti,
+                                  stage=progress.stage)
+    progress.finish()
     for name, entry in entries.items():
         size = sum(a["size"] for a in entry.manifest["artifacts"].values()) if hasattr(entry, "manifest") else 0
         log.info("%-12s %s (%.1f MB)", name, entry.path if hasattr(entry, "path") else entry, size / 1e6)
     return 0
 
 
-def _build_compiled(comps, params, cache, *, model: str, preset: str, aoti: bool) -> dict:
+def _build_compiled(comps, params, cache, *, model: str, preset: str, aoti: bool, stage=NO_STAGE) -> dict:
     """Run the compiled networks once for every UNet batch size in range, and the VAE once, at the shapes
     the engine uses: with ``aoti`` each call builds (or finds) its AOTInductor package in the engine cache;
     otherwise (jit, CUDA only) the calls warm Inductor's on-disk caches (TORCHINDUCTOR_CACHE_DIR, set under
@@ -180,7 +195,7 @@ def _build_compiled(comps, params, cache, *, model: str, preset: str, aoti: bool
 
     if comps.unet.device.type == "cuda":
         prepare_cuda_modules(comps)  # the same modules the engine compiles, or its cache would miss
-    nets = compiled_networks(comps.unet, comps.vae, preset=preset, aoti=aoti, cache=cache, model=model)
+    nets = compiled_networks(comps.unet, comps.vae, preset=preset, aoti=aoti, cache=cache, model=model, stage=stage)
     specs = make_specs(params)
     with torch.no_grad():
         for b in range(params.batch[0].min, params.batch[-1].max + 1):

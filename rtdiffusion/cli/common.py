@@ -385,12 +385,15 @@ def check_engine_args(args: argparse.Namespace) -> None:
         check_control_args(args)
 
 
-def build_engine(args: argparse.Namespace):
-    """The engine for the parsed options; errors while it is built name the flags."""
+def build_engine(args: argparse.Namespace, **extra: Any):
+    """The engine for the parsed options; errors while it is built name the flags. The build's stages go to
+    stderr (cli/progress_view.py) unless --no-progress was given."""
     from ..engine import StreamEngine
+    from .progress_view import terminal_progress
 
+    progress = terminal_progress(not getattr(args, "no_progress", False))
     with cli_spelling():
-        engine = StreamEngine.from_pretrained(args.model, **engine_kwargs(args))
+        engine = StreamEngine.from_pretrained(args.model, **engine_kwargs(args), progress=progress, **extra)
         images = style_images(args)
         if images is not None:
             engine.set_style_image(images)

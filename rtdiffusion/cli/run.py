@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from .common import add_engine_args, add_option, build_engine, check_engine_args
+from .progress_view import show_with
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
             # smoothing=0: the bar's rate is frames / elapsed, the summary's fps below
             bar = tqdm(total=count, unit="frame", disable=args.no_progress, smoothing=0,
                        desc=FIRST_FRAME.get(engine.backend, "rtdiffusion"))
+            show_with(engine.build_progress, bar)  # the first frame's stages: through the bar
             if engine.backend in FIRST_FRAME:
                 log.info("%s: the first frame %s", engine.backend,
                          "compiles the networks, which may take minutes (a restart that finds AOTInductor packages "

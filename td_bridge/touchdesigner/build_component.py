@@ -24,7 +24,7 @@ Custom pages: Engine (Python, Repo, Model, Width, Height, Host, Controlport, Sta
 Outputname, Extraargs, Start, Stop), Controls (controls.PARAMETERS, Sendall), ControlNet (controls.CONTROLNET:
 Cn1model, Cn1preprocessor, Cn1scale, Cn1start, Cn1end, Cn1enable, the same for Cn2), IP-Adapter
 (controls.IP_ADAPTER: Ipmodel, Ipscale, Ipenable; Ipupdate, Ipstyletop),
-Status (read-only: State, Active, Fps, Frames, Buildstage, Error, Inputring, Outputring, Enginepid, Logfile,
+Status (read-only: State, Active, Fps, Frames, Buildstage, Buildprogress, Buildleft, Error, Inputring, Outputring, Enginepid, Logfile,
 Inputlink, Inputreconnects, Outputlink, Outputreconnects, Ringevent),
 Channels (Swaprb, Testred, Checkorder, Channelorder). The callback DATs hold copies of this folder's scripts:
 after updating the repository, run build() again.
@@ -57,7 +57,8 @@ ENGINE = (  # name, label, kind, default
 )
 STATUS = (  # read-only readouts
     ("State", "State", "str"), ("Active", "Engine Active", "toggle"), ("Fps", "Frames per Second", "float"),
-    ("Frames", "Frames Published", "int"), ("Buildstage", "Build Stage", "str"), ("Error", "Last Error", "str"),
+    ("Frames", "Frames Published", "int"), ("Buildstage", "Build Stage", "str"),
+    ("Buildprogress", "Build Progress", "float"), ("Buildleft", "Build Time Left", "str"), ("Error", "Last Error", "str"),
     ("Inputring", "Input Ring", "str"), ("Outputring", "Output Ring", "str"), ("Enginepid", "Engine PID", "int"),
     ("Logfile", "Engine Log", "str"),
     ("Inputlink", "Input Link", "str"), ("Inputreconnects", "Input Reconnects", "int"),

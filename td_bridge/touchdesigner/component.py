@@ -40,12 +40,14 @@ EXIT_GRACE_S = 3.0  # quitting TouchDesigner: it waits this long, then terminate
 STATUS = {"/stream-info/state": "State", "/stream-info/fps": "Fps", "/framecount": "Frames",
           "/stream-info/build-stage": "Buildstage", "/server_active": "Active"}
 # status parameter -> value it has when nothing is known (at start, and after clear_status)
-CLEARED = {"State": "", "Fps": 0.0, "Frames": 0, "Buildstage": "", "Active": False, "Error": "",
+CLEARED = {"State": "", "Fps": 0.0, "Frames": 0, "Buildstage": "", "Buildprogress": 0.0, "Buildleft": "",
+           "Active": False, "Error": "",
            "Enginepid": 0, "Logfile": "", "Channelorder": "", "Inputlink": "", "Inputreconnects": 0,
            "Outputlink": "", "Outputreconnects": 0, "Ringevent": ""}
 # Script TOP -> (its link readout, its reconnect count), on the Status page
 LINKS = {"input_top": ("Inputlink", "Inputreconnects"), "output_top": ("Outputlink", "Outputreconnects")}
 RING_EVENT = "/stream-info/ring-event"  # <what> <text>: the bridge made, adopted, re-made or repaired a ring
+ENGINE_STAGE = "/engine/stage"  # name index count fraction elapsed_s estimate_s state source: a build stage
 
 
 def _set(comp, name: str, value) -> None:
@@ -196,6 +198,9 @@ def on_osc(comp, address: str, args: list) -> None:
     if address == RING_EVENT:  # e.g. "/ring/input", "made ring 'rtd_in_7' (session ...)"
         _set(comp, "Ringevent", ": ".join(str(a) for a in args if str(a))[:1000])
         return
+    if address == ENGINE_STAGE:
+        show_stage(comp, args)
+        return
     name = STATUS.get(address)
     if name is None:
         return
@@ -215,6 +220,20 @@ def on_osc(comp, address: str, args: list) -> None:
         _set(comp, "Frames", int(value))
     else:
         _set(comp, name, str(value))
+
+
+def show_stage(comp, args: list) -> None:
+    """/engine/stage name index count fraction elapsed_s estimate_s state source -> Buildstage ("first frame
+    (3/6)"), Buildprogress (0..1) and Buildleft ("about 20 s left (recorded)"; "" once the build is done)."""
+    if len(args) < 6:
+        return
+    name, index, count, fraction, _elapsed, left = args[:6]
+    state = str(args[6]) if len(args) > 6 else "start"
+    done = state == "done"
+    _set(comp, "Buildstage", "ready" if done else f"{name} ({index}/{count})")
+    _set(comp, "Buildprogress", float(fraction))
+    source = f" ({args[7]})" if len(args) > 7 else ""
+    _set(comp, "Buildleft", "" if done else f"about {float(left):.0f} s left{source}")
 
 
 def update_style(comp) -> None:

@@ -246,3 +246,17 @@ def test_sigterm_stops_the_bridge_and_unlinks_its_rings():
             proc.kill()
         proc.communicate(timeout=30)
         inbox.close()
+
+
+def test_build_stages_arrive_as_engine_stage(bridge):
+    """/engine/stage: name index count fraction elapsed_s estimate_s state source, for every stage of the
+    cold build (random:tiny, eager on the CPU: load weights, text encoders, first frame = the warm-up)."""
+    msgs = bridge["inbox"].all("/engine/stage")
+    starts = [m[0] for m in msgs if m[6] == "start"]
+    assert starts == ["load weights", "text encoders", "first frame"]
+    assert [m[1] for m in msgs if m[6] == "start"] == [1, 2, 3] and {m[2] for m in msgs} == {3}
+    fractions = [m[3] for m in msgs]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and msgs[-1][6] == "done"
+    assert all(m[4] >= 0 and m[5] >= 0 and m[7] in ("recorded", "mixed", "prior") for m in msgs)
+    progress = [p[0] for p in bridge["inbox"].all("/stream-info/build-progress")]
+    assert progress == sorted(progress) and progress[-1] == 1.0

@@ -218,15 +218,19 @@ def test_status_shows_live_values_and_is_not_saved_stale(project, inbox):
     mark = inbox.mark()
     for address, value in (("/stream-info/state", "loading"), ("/stream-info/input-name", "rtd_in_5"),
                            ("/stream-info/state", "streaming"), ("/stream-info/fps", 12.5), ("/framecount", 40),
+                           ("/engine/stage", ["first frame", 3, 6, 0.5, 10.0, 20.0, "start", "recorded"]),
                            ("/error", ["/seed", "expected an integer"])):
         bridge.send_message(address, value)
     frames_until(project, lambda: comp.par.Frames.eval() == 40 and comp.par.Error.eval(), what="status")
     assert comp.par.State.eval() == "streaming" and comp.par.Fps.eval() == 12.5
     assert comp.par.Inputring.eval() == "rtd_in_5" and comp.fetch("/stream-info/fps") == 12.5
     assert comp.par.Error.eval() == "/seed: expected an integer"
+    assert (comp.par.Buildstage.eval(), comp.par.Buildprogress.eval(), comp.par.Buildleft.eval()) == (
+        "first frame (3/6)", 0.5, "about 20 s left (recorded)")
     assert inbox.wait("/prompt", after=mark, timeout=30) == ("kept",)  # became live: the panel was sent
     project.reopen()  # saved, closed, opened again: nothing of the last session shows
     assert comp.par.State.eval() == "" and comp.par.Fps.eval() == 0 and comp.par.Error.eval() == ""
+    assert comp.par.Buildprogress.eval() == 0 and comp.par.Buildleft.eval() == ""
     assert comp.par.Inputring.eval() == "" and comp.fetch("/stream-info/fps") is None
     assert comp.par.Prompt.eval() == "kept"
 

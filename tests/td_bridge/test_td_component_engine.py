@@ -45,6 +45,8 @@ def test_component_starts_the_engine_streams_and_stops_it(monkeypatch):
         wait(lambda: comp.par.State.eval() in ("ready", "streaming") and comp.par.Inputring.eval()
              and comp.par.Outputring.eval(), "the engine ready with both rings announced")
         assert comp.par.Active.eval() and comp.par.Enginepid.eval() == engine.pid
+        # the build's stages came over /engine/stage (the warm-up frame ends it) before "ready"
+        assert comp.par.Buildprogress.eval() == 1.0 and comp.par.Buildleft.eval() == ""
         wait(lambda: comp.par.Frames.eval() >= 2 and comp.op("null_out").numpyArray() is not None,
              "results back in TouchDesigner")
         shown = comp.op("null_out").numpyArray()
