@@ -48,6 +48,9 @@ def register(subparsers) -> None:
                         "(the flip then happens on the device, not in TouchDesigner's Python)")
     p.add_argument("--slots", type=int, default=3, help="frames per ring (1-16)")
     p.add_argument("--checksum", action="store_true", help="crc32 every frame (recommended on ARM hosts)")
+    p.add_argument("--streams", type=int, default=1, help="streams served by one engine (1-64); with N >= 2 "
+                   "each stream has its own ring pair (the ring names with '-<i>', or comma-separated lists) "
+                   "and OSC namespace /stream/<i>/...; see docs/touchdesigner.md")
     add_engine_args(p)
     p.set_defaults(func=run)
 
@@ -65,6 +68,9 @@ def config_from_args(args: argparse.Namespace) -> BridgeConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "streams", 1) != 1:  # several streams from one engine: multi_cli.py
+        from .multi_cli import run_multi
+        return run_multi(args)
     config = config_from_args(args)
     if args.frame_buffer_size != 1:
         raise ValueError(f"--frame-buffer-size must be 1 for td (the rings carry one frame per step); "
