@@ -112,6 +112,11 @@ class StockAttention:
     def __call__(self) -> bool:
         return all(type(m.processor).__module__.startswith("diffusers.") for m in self.layers)
 
+    def others(self) -> list[str]:
+        """The processor classes that are not diffusers' own (IP-Adapter, temporal KV cache), by name."""
+        return sorted({type(m.processor).__qualname__ for m in self.layers
+                       if not type(m.processor).__module__.startswith("diffusers.")})
+
 
 # ---- keys -----------------------------------------------------------------------------------------------
 Signature = tuple[tuple[tuple[int, ...], tuple[int, ...], str], ...]  # per input: shape, stride, dtype
@@ -253,9 +258,19 @@ class AotiNetwork:
         self.folders: list[str] = []  # cache entries in use
         self._weights: str | None = None  # fingerprint, taken at the first package (weights are fixed then)
         self.seconds: dict[str, float] = {}  # start-up cost: fingerprint, cache lookup (or build), load
+        self._told = False  # the fallback for processors was logged
+
+    def _why(self) -> str:
+        others = getattr(self.exportable, "others", None)
+        return ", ".join(others()) if others is not None else "not exportable"
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
-        if not self.exportable():  # e.g. the temporal KV cache's processors: stateful, run by the fallback
+        if not self.exportable():  # e.g. the temporal KV cache's or the IP-Adapter's processors: the fallback
+            if not self._told:
+                self._told = True
+                log.warning("AOTInductor: %s has attention processors a package does not take (%s); it runs with "
+                            "the fallback (torch.compile on CUDA, the plain module on the CPU) while they are "
+                            "installed", self.kind.value, self._why())
             return self.fallback(*args)
         sig = signature(args)
         run = self._runners.get(sig)
@@ -309,8 +324,10 @@ class AotiNetwork:
         raise AssertionError("unreachable")
 
     def describe(self) -> dict[str, Any]:
+        exportable = self.exportable()
         return {"packages": list(self.folders), "built": self.built, "loaded": self.loaded,
-                "fallbacks": dict(self.fallbacks), "exportable": self.exportable(), "seconds": dict(self.seconds)}
+                "fallbacks": dict(self.fallbacks), "exportable": exportable, "seconds": dict(self.seconds),
+                **({} if exportable else {"not_exportable": f"attention processors: {self._why()}"})}
 
 
 class AotiNetworks:

@@ -1,8 +1,9 @@
 """IP-Adapter with backend 'compiled' on the CPU, where ``compile_artifacts`` defaults to AOTInductor packages.
 
 Packages do not take the IP attention processors (only diffusers' own: engines/aoti.py StockAttention), so the
-UNet runs with the fallback, the plain module on the CPU, and ``status()["networks"]["unet"]["exportable"]`` is
-False; the VAE is packaged as usual. Compile presets 'fast' / 'max' fuse q/k/v projections with diffusers'
+UNet runs with the fallback, the plain module on the CPU: a warning at its first call names the processors,
+``status()["networks"]["unet"]`` has ``exportable`` False and ``not_exportable`` naming them; the VAE is
+packaged as usual. Compile presets 'fast' / 'max' fuse q/k/v projections with diffusers'
 ``fuse_qkv_projections``, which replaces every attention processor: the IP-Adapter puts its own back before the
 first frame (else the image tokens would be attended with the text projections, silently).
 
@@ -48,6 +49,7 @@ def test_compiled_aoti_backend_runs_the_ip_unet_with_the_fallback(eager, preset,
     st = engine.status()
     assert st["backend"] == "compiled" and "compile artifacts: aoti" in st["backend_reason"]
     assert st["networks"]["unet"]["exportable"] is False  # the IP processors: not a package, the fallback
+    assert st["networks"]["unet"]["not_exportable"] == "attention processors: IPAttnProcessor"
     procs = engine.components.unet.attn_processors
     cross = [name for name in procs if "attn2" in name]
     assert cross and all(isinstance(procs[name], IPAttnProcessor) for name in cross)
@@ -58,7 +60,7 @@ def test_compiled_aoti_backend_runs_the_ip_unet_with_the_fallback(eager, preset,
                    for n in cross)
     else:
         assert "putting them back" not in caplog.text
-    with torch.no_grad():
+    with torch.no_grad(), caplog.at_level(logging.WARNING):
         got = engine._base_nets.unet(*args)
         want = reference._base_nets.unet(*args)
         reference._ip.scale.write(0.0)
@@ -68,3 +70,4 @@ def test_compiled_aoti_backend_runs_the_ip_unet_with_the_fallback(eager, preset,
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (got - want).abs().max()
     unet = engine.status()["networks"]["unet"]
     assert unet["packages"] == [] and unet["built"] == 0 and not list(tmp_path.rglob("*.pt2"))
+    assert "unet has attention processors a package does not take (IPAttnProcessor)" in caplog.text
