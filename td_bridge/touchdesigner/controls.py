@@ -195,14 +195,40 @@ ALL: tuple[Control, ...] = (*PARAMETERS, *CONTROLNET, *IP_ADAPTER)
 BY_NAME: dict[str, Control] = {c.name: c for c in ALL}
 
 
+# ------------------------------------------------------------------------- a stream of a multi-stream bridge
+# what `rtdiffusion td --streams N` accepts per stream, as /stream/<i><address> (td_bridge/stream_osc.py)
+PER_STREAM = ("/prompt", "/negative_prompt", "/prompt_list", "/prompt_interpolation", "/seed", "/seed_list",
+              "/guidance_scale", "/delta", "/t_list", "/strength", "/steps")
+
+
+def stream_address(address: str, index: int) -> str:
+    """``/stream/<index><address>`` for a per-stream control when ``index`` >= 0; else ``address`` unchanged
+    (a single-stream bridge, every stream of a multi-stream one, or a bridge-wide action like /pause)."""
+    return f"/stream/{int(index)}{address}" if index >= 0 and address in PER_STREAM else address
+
+
+def stream_index(pars) -> int:
+    """The stream this component drives on a multi-stream bridge: its ``Stream`` custom parameter (an Int
+    parameter you add, 0-based), or -1 (none: un-prefixed addresses, which set every stream)."""
+    par = getattr(pars, "Stream", None)
+    if par is None:
+        return -1
+    try:
+        return int(par.eval())
+    except (TypeError, ValueError):
+        return -1
+
+
 def send_parameter(osc_out, pars, name: str) -> tuple[str, list] | None:
-    """Send what parameter ``name`` means (None if it is not a control). Returns (address, values) sent."""
+    """Send what parameter ``name`` means (None if it is not a control). Returns (address, values) sent;
+    with a ``Stream`` parameter >= 0 the per-stream controls go to ``/stream/<Stream>/...``."""
     control = BY_NAME.get(name)
     if control is None:
         return None
     value = None if control.kind == "pulse" else getattr(pars, name).eval()
     msg = control.message(value, pars)
     if msg is not None:
+        msg = (stream_address(msg[0], stream_index(pars)), msg[1])
         osc_out.sendOSC(msg[0], msg[1])
     return msg
 
@@ -217,6 +243,7 @@ def send_all(osc_out, pars) -> list[tuple[str, list]]:
         msg = control.message(getattr(pars, control.name).eval(), pars)
         if msg is None:
             continue
+        msg = (stream_address(msg[0], stream_index(pars)), msg[1])
         osc_out.sendOSC(msg[0], msg[1])
         sent.append(msg)
     return sent

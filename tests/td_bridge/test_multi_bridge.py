@@ -38,7 +38,8 @@ def bridge():
     state = {"proc": proc, "inbox": inbox, "tag": tag}
     try:
         inbox.wait("/stream-info/state", lambda p: p[0] == "ready", timeout=120)
-        state["client"] = SimpleUDPClient("127.0.0.1", inbox.all("/stream-info/osc-in-port")[-1][0])
+        state["port"] = inbox.all("/stream-info/osc-in-port")[-1][0]
+        state["client"] = SimpleUDPClient("127.0.0.1", state["port"])
         state["in"] = [inbox.all(f"/stream/{i}/stream-info/input-name")[-1][0] for i in range(2)]
         state["out"] = [inbox.all(f"/stream/{i}/stream-info/output-name")[-1][0] for i in range(2)]
         state["writers"] = [RingWriter.attach(n) for n in state["in"]]
@@ -185,6 +186,26 @@ def test_a_broken_input_ring_is_reported_for_its_stream_and_the_other_is_served(
     finally:
         shm.close()
     output_for(bridge, 0, frame(11))  # the next frame written sets the counter right: stream 0 is back
+
+
+def test_a_component_with_a_stream_parameter_drives_only_its_stream(bridge, project):
+    """The component's controls (controls.send_parameter, what its Parameter Execute DAT calls) with a Stream
+    custom parameter go to /stream/<Stream>/...: through the TouchDesigner stand-in's real OSC Out DAT."""
+    from td_bridge.touchdesigner import controls
+
+    comp = project.project1.create("baseCOMP", "stream1")
+    page = comp.appendCustomPage("Controls")
+    page.appendStr("Prompt")
+    page.appendInt("Stream")
+    comp.par.Prompt, comp.par.Stream = "glass harbour", 1
+    out = comp.create("oscoutDAT", "oscout1")
+    out.par.address, out.par.port = "127.0.0.1", bridge["port"]
+    assert controls.send_parameter(out, comp.par, "Prompt") == ("/stream/1/prompt", ["glass harbour"])
+    end = time.monotonic() + 60
+    while status(bridge, 1)["engine"]["prompt"] != [["glass harbour", 1.0]]:
+        assert time.monotonic() < end, "the component's prompt never reached stream 1"
+        output_for(bridge, 1, frame(12))
+    assert status(bridge, 0)["engine"]["prompt"] != [["glass harbour", 1.0]]
 
 
 @pytest.mark.parametrize("argv, message", [
