@@ -180,8 +180,10 @@ OPTIONS: dict[str, dict[str, Any]] = {
                               "from outside: --control-video in run, the control ring in td); SCALE the "
                               "conditioning scale, 0-5 (default 1), e.g. random:controlnet-tiny:canny:0.8"),
     "--ip-adapter": dict(default=None, metavar="MODEL",
-                         help="IP-Adapter weights: a .bin / .safetensors file, or random:ip-adapter-sd15 | plus-sd15 | sdxl | "
-                              "plus-sdxl | tiny (random weights); none exists for SD 2.x / sd-turbo"),
+                         help="IP-Adapter weights: an h94 .bin / .safetensors file, or random:ip-adapter-sd15 | plus-sd15 | "
+                              "full-face-sd15 | sd15-vit-g | sdxl (ViT-bigG encoder) | sdxl-vit-h | plus-sdxl | tiny "
+                              "(random weights, one name per published file: docs/ip_adapter.md); none exists for "
+                              "SD 2.x / sd-turbo"),
     "--ip-adapter-scale": dict(type=ip_scale, default=None, metavar="S",
                                help="how strongly the style image steers the picture, 0-5 (default 0.6); needs "
                                     "--ip-adapter"),
@@ -385,13 +387,16 @@ def check_engine_args(args: argparse.Namespace) -> None:
         check_control_args(args)
 
 
-def build_engine(args: argparse.Namespace, **extra: Any):
+def build_engine(args: argparse.Namespace, progress=None, **extra: Any):
     """The engine for the parsed options; errors while it is built name the flags. The build's stages go to
-    stderr (cli/progress_view.py) unless --no-progress was given."""
+    stderr (cli/progress_view.py) unless --no-progress was given, and to ``progress``'s listeners."""
     from ..engine import StreamEngine
-    from .progress_view import terminal_progress
+    from ..progress import BuildProgress
+    from .progress_view import TerminalProgress
 
-    progress = terminal_progress(not getattr(args, "no_progress", False))
+    if not getattr(args, "no_progress", False):
+        progress = progress or BuildProgress()
+        progress.subscribe(TerminalProgress())
     with cli_spelling():
         engine = StreamEngine.from_pretrained(args.model, **engine_kwargs(args), progress=progress, **extra)
         images = style_images(args)
