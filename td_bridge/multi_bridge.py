@@ -139,11 +139,11 @@ class MultiBridge:
     def start(self) -> "MultiBridge":
         b = self.config.bridge
         self.sender = OscSender(b.osc_host, b.osc_out_port)
+        self.ports = [_StreamPort(i, self.config.stream_config(i), StreamSender(self.sender, i))
+                      for i in range(self.config.streams)]  # before the receiver: /stream/<i>/get_status reads them
         self.receiver = StreamOscReceiver(b.osc_listen, b.osc_in_port, self.mailbox, self.boxes, self.sender,
                                           self.status_text)
         self.receiver.start()
-        self.ports = [_StreamPort(i, self.config.stream_config(i), StreamSender(self.sender, i))
-                      for i in range(self.config.streams)]
         self._heartbeat = threading.Thread(target=self._beat, name="osc-heartbeat", daemon=True)
         self._heartbeat.start()
         log.info("OSC: listening on %s:%d, sending to %s:%d; %d streams", b.osc_listen, self.receiver.port,
@@ -364,7 +364,8 @@ class MultiBridge:
         return st
 
     def status_text(self, index: int | None = None) -> str:
-        return status_json(self.status(index))
+        """/status JSON (receive thread); a failure is answered in the JSON, never raised into the receiver."""
+        return status_json(_safe(lambda: self.status(index)))
 
 
 def _safe(fn: Callable[[], Any]) -> Any:
