@@ -20,6 +20,8 @@ import socket
 from rtdiffusion.cli.common import add_engine_args, add_option, build_engine, check_engine_args
 from rtdiffusion.vocabulary import DEFAULT_STEPS, DEFAULT_STRENGTH
 
+from .group_cli import add_streams_arg, check_group_args
+
 log = logging.getLogger(__name__)
 
 
@@ -47,6 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "given without one); open the page as /?token=TOKEN")
     p.add_argument("--record-dir", default=None,
                    help="folder for recordings made with the page's Record button (default: a new temp folder)")
+    add_streams_arg(p)
     p.set_defaults(func=run)
 
 
@@ -59,6 +62,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--frame-buffer-size must be 1 for demo (the page sends one frame at a time); "
                          f"got {args.frame_buffer_size}")
     check_engine_args(args)  # every engine flag, named as a flag, before the port is bound or the model loads
+    check_group_args(args)
     steps = len(args.t_index_list) if args.t_index_list else args.steps or DEFAULT_STEPS
     if steps > args.max_steps:
         given = f"{steps} (the length of --t-index-list)" if args.t_index_list else str(steps)
@@ -86,9 +90,6 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
-    import uvicorn
-
-    from .conditioning import MAX_STYLE_BYTES
     from .protocol import Format
     from .server import Controls, DemoOptions, DemoServer
 
@@ -99,6 +100,15 @@ def run(args: argparse.Namespace) -> int:
                           recordings_dir=args.record_dir)
     sock = _bind(args.host, args.port)  # first: a busy port fails before the model loads
     host, port = sock.getsockname()[:2]
+    if args.streams > 1:  # one MultiStreamEngine, one stream per performer (group_cli.py)
+        from .group_cli import build_group_server
+
+        try:
+            server = build_group_server(args, options)
+        except BaseException:
+            sock.close()
+            raise
+        return _serve(server, sock, host, port)
     try:
         log.info("loading %s", args.model)
         engine = build_engine(args)
@@ -115,6 +125,14 @@ def run(args: argparse.Namespace) -> int:
     except BaseException:
         sock.close()
         raise
+    return _serve(server, sock, host, port)
+
+
+def _serve(server, sock, host: str, port: int) -> int:
+    """Serve ``server``'s app on the bound socket until Ctrl-C."""
+    import uvicorn
+
+    from .conditioning import MAX_STYLE_BYTES
 
     if _is_ip(host) and not ipaddress.ip_address(host).is_loopback:
         log.warning("serving on %s: anyone who can reach this address can see the output and drive the engine",

@@ -143,6 +143,8 @@ class DemoServer:
     """Owns the engine's control state, the worker, the recorder and the hub; ``app`` is the ASGI application."""
 
     static_dir = STATIC_DIR
+    hub_class = Hub  # a multi-stream server (group_server.py) puts its own hub and worker here
+    worker_class: Callable[..., Any] = InferenceWorker
 
     def __init__(self, engine: Any, options: DemoOptions | None = None, controls: Controls | None = None) -> None:
         from .routes import build_app
@@ -157,7 +159,7 @@ class DemoServer:
         o = self.options
         self.token = o.token or (secrets.token_urlsafe(18) if o.allowed_hosts else None)
         self.policy = AccessPolicy.build(o.bound_host, o.allowed_hosts, self.token, o.max_body_bytes)
-        self.hub = Hub(self)
+        self.hub = self.hub_class(self)
         self.worker: InferenceWorker | None = None
         self.recorder = Recorder(o.recordings_dir, self.width, self.height)
         self._controls_lock = threading.Lock()
@@ -178,9 +180,9 @@ class DemoServer:
             recorder.add(out.image)
             loop.call_soon_threadsafe(hub.publish, out)
 
-        self.worker = InferenceWorker(self.engine, publish, min_frame_ms=self.options.min_frame_ms,
-                                      output_format=self.options.output_format,
-                                      jpeg_quality=self.options.jpeg_quality)
+        self.worker = self.worker_class(self.engine, publish, min_frame_ms=self.options.min_frame_ms,
+                                        output_format=self.options.output_format,
+                                        jpeg_quality=self.options.jpeg_quality)
         self.worker.start()
         self._status_task = asyncio.create_task(self._status_loop(), name="rtdiffusion-demo-status")
         log.info("demo server ready: engine %dx%d, output %s, min frame %.0f ms", self.width, self.height,

@@ -149,7 +149,7 @@
       while (p.pending) {
         const b = p.pending, waiters = p.waiters; p.pending = null; p.waiters = []; p.busy = true;
         try {
-          const r = await fetch(route, { method, headers: { "Content-Type": "application/json" }, body: JSON.stringify(b) });
+          const r = await fetch(RTD.withStream(route), { method, headers: { "Content-Type": "application/json" }, body: JSON.stringify(b) });
           const j = await r.json();
           if (!r.ok) say(j.error || `${route}: HTTP ${r.status}`);
           else {
@@ -217,7 +217,7 @@
   const togglePanel = () => document.body.classList.toggle("panel-hidden");
   function snapshot() {
     const a = document.createElement("a");
-    a.href = "/api/snapshot.png"; a.download = `rtdiffusion-${Date.now()}.png`; a.click();
+    a.href = RTD.withStream("/api/snapshot.png"); a.download = `rtdiffusion-${Date.now()}.png`; a.click();
   }
   $("pause").addEventListener("click", togglePause);
   $("freeze").addEventListener("click", toggleFreeze);

@@ -14,6 +14,12 @@ const RTD = (() => {
 
   function nowMs() { return performance.timeOrigin + performance.now(); }
 
+  // The page's stream (rtdiffusion demo --streams N): ?stream=i in its own address goes on every request it makes.
+  const STREAM = new URLSearchParams(location.search).get("stream");
+  function withStream(url) {
+    return STREAM === null ? url : `${url}${url.includes("?") ? "&" : "?"}stream=${encodeURIComponent(STREAM)}`;
+  }
+
   function packFrame(format, id, ts, width, height, payload) {
     const buf = new ArrayBuffer(HEADER + payload.byteLength);
     const dv = new DataView(buf);
@@ -94,7 +100,7 @@ const RTD = (() => {
     get open() { return this.ws && this.ws.readyState === WebSocket.OPEN; }
     connect() {
       const proto = location.protocol === "https:" ? "wss" : "ws";
-      const ws = new WebSocket(`${proto}://${location.host}/ws?role=${this.role}`);
+      const ws = new WebSocket(withStream(`${proto}://${location.host}/ws?role=${this.role}`));
       ws.binaryType = "arraybuffer";
       ws.onmessage = (ev) => this.receive(ev.data);
       ws.onclose = () => {
@@ -167,5 +173,5 @@ const RTD = (() => {
     ctx.fillStyle = "#999"; ctx.font = "9px monospace"; ctx.fillText(`${top.toFixed(0)} ms`, 2, 9);
   }
 
-  return { FORMAT, HEADER, nowMs, packFrame, parseFrame, FrameView, Link, Rates, fullscreen, overlayText, drawGraph };
+  return { FORMAT, HEADER, nowMs, withStream, packFrame, parseFrame, FrameView, Link, Rates, fullscreen, overlayText, drawGraph };
 })();
