@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         return _serve(server, sock, host, port)
     try:
         log.info("loading %s", args.model)
-        engine = build_engine(args)
+        engine = _build_showing_progress(args, sock, host, port)
         s = engine.status()  # strength / steps / t_index_list as the engine resolved the flags
         server = DemoServer(engine, options, Controls(
             prompt_a=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
@@ -147,6 +147,25 @@ def _serve(server, sock, host: str, port: int) -> int:
     finally:
         sock.close()
     return 0
+
+
+def _build_showing_progress(args: argparse.Namespace, sock, host: str, port: int):
+    """The engine, built while the socket serves the build page (building.py): the stages, the progress and
+    the estimate, until the web app takes the socket over."""
+    from rtdiffusion.progress import BuildProgress
+
+    from .building import BuildingPage
+    from .server import STATIC_DIR
+
+    page = BuildingPage(sock, STATIC_DIR)
+    progress = BuildProgress([page])
+    page.start()
+    shown = f"[{host}]" if ":" in host else host
+    log.info("building the engine; the build's progress: http://%s:%d/", shown, port)
+    try:
+        return build_engine(args, progress=progress)
+    finally:
+        page.stop()
 
 
 def _is_ip(host: str) -> bool:

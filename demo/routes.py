@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from .building import build_status
 from .conditioning import ControlNetBody, IpAdapterBody
 from .controls import (CacheBody, FilterBody, GuidanceBody, HttpError, PlaybackBody, PresetBody, PromptBody,
                        RecordBody, SeedBody, StepsBody)
@@ -66,6 +67,10 @@ def build_app(server: "DemoServer") -> FastAPI:
     @app.get("/output", include_in_schema=False)
     def output() -> FileResponse:
         return FileResponse(static_dir / "output.html")
+
+    @app.get("/api/build")
+    def get_build() -> dict[str, Any]:  # the build page (building.py) reloads into the app on "building": false
+        return {"building": False, "build": build_status(server.engine)}
 
     @app.get("/api/status")
     def get_status() -> dict[str, Any]:

@@ -53,6 +53,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import protocol
+from .building import build_status
 from .conditioning import ControlNetBody, IpAdapterBody, merge_controlnets, merge_preset_controlnets
 from .conditioning_state import Conditioning
 from .controls import (PRESET_FIELDS, CacheBody, Controls, FilterBody, GuidanceBody, HttpError,  # noqa: F401
@@ -218,7 +219,7 @@ class DemoServer:
         with self._controls_lock:
             controls = dataclasses.asdict(self.controls)
         return {"engine": engine_status, "server": server, "controls": controls, "record": self.recorder.status(),
-                "conditioning": self.conditioning.status(engine_status)}
+                "conditioning": self.conditioning.status(engine_status), "build": build_status(self.engine)}
 
     async def _status_loop(self) -> None:
         while True:
@@ -236,7 +237,7 @@ class DemoServer:
                 "backend": status["engine"].get("backend", "?"), "clients": len(self.hub.clients),
                 "controls": status["controls"], "errors": srv.get("errors", 0),
                 "last_error": srv.get("last_error", ""), "record": status["record"],
-                "conditioning": status["conditioning"]})
+                "conditioning": status["conditioning"], "build": status["build"]})
 
     # ---- controls (thread pool) ------------------------------------------------------------------------------
     def _apply(self, change: dict[str, Any] | Callable[[Controls], dict[str, Any]], engine_call) -> dict[str, Any]:

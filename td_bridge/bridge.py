@@ -14,7 +14,9 @@ Threads::
       transfer.read() -> submit() -> /frame_ready
 
 States sent as ``/stream-info/state``: loading -> building -> ready -> streaming <-> paused; error when a
-frame fails (the loop keeps going and returns to streaming with the next good frame).
+frame fails (the loop keeps going and returns to streaming with the next good frame). While loading and
+building, each build stage (rtdiffusion/progress.py) goes out as ``/engine/stage name index count fraction
+elapsed_s estimate_s state source`` and its fraction as ``/stream-info/build-progress``.
 
 Rings (see served_rings.py): the bridge creates both (``--input-name`` / ``--output-name``, default
 ``rtd_in_<pid>`` / ``rtd_out_<pid>``) and unlinks them at exit. If a segment of that name already exists and

@@ -331,6 +331,8 @@
       return connecting ? ["connecting", "connecting"] : ["stalled", "disconnected"];
     }
     if (playback.paused) return ["paused", "paused"];
+    const b = status && status.build;
+    if (b && !b.done) return ["building", RTD.buildText(b)];  // until the engine's first frame is out
     if (!input.sent) return ["waiting", "waiting for input"];
     const now = RTD.nowMs(), s = view.stats, last = Math.max(s.lastShownAt, input.firstSentAt);
     const pace = Math.max(2000, 3 * (s.fps > 0 ? 1000 / s.fps : 0), 2 * s.processMs + 1000);
@@ -346,7 +348,8 @@
   setInterval(() => {
     const [cls, text] = badge();
     if (!$("conn").classList.contains(cls)) { badgeLog.push(`${cls}: ${text}`); if (badgeLog.length > 50) badgeLog.shift(); }
-    $("conn").className = `badge ${cls}`; $("conn").textContent = text;
+    $("conn").className = `badge ${cls}`; $("conn").textContent = cls === "building" ? "building" : text;
+    RTD.showBuild($("build"), $("buildBar"), cls === "building" ? status.build : null, text);
     const r = rates.rates;
     if (r.in !== undefined) $("rates").textContent = `in ${r.in.toFixed(0)}/s · out ${r.out.toFixed(1)}/s · skipped ${r.skipped.toFixed(0)}/s`;
     RTD.drawGraph($("graph"), view.history);

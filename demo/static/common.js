@@ -173,5 +173,20 @@ const RTD = (() => {
     ctx.fillStyle = "#999"; ctx.font = "9px monospace"; ctx.fillText(`${top.toFixed(0)} ms`, 2, 9);
   }
 
-  return { FORMAT, HEADER, nowMs, withStream, packFrame, parseFrame, FrameView, Link, Rates, fullscreen, overlayText, drawGraph };
+  // ---- the engine's build (rtdiffusion/progress.py StageEvent, + done): a stage line and a progress bar ----
+  function buildText(b) {
+    const left = b.estimate_s >= 120 ? `${(b.estimate_s / 60).toFixed(1)} min` : `${b.estimate_s.toFixed(0)} s`;
+    const what = b.state === "start" ? b.stage : `${b.stage} done`;
+    return `building · ${what} (${b.index}/${b.count}) · ${Math.round(b.fraction * 100)}% · ` +
+      `${b.elapsed_s.toFixed(0)} s so far, about ${left} left (${b.source} estimate)`;
+  }
+  function showBuild(line, bar, b, text) {  // b: null once the build is over (both hidden)
+    line.hidden = bar.hidden = !b;
+    if (!b) return;
+    line.textContent = text.replace(/^building · /, "");
+    bar.value = b.fraction;
+  }
+
+  return { FORMAT, HEADER, nowMs, withStream, packFrame, parseFrame, FrameView, Link, Rates, fullscreen, overlayText, drawGraph,
+           buildText, showBuild };
 })();

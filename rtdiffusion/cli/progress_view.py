@@ -70,11 +70,6 @@ class TerminalProgress:
                           f"{_secs(e.elapsed_s)}, about {_secs(e.estimate_s)} left ({e.source.value})")
 
 
-def terminal_progress(enabled: bool = True) -> BuildProgress | None:
-    """A BuildProgress that shows itself on stderr, or None when ``enabled`` is False."""
-    return BuildProgress([TerminalProgress()]) if enabled else None
-
-
 def show_with(progress: BuildProgress | None, bar) -> None:
     """The rest of ``progress``'s stages (the first frame) go through ``bar``, a tqdm bar now on screen: as
     lines printed above it, or on a terminal as its description."""
