@@ -294,7 +294,7 @@ class GroupServer(DemoServer):
                       output_format=self.options.output_format.name.lower())
         return {"engine": engine_status, "server": server, "streams": summary["streams"],
                 "controls": lane.controls_dict(), "record": {**self.recorder.status(), "stream": self.record_stream},
-                "conditioning": self.conditioning.status(engine_status)}
+                "conditioning": self.conditioning.status(engine_status), "build": None}  # no build page for a group
 
     async def _status_loop(self) -> None:
         while True:
@@ -310,7 +310,7 @@ class GroupServer(DemoServer):
                                                                        "frames_out", "dropped_in", "errors")},
                              "last_error": s.get("last_error", ""), "backend": backend, "clients": len(self.hub.clients),
                              "controls": lane.controls_dict(), "record": record, "conditioning": conditioning,
-                             "stream": lane.index, "streams": brief}
+                             "build": None, "stream": lane.index, "streams": brief}
                             for s, lane in zip(summary["streams"], self.lanes)]
             except Exception:
                 log.exception("could not collect status")
