@@ -208,6 +208,21 @@ def test_a_component_with_a_stream_parameter_drives_only_its_stream(bridge, proj
     assert status(bridge, 0)["engine"]["prompt"] != [["glass harbour", 1.0]]
 
 
+def test_stop_exits_cleanly_and_unlinks_every_ring(bridge):
+    """Last of the process tests: /stop ends the process with 0 and every stream's rings are gone."""
+    from td_bridge.ring import RingError
+
+    inbox, mark = bridge["inbox"], bridge["inbox"].mark()
+    for r in bridge.pop("writers") + bridge.pop("readers"):
+        r.close()
+    bridge["client"].send_message("/stop", [])
+    assert bridge["proc"].wait(timeout=60) == 0
+    inbox.wait("/server_active", lambda p: p[0] == 0, after=mark, timeout=10)
+    for name in bridge["in"] + bridge["out"]:
+        with pytest.raises(RingError, match="no shared memory named"):
+            RingReader.attach(name)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--streams", "0"], "--streams must be an integer from 1 to 64"),
     (["--streams", "65"], "--streams must be an integer from 1 to 64"),
