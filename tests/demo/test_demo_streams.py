@@ -14,6 +14,7 @@ import pytest
 
 from websockets.sync.client import connect
 
+from browser_helpers import HAVE_CHROMIUM, SKIP_REASON, chromium, until
 from demo import protocol
 from demo_helpers import HEIGHT, WIDTH, Api, DemoProcess, WsClient, test_image
 from rtdiffusion.cli import main
@@ -111,3 +112,36 @@ def test_group_flags_are_checked_before_anything_loads(caplog):
         assert main(base + ["--streams", "2", "--similar-filter", "0.9"]) == 2
     assert "--streams must be from 1 to 16" in caplog.text
     assert "--similar-filter cannot be used with --streams 2" in caplog.text
+
+
+@pytest.mark.skipif(not HAVE_CHROMIUM, reason=SKIP_REASON)
+def test_a_browser_page_drives_its_own_stream_and_its_projector_page_shows_it(group):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    api = Api(group.url)
+    engine = lambda: api.get("/api/status").json()["engine"]["per_stream"]  # noqa: E731
+    with chromium(1280, 900) as d:
+        d.get(f"{group.url}/?stream=1&source=pattern")
+        shown = "return window.rtdApp && window.rtdApp.view.stats.shown"
+        until(d, lambda d: d.execute_script(shown) >= 3, what="3 outputs on stream 1's control page")
+        until(d, lambda d: d.execute_script("return document.getElementById('streamPick') !== null"),
+              what="the stream picker")
+        assert d.execute_script("const p = document.getElementById('streamPick'); "
+                                "return [p.value, p.options.length]") == ["1", 2]
+        assert d.find_element(By.ID, "outputLink").get_attribute("href").endswith("/output?stream=1")
+        prompt = d.find_element(By.ID, "promptA")  # the page's own request carries ?stream=1
+        prompt.clear()
+        prompt.send_keys("glass city", Keys.ENTER)
+        until(d, lambda d: engine()[1]["prompt"] == [["glass city", 1.0]], what="stream 1's prompt")
+        assert engine()[0]["prompt"] == [["ink", 1.0]]
+        streams = api.get("/api/streams").json()["streams"]
+        assert streams[1]["controller"] and not streams[0]["controller"]
+
+        control = d.current_window_handle
+        d.switch_to.new_window("tab")  # the control page keeps sending from its own tab
+        d.get(f"{group.url}/output?stream=1")
+        until(d, lambda d: d.execute_script("return window.rtdOutput && window.rtdOutput.view.stats.shown") >= 2,
+              what="stream 1's frames on its projector page")
+        d.switch_to.window(control)
+    assert api.post("/api/prompt?stream=1", {"prompt_a": "ink"}).status == 200
