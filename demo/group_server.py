@@ -201,8 +201,8 @@ class StreamSelect:
             index = self.server.parse_stream(given)
         except HttpError as exc:
             body = json.dumps({"error": str(exc)}).encode()
-            await send({"type": "http.response.start", "status": exc.status,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send({"type": "http.response.start", "status": exc.status, "headers": headers})
             await send({"type": "http.response.body", "body": body})
             return
         token = current_stream.set(index)
@@ -308,7 +308,8 @@ class GroupServer(DemoServer):
                           "fps": s.get("fps", 0.0)} for s in summary["streams"]]
                 messages = [{"t": "status", **{k: s.get(k, 0) for k in ("fps", "process_ms", "busy_ms", "frames_in",
                                                                        "frames_out", "dropped_in", "errors")},
-                             "last_error": s.get("last_error", ""), "backend": backend, "clients": len(self.hub.clients),
+                             "last_error": s.get("last_error", ""), "backend": backend,
+                             "clients": len(self.hub.clients),
                              "controls": lane.controls_dict(), "record": record, "conditioning": conditioning,
                              "build": None, "stream": lane.index, "streams": brief}
                             for s, lane in zip(summary["streams"], self.lanes)]

@@ -1,4 +1,4 @@
-"""The inference worker of a multi-stream web app (``rtdiffusion demo --streams N``): one thread, one mailbox per stream.
+"""The inference worker of the multi-stream web app (``rtdiffusion demo --streams N``): one thread, a mailbox each.
 
 Each stream (a performer's control page) has its own one-slot "latest frame" mailbox, playback state and
 counters (a :class:`Lane`). The worker thread runs ticks of the one ``MultiStreamEngine``: every stream that
@@ -223,14 +223,14 @@ class GroupWorker:
         for lane, (frame, frozen), out, payload in done:
             h, w = out.shape[:2]
             ts = 0.0 if frozen else frame.timestamp_ms
-            message = pack_header(self._format, frame.frame_id, ts, w, h, len(payload), int(process_ms * 1000)) + payload
+            head = pack_header(self._format, frame.frame_id, ts, w, h, len(payload), int(process_ms * 1000))
             with self._cond:
                 lane.processed += 1
                 lane.busy_since = None
                 lane.last_process_ms = process_ms
                 lane.out_times.append(time.monotonic())
                 seq = lane.processed
-            result = GroupOutput(seq, out, message, frame.frame_id, ts, process_ms, frozen, stream=lane.index)
+            result = GroupOutput(seq, out, head + payload, frame.frame_id, ts, process_ms, frozen, stream=lane.index)
             lane.latest = result
             try:
                 self._publish(result)
