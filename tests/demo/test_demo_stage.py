@@ -222,14 +222,19 @@ def test_record_the_output_and_download_it(fresh, api):
     import av
 
     d = fresh
+    before = api.status()["record"]["last"]  # another test may have recorded on this server: its link shows
     d.find_element(By.ID, "record").click()
     until(d, lambda d: api.status()["record"]["recording"], 30, "recording on the server")
     until(d, lambda d: re.search(r"\((\d+)\)", d.find_element(By.ID, "record").text) and
           int(re.search(r"\((\d+)\)", d.find_element(By.ID, "record").text).group(1)) >= 6, 60,
           "6 frames recorded")
     d.find_element(By.ID, "record").click()
+    until(d, lambda d: not api.status()["record"]["recording"] and api.status()["record"]["last"] != before, 60,
+          "the recording stopped on the server")
+    name = api.status()["record"]["last"]["file"]
     link = until(d, lambda d: d.find_element(By.ID, "recording").is_displayed() and
-                 d.find_element(By.ID, "recording"), 60, "the download link")
+                 d.find_element(By.ID, "recording").get_attribute("href").endswith(name) and
+                 d.find_element(By.ID, "recording"), 60, f"the download link to {name}")
     assert on_screen(d, "recording") and "Download rtdiffusion-" in link.text
     href = link.get_attribute("href")
     assert link.get_attribute("download").endswith(".mp4")
