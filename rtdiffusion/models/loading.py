@@ -24,6 +24,8 @@ from ..config import SchedulerKind, VaeKind
 from ..errors import ConfigError, ModelNotFoundError
 from ..vocabulary import spell
 from .families import RANDOM_ARCHS, ModelFamily, family_of
+from .random_init import SCHEME as RANDOM_INIT
+from .random_init import seeded_build
 from .single_file import is_single_file
 from .text import ClipText, DualClipText, TextStack
 from .tokenizer import ClipTokenizer, HashTokenizer, Tokenizer
@@ -168,17 +170,10 @@ def _random_components(arch_name: str, device: torch.device, dtype: torch.dtype,
                           f"{', '.join(RANDOM_PREFIX + k for k in RANDOM_ARCHS)}")
     log.info("building %s%s with seeded random weights (noise-like output, for speed and tests only)",
              RANDOM_PREFIX, arch_name)
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        if device.type == "cuda":
-            torch.cuda.manual_seed(seed)
-        with torch.device(unet_device):
-            unet = UNet2DConditionModel.from_config({**_strip(read_config(arch.unet)), **arch.unet_overrides})
-    with torch.random.fork_rng(devices=devices), torch.device(device):
-        torch.manual_seed(seed + 1)
-        if device.type == "cuda":
-            torch.cuda.manual_seed(seed + 1)
+    # seeded_build: the initialisers' distributions, drawn fast and once per tensor on the CPU (random_init.py)
+    with seeded_build(seed, device, "unet"), torch.device(unet_device):
+        unet = UNet2DConditionModel.from_config({**_strip(read_config(arch.unet)), **arch.unet_overrides})
+    with seeded_build(seed + 1, device, "vae+text_encoders"), torch.device(device):
         if vae is VaeKind.TINY:
             vae_module = AutoencoderTiny.from_config(_strip(read_config(arch.taesd)))
         else:
@@ -192,7 +187,8 @@ def _random_components(arch_name: str, device: torch.device, dtype: torch.dtype,
         unet=_ready(unet, dtype), vae=_ready(vae_module, _vae_dtype(arch.family, vae, dtype, None)),
         text_encoder=_ready(encoders[0], dtype), tokenizer=tokenizers[0], scheduler=arch.scheduler,
         scheduler_config=read_config(arch.scheduler_config), default_size=arch.default_size,
-        identity={"model": RANDOM_PREFIX + arch_name, "seed": seed, "vae": vae.value, "lora": []},
+        identity={"model": RANDOM_PREFIX + arch_name, "seed": seed, "vae": vae.value, "lora": [],
+                  "weights_init": RANDOM_INIT},
         family=arch.family, text_encoder_2=_ready(encoders[1], dtype) if two else None,
         tokenizer_2=tokenizers[1] if two else None,
     )
