@@ -11,6 +11,7 @@ Layout under the cache root (default ``$RTDIFFUSION_CACHE`` or ``~/.cache/rtdiff
                                           versions, created, build_seconds, extra
         <artifacts...>                    e.g. model.onnx (+ model.onnx.data), engine.plan
       .locks/<digest16>.lock              advisory lock held while one process builds that key
+      .verified.json                      artifacts already hashed: stat signature -> sha256 (see Verify)
       .tmp-<digest16>-<pid>-<rand>/       a build in progress (renamed into place when complete)
       .trash-<digest16>-<rand>/           a corrupt entry moved aside (deleted best-effort)
       timing/                             TensorRT timing caches (shared across keys; see trt_build)
@@ -48,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from .cache_stamps import VerifiedStamps
 from .locks import LockTimeout, file_lock  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -141,8 +143,14 @@ class CacheKey:
 
 
 class Verify(enum.Enum):
-    """How a hit is checked. SIZE: stat only (instant; catches truncation). SHA256: also re-hash every
-    artifact (about 1 s per GB; catches any corruption). The default is SHA256."""
+    """How a hit is checked. SIZE: stat only (instant; catches truncation). SHA256: also hash every artifact
+    against its manifest (about 1 s per GB), once per version of the file: a hash that matched is
+    remembered in ``<root>/.verified.json`` with the file's size, modification and change times and inode,
+    and a later lookup hashes the file again only when one of them differs (any write or replacement
+    changes them; a TensorRT plan of 1.7 GB is then not re-read at every start). A file is remembered only
+    once it has been left alone for 2 s (``cache_stamps.py``), so a write in the same clock tick as the
+    hash cannot hide behind equal times. Corruption that changes neither (a failing disk) goes unseen after
+    the first hash. The default is SHA256."""
 
     SIZE = "size"
     SHA256 = "sha256"
@@ -302,6 +310,7 @@ class EngineCache:
         arts = manifest.get("artifacts")
         if not isinstance(arts, dict) or not arts:
             raise CacheCorrupt(f"engine cache entry {path} lists no artifacts")
+        stamps = VerifiedStamps(self.root)  # artifacts hashed before and unchanged since (Verify)
         for name, meta in arts.items():
             if not _safe_artifact_name(name):
                 raise CacheCorrupt(f"engine cache entry {path}: artifact name {name!r} is not a relative path inside "
@@ -317,9 +326,12 @@ class EngineCache:
             if size != meta.get("size"):
                 raise CacheCorrupt(f"engine cache entry {path}: artifact {name} is {size} bytes, the manifest "
                                    f"says {meta.get('size')} (truncated or overwritten)")
-            if self.verify is Verify.SHA256 and sha256_file(f) != meta.get("sha256"):
-                raise CacheCorrupt(f"engine cache entry {path}: artifact {name} does not match its sha256 "
-                                   "(corrupted on disk)")
+            if self.verify is Verify.SHA256 and not stamps.known(path, name, meta.get("sha256")):
+                if sha256_file(f) != meta.get("sha256"):
+                    raise CacheCorrupt(f"engine cache entry {path}: artifact {name} does not match its sha256 "
+                                       "(corrupted on disk)")
+                stamps.hashed(path, name, meta.get("sha256"))
+        stamps.save()
         return CacheEntry(path, manifest)
 
     def _build(self, key: CacheKey, build_fn: BuildFn, versions: Mapping[str, Any]) -> CacheEntry:
