@@ -10,6 +10,8 @@ import argparse
 import logging
 from typing import Any
 
+from rtdiffusion.cli.common import add_option
+
 log = logging.getLogger(__name__)
 
 MAX_DEMO_STREAMS = 16
@@ -19,9 +21,8 @@ SINGLE_ENGINE_FLAGS = (("similar_filter", "--similar-filter"), ("controlnet", "-
 
 
 def add_streams_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--streams", type=int, default=1, metavar="N",
-                   help=f"serve N streams from one engine (1 to {MAX_DEMO_STREAMS}; default 1): each control page "
-                        "drives its own stream (/?stream=i), each projector page shows one (/output?stream=i)")
+    add_option(p, "--streams", note=f"1 to {MAX_DEMO_STREAMS}: each control page drives its own stream "
+               "(/?stream=i), each projector page shows one (/output?stream=i)")
 
 
 def check_group_args(args: argparse.Namespace) -> None:

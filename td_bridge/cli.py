@@ -13,7 +13,7 @@ import logging
 import signal
 import threading
 
-from rtdiffusion.cli.common import add_engine_args, check_engine_args, engine_kwargs, style_images
+from rtdiffusion.cli.common import add_engine_args, add_option, check_engine_args, engine_kwargs, style_images
 
 from .bridge import Bridge, BridgeConfig, State
 from .ring import PixelFormat, RowOrder
@@ -48,9 +48,8 @@ def register(subparsers) -> None:
                         "(the flip then happens on the device, not in TouchDesigner's Python)")
     p.add_argument("--slots", type=int, default=3, help="frames per ring (1-16)")
     p.add_argument("--checksum", action="store_true", help="crc32 every frame (recommended on ARM hosts)")
-    p.add_argument("--streams", type=int, default=1, help="streams served by one engine (1-64); with N >= 2 "
-                   "each stream has its own ring pair (the ring names with '-<i>', or comma-separated lists) "
-                   "and OSC namespace /stream/<i>/...; see docs/touchdesigner.md")
+    add_option(p, "--streams", note="1-64; with N >= 2 each stream has its own ring pair (the ring names with "
+               "'-<i>', or comma-separated lists) and OSC namespace /stream/<i>/...; see docs/touchdesigner.md")
     add_engine_args(p)
     p.set_defaults(func=run)
 

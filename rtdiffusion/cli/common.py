@@ -190,6 +190,9 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "--style-image": dict(type=style_image, action="append", default=None, metavar="PATH[:WEIGHT]",
                           help="the IP-Adapter's style image (repeatable: several are blended by their weights, "
                                "default 1 each); encoded once, never per frame; needs --ip-adapter"),
+    "--streams": dict(type=int, default=1, metavar="N",
+                      help="independent streams served by one engine: one model in memory, their rows in one UNet "
+                           "call per tick (default 1: a single engine; docs/multistream.md)"),
     "--engine-dir": dict(default=None, metavar="DIR", help="engine cache root (default $RTDIFFUSION_CACHE or "
                                                              "~/.cache/rtdiffusion/engines)"),
 }
