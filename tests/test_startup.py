@@ -57,7 +57,7 @@ def test_a_fresh_process_imports_no_optional_library_and_builds_the_same_random_
         assert weights_fingerprint(module, full=True) == fingerprint, f"{name}: other values in another process"
         for pname, p in module.named_parameters():
             if p.dim() >= 2:  # every weight matrix and kernel is drawn (norm biases start at zero)
-                assert p.abs().min() > 0, f"{name}.{pname} has zeros"
+                assert float((p != 0).float().mean()) > 0.999, f"{name}.{pname} is (mostly) zeros"
     other = load_components("random:tiny", torch.device("cpu"), torch.float32, seed=8)
     assert weights_fingerprint(other.unet, full=True) != child["weights"]["unet"]  # the seed matters
 
@@ -111,7 +111,10 @@ class _Probe(torch.nn.Module):
         torch.nn.init.ones_(self.one)  # a whole-tensor fill replaces a pending draw
 
 
-def test_fast_init_keeps_what_every_initialiser_step_sees():
+def test_fast_init_keeps_what_every_initialiser_step_sees(monkeypatch):
+    from rtdiffusion.models import random_init
+
+    monkeypatch.setattr(random_init, "SMALL", 0)  # catch every fill, however small (as a large model's)
     with seeded_build(5, torch.device("cpu"), "probe"):
         torch.manual_seed(0)  # the global generator must not matter inside
         a = _Probe()

@@ -13,10 +13,13 @@ float32 / float64 tensors only:
 - any other operation that touches a pending tensor's storage (a read, a partial write such as an
   embedding's padding row, a copy) draws it first, so every operation sees the values it would have seen;
   a ``fill_`` / ``zero_`` of the whole tensor just drops the pending fill;
-- when the build ends, every pending tensor is drawn: chunks of :data:`CHUNK` values, each from its own
+- when the build ends, every pending tensor is drawn in chunks of :data:`CHUNK` values, each from its own
   SFC64 stream seeded by (seed, label, the fill's index in the build, the chunk's index), on a few threads
   (numpy draws without the GIL). The values depend on the seed, the label and the build's operations only,
   never on the thread count or on timing: the same in every process, on every run.
+
+Tensors of at most :data:`SMALL` values (biases, norms, a tiny test model's layers) are left to torch's own
+generator: catching them costs more than drawing them.
 
 Everything else (CUDA tensors, other dtypes, views, fills given their own ``generator``, other random ops)
 runs torch's own code with torch's generator, seeded with ``seed`` inside ``torch.random.fork_rng`` (the
@@ -40,6 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # weight fingerprints and engine-cache entries of the old values are not reused).
 SCHEME = "sfc64-chunks-v1"
 CHUNK = 1 << 20  # values per stream: fixed, so the values never depend on the thread count
+SMALL = 1 << 16  # fills of tensors up to this many values run torch's own code and generator
 MAX_THREADS = 8
 
 _aten = torch.ops.aten
@@ -96,16 +100,16 @@ class FastInit(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in (_UNIFORM, _NORMAL) and _lazy_ok(args[0]) and kwargs.get("generator") is None:
-            t = args[0]
-            default = (0.0, 1.0)
-            a = float(args[1]) if len(args) > 1 else float(kwargs.get("from" if func is _UNIFORM else "mean", default[0]))
-            b = float(args[2]) if len(args) > 2 else float(kwargs.get("to" if func is _UNIFORM else "std", default[1]))
+        if (func in (_UNIFORM, _NORMAL) and args[0].numel() > SMALL and kwargs.get("generator") is None
+                and _lazy_ok(args[0])):
+            t, names = args[0], (("from", "to") if func is _UNIFORM else ("mean", "std"))
+            a = float(args[1]) if len(args) > 1 else float(kwargs.get(names[0], 0.0))
+            b = float(args[2]) if len(args) > 2 else float(kwargs.get(names[1], 1.0))
             self.pending[_address(t)] = _Fill(t, func is _NORMAL, a, b, self.fills)
             self.fills += 1
             return t
         if self.pending:
-            if func in _WHOLE_WRITES and _lazy_ok(args[0]):
+            if func in _WHOLE_WRITES and args[0].numel() > SMALL and _lazy_ok(args[0]):
                 self.pending.pop(_address(args[0]), None)  # overwritten whole: never drawn
             else:
                 for t in _tensors(args, kwargs):
@@ -127,16 +131,23 @@ class FastInit(TorchDispatchMode):
                 self._chunk(fill, flat, j)
 
     def _chunk(self, fill: _Fill, flat: np.ndarray, j: int) -> None:
-        part = flat[j * CHUNK:(j + 1) * CHUNK]
-        rng = np.random.Generator(np.random.SFC64(np.random.SeedSequence([self.seed, self.label, fill.index, j])))
-        if fill.normal:
-            rng.standard_normal(out=part, dtype=part.dtype)
-            part *= fill.b
-            part += fill.a
-        else:
-            rng.random(out=part, dtype=part.dtype)
-            part *= fill.b - fill.a
-            part += fill.a
+        _fill(_stream(self.seed, self.label, fill.index, j), fill, flat[j * CHUNK:(j + 1) * CHUNK])
+
+
+def _stream(*words: int) -> np.random.Generator:
+    return np.random.Generator(np.random.SFC64(np.random.SeedSequence(list(words))))
+
+
+def _fill(rng: np.random.Generator, fill: _Fill, part: np.ndarray) -> None:
+    """``part`` (in place) <- U(a, b) or N(mean=a, std=b) values from ``rng``."""
+    if fill.normal:
+        rng.standard_normal(out=part, dtype=part.dtype)
+        part *= fill.b
+        part += fill.a
+    else:
+        rng.random(out=part, dtype=part.dtype)
+        part *= fill.b - fill.a
+        part += fill.a
 
 
 def _lazy_ok(t: Any) -> bool:
