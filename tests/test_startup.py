@@ -162,6 +162,7 @@ def test_a_cached_artifact_is_hashed_once_per_version_of_the_file(tmp_path, monk
     hashed: list[str] = []
     real = cache_mod.sha256_file
     monkeypatch.setattr(cache_mod, "sha256_file", lambda p, *a: hashed.append(p.name) or real(p, *a))
+    monkeypatch.setattr(cache_stamps, "SETTLED_S", 3600.0)  # "just written" for sure, however slow this machine
     cache = EngineCache(tmp_path)
     entry = cache.get_or_build(_cache_key(), lambda d: (d / "model.pt2").write_bytes(b"x" * 5000) and None)
     hashed.clear()
