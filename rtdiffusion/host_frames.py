@@ -18,6 +18,27 @@ import torch
 from .errors import FrameError
 
 
+def check_frame(frame: Any, want: tuple[int, ...], device: torch.device, who: str = "",
+                runner: str = "engine") -> tuple[Any, str]:
+    """(frame, kind) with kind 'numpy', 'torch' (CPU) or 'cuda'; FrameError naming what was expected.
+    ``who`` prefixes the messages ("stream 2: "); ``runner`` names what runs on ``device`` ("engine", "group")."""
+    if isinstance(frame, np.ndarray):
+        kind, dtype_ok = "numpy", frame.dtype == np.uint8
+    elif isinstance(frame, torch.Tensor):
+        kind, dtype_ok = ("cuda" if frame.is_cuda else "torch"), frame.dtype == torch.uint8
+        if frame.is_cuda and device.type != "cuda":
+            raise FrameError(f"{who}got a CUDA frame but the {runner} runs on {device}; pass a CPU frame")
+    else:
+        raise FrameError(f"{who}a frame must be a numpy array or a torch tensor of uint8 {list(want)}; "
+                         f"got {type(frame).__name__}")
+    if not dtype_ok:
+        raise FrameError(f"{who}a frame must be uint8 (0-255) of shape {list(want)}; got dtype {frame.dtype}")
+    if tuple(frame.shape) != want:
+        raise FrameError(f"{who}a frame must have shape {list(want)} (height, width, RGB) for this {runner}; "
+                         f"got {list(frame.shape)}")
+    return frame, kind
+
+
 class HostFrames:
     """Checks, pinned staging and copies for the frames a caller passes to ``engine(frame)``."""
 
@@ -41,23 +62,7 @@ class HostFrames:
 
     def check(self, frame: Any) -> tuple[Any, str]:
         """The frame and its kind ('numpy', 'torch', 'cuda'); FrameError naming what was expected."""
-        want = self.shape
-        if isinstance(frame, np.ndarray):
-            kind, dtype_ok, shape = "numpy", frame.dtype == np.uint8, tuple(frame.shape)
-        elif isinstance(frame, torch.Tensor):
-            kind = "cuda" if frame.is_cuda else "torch"
-            dtype_ok, shape = frame.dtype == torch.uint8, tuple(frame.shape)
-            if frame.is_cuda and self.device.type != "cuda":
-                raise FrameError(f"got a CUDA frame but the engine runs on {self.device}; pass a CPU frame")
-        else:
-            raise FrameError(f"a frame must be a numpy array or a torch tensor of uint8 {list(want)}; "
-                             f"got {type(frame).__name__}")
-        if not dtype_ok:
-            raise FrameError(f"a frame must be uint8 (0-255) of shape {list(want)}; got dtype {frame.dtype}")
-        if shape != want:
-            raise FrameError(f"a frame must have shape {list(want)} (height, width, RGB) for this engine; "
-                             f"got {list(shape)}")
-        return frame, kind
+        return check_frame(frame, self.shape, self.device)
 
     def check_input_buffer(self, tensor: Any, device: torch.device) -> None:
         """register_input's tensor: contiguous uint8 of the frame shape on ``device``, or FrameError."""

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import host_frames
 from .errors import FrameError
 from .multistream_step import GroupIO
 
@@ -31,21 +32,7 @@ class StreamErrors(FrameError):
 
 def check_frame(frame: Any, want: tuple[int, ...], device: torch.device, who: str = "") -> tuple[Any, str]:
     """(frame, kind) with kind 'numpy', 'torch' (CPU) or 'cuda'; FrameError naming what was expected."""
-    if isinstance(frame, np.ndarray):
-        kind, dtype_ok = "numpy", frame.dtype == np.uint8
-    elif isinstance(frame, torch.Tensor):
-        kind, dtype_ok = ("cuda" if frame.is_cuda else "torch"), frame.dtype == torch.uint8
-        if frame.is_cuda and device.type != "cuda":
-            raise FrameError(f"{who}got a CUDA frame but the group runs on {device}; pass a CPU frame")
-    else:
-        raise FrameError(f"{who}a frame must be a numpy array or a torch tensor of uint8 {list(want)}; "
-                         f"got {type(frame).__name__}")
-    if not dtype_ok:
-        raise FrameError(f"{who}a frame must be uint8 (0-255) of shape {list(want)}; got dtype {frame.dtype}")
-    if tuple(frame.shape) != want:
-        raise FrameError(f"{who}a frame must have shape {list(want)} (height, width, RGB) for this group; "
-                         f"got {list(frame.shape)}")
-    return frame, kind
+    return host_frames.check_frame(frame, want, device, who, runner="group")
 
 
 class GroupFrames:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, FrameError
 from .multistream_io import check_frame
-from .settings import PromptSpec, SeedSpec, StreamSettings, apply_updates
+from .settings import PromptSpec, SeedSpec, StreamSettings, apply_updates, pop_prompt_and_seed
 
 if TYPE_CHECKING:
     from .multistream import MultiStreamEngine
@@ -36,13 +36,7 @@ def change_settings(base: StreamSettings, num_inference_steps: int, kw: dict[str
         raise ConfigError(f"unknown per-stream setting(s) {', '.join(map(repr, unknown))} for a multi-stream group; "
                           f"expected one of {', '.join(STREAM_KEYS)} (the similar-frame filter, the temporal KV "
                           "cache, ControlNets and IP-Adapters are single-engine only for now)")
-    if "prompt" in kw or "negative_prompt" in kw or "prompt_method" in kw:
-        neg = kw.pop("negative_prompt", base.prompt.negative)
-        method = kw.pop("prompt_method", base.prompt.method)
-        prompt = kw.pop("prompt", [list(p) for p in base.prompt.parts])
-        base = dataclasses.replace(base, prompt=PromptSpec.parse(prompt, method, neg))
-    if "seed" in kw:
-        base = dataclasses.replace(base, seed=SeedSpec.parse(kw.pop("seed")))
+    base = pop_prompt_and_seed(base, kw)
     return apply_updates(base, num_inference_steps, **kw)
 
 

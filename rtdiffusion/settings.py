@@ -350,10 +350,9 @@ def check_cache_frames(s: StreamSettings, kv_max_frames: int) -> None:
                           f"size, set when the engine is built); got {s.cache.maxframes}")
 
 
-def update_settings(base: StreamSettings, num_inference_steps: int, kv_max_frames: int, has_ip_adapter: bool,
-                    **kw: Any) -> StreamSettings:
-    """``StreamEngine.update(**kw)`` on top of ``base``: prompt, negative_prompt, prompt_method, seed and
-    cache_reset, then :func:`apply_updates` for the rest. Raises ConfigError and changes nothing."""
+def pop_prompt_and_seed(base: StreamSettings, kw: dict[str, Any]) -> StreamSettings:
+    """``base`` with prompt, negative_prompt, prompt_method and seed taken (popped) from ``kw``: a prompt
+    update keeps the parts not given. Raises ConfigError for a bad value."""
     if "prompt" in kw or "negative_prompt" in kw or "prompt_method" in kw:
         neg = kw.pop("negative_prompt", base.prompt.negative)
         method = kw.pop("prompt_method", base.prompt.method)
@@ -361,6 +360,14 @@ def update_settings(base: StreamSettings, num_inference_steps: int, kv_max_frame
         base = dataclasses.replace(base, prompt=PromptSpec.parse(prompt, method, neg))
     if "seed" in kw:
         base = dataclasses.replace(base, seed=SeedSpec.parse(kw.pop("seed")))
+    return base
+
+
+def update_settings(base: StreamSettings, num_inference_steps: int, kv_max_frames: int, has_ip_adapter: bool,
+                    **kw: Any) -> StreamSettings:
+    """``StreamEngine.update(**kw)`` on top of ``base``: prompt, negative_prompt, prompt_method, seed and
+    cache_reset, then :func:`apply_updates` for the rest. Raises ConfigError and changes nothing."""
+    base = pop_prompt_and_seed(base, kw)
     if kw.pop("cache_reset", False):
         base = dataclasses.replace(base, cache=dataclasses.replace(
             base.cache, reset_token=base.cache.reset_token + 1))
