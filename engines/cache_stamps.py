@@ -39,7 +39,7 @@ class VerifiedStamps:
         if seen is None:
             return False
         if self._table is None:
-            self._table = _read(self.path)
+            self._table = read_table(self.path)
         return self._table.get(f"{entry.name}/{name}") == seen
 
     def hashed(self, entry: Path, name: str, sha256: str) -> None:
@@ -52,7 +52,7 @@ class VerifiedStamps:
         if not self._fresh:
             return
         with _lock:
-            table = _read(self.path)
+            table = read_table(self.path)
             table.update(self._fresh)
             try:
                 from .cache import write_atomic
@@ -73,7 +73,8 @@ def _signature(artifact: Path, sha256: Any) -> list | None:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, sha256]
 
 
-def _read(path: Path) -> dict[str, Any]:
+def read_table(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; {} when it is missing, unreadable or not an object."""
     try:
         table = json.loads(path.read_text())
     except (OSError, ValueError):

@@ -29,6 +29,7 @@ from typing import Any, Mapping
 import torch
 
 from .cache import _canon, write_atomic
+from .cache_stamps import read_table
 from .versions import package_version, weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -82,13 +83,13 @@ def cached_fingerprint(module: torch.nn.Module, identity: Mapping[str, Any] | No
     key = origin_key(module, identity, network)
     path = Path(root) / FILE
     if key is not None:
-        known = _read(path).get(key)
+        known = read_table(path).get(key)
         if isinstance(known, str) and known.startswith(("s32:", "full:")):
             return known
     value = weights_fingerprint(module)
     if key is not None:
         with _lock:  # one writer per process; between processes the last write wins (both are right)
-            table = _read(path)
+            table = read_table(path)
             table[key] = value
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,10 +98,3 @@ def cached_fingerprint(module: torch.nn.Module, identity: Mapping[str, Any] | No
                 log.warning("could not remember the weights fingerprint in %s: %s", path, exc)
     return value
 
-
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        table = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return table if isinstance(table, dict) else {}
