@@ -80,7 +80,11 @@ def run(args: argparse.Namespace) -> int:
                          "preprocessor; add one, e.g. --controlnet MODEL:external")
     if args.style_ring and not args.ip_adapter:
         raise ValueError("--style-ring carries the IP-Adapter's style image; it needs --ip-adapter MODEL")
-    bridge = Bridge(config)
+    return serve_until_stopped(Bridge(config))
+
+
+def serve_until_stopped(bridge) -> int:
+    """Serve ``bridge`` (a Bridge or a MultiBridge) until OSC /stop, Ctrl-C or SIGTERM; 0 after a stop."""
 
     def on_term(signum, frame):
         log.info("signal %d: stopping", signum)

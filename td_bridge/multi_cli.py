@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
-import threading
 
 from rtdiffusion.cli.common import check_engine_args
 
-from .bridge import State
 from .multi_bridge import MultiBridge
 from .multi_config import MultiConfig, ring_names
 
@@ -47,18 +44,6 @@ def config_from_args(args: argparse.Namespace) -> MultiConfig:
 def run_multi(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     check_engine_args(args)  # every engine flag, named as a flag, before anything opens or loads
-    bridge = MultiBridge(config)
+    from .cli import serve_until_stopped
 
-    def on_term(signum, frame):
-        log.info("signal %d: stopping", signum)
-        bridge.stop.set()
-        if bridge.state in (State.LOADING, State.BUILDING):
-            raise KeyboardInterrupt  # loading cannot poll the stop flag; unwind it (close() still runs)
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_term)
-    try:
-        return bridge.serve()
-    except KeyboardInterrupt:
-        log.info("stopped")
-        return 0
+    return serve_until_stopped(MultiBridge(config))
