@@ -8,11 +8,11 @@
 # TouchDesigner 2025+ onGetCookLevel asks for ALWAYS), or it sends only while its viewer is visible.
 # A ring that cannot be opened (missing, closed, no permission) is shown as a warning on this TOP, not raised.
 # The link's state (connected, lost, reconnected after a bridge crash, and the reconnect count) is stored on
-# this TOP every cook it changes (link_status.publish: op.store, startup value None); the component's Status
-# page shows it as Input Link / Input Reconnects.
+# this TOP every cook it changes (script_top.report -> link_status.publish: op.store, startup value None); the
+# component's Status page shows it as Input Link / Input Reconnects.
 import numpy as np
 
-from td_bridge.touchdesigner import link_status
+from td_bridge.touchdesigner import script_top
 from td_bridge.touchdesigner.channel_order import as_rgb_view
 from td_bridge.touchdesigner.td_frames import InputSender
 
@@ -23,10 +23,8 @@ _sent_frame = [None]  # absTime.frame of the last send: a forced cook plus a Coo
 
 
 def onSetupParameters(scriptOp):
-    page = scriptOp.appendCustomPage("Bridge")
-    page.appendStr("Ringname", label="Input Ring Name")
-    page.appendToggle("Delayed", label="Delayed Readback")  # one frame late, no GPU stall
-    page.appendToggle("Swaprb", label="Swap R and B (BGRA)")
+    script_top.add_bridge_page(scriptOp, "Input Ring Name",
+                               (("Delayed", "Delayed Readback"),))  # Delayed: one frame late, no GPU stall
     scriptOp.par.Delayed = True
     return
 
@@ -47,9 +45,8 @@ def _frame_number():
 
 
 def onCook(scriptOp):
-    name = scriptOp.par.Ringname.eval() if hasattr(scriptOp.par, "Ringname") else ""
+    name, swap = script_top.ring_and_swap(scriptOp)
     delayed = bool(scriptOp.par.Delayed.eval()) if hasattr(scriptOp.par, "Delayed") else True
-    swap = bool(scriptOp.par.Swaprb.eval()) if hasattr(scriptOp.par, "Swaprb") else False
     now = _frame_number()
     if scriptOp.inputs and (now is None or now != _sent_frame[0]):
         frame = scriptOp.inputs[0].numpyArray(delayed=delayed)  # [H, W, 4] float32 0..1, bottom row first
@@ -57,7 +54,5 @@ def onCook(scriptOp):
             _sender.send(name, as_rgb_view(frame, swap))
             _sent_frame[0] = now
     scriptOp.copyNumpyArray(_blank)  # this TOP is only a sink; show a 1x1 pixel
-    if _sender.error:
-        scriptOp.addWarning(_sender.error)
-    link_status.publish(scriptOp, _sender, name)
+    script_top.report(scriptOp, _sender, name)
     return

@@ -5,8 +5,8 @@
 # and on TouchDesigner 2025+ onGetCookLevel asks for ALWAYS. Swaprb: hand copyNumpyArray() BGRA instead of
 # RGBA (turn on only if the component's red test frame says numpyArray() is BGRA on this machine).
 # The link's state (connected, lost, reconnected after a bridge crash, and the reconnect count) is stored on
-# this TOP every cook it changes (link_status.publish); the component's Status page shows it as Output Link.
-from td_bridge.touchdesigner import link_status
+# this TOP every cook it changes (link_status.publish, through script_top.report); the component's Status page shows it as Output Link.
+from td_bridge.touchdesigner import script_top
 from td_bridge.touchdesigner.channel_order import SwapOut
 from td_bridge.touchdesigner.td_frames import OutputReceiver
 
@@ -15,9 +15,7 @@ _swap = SwapOut()
 
 
 def onSetupParameters(scriptOp):
-    page = scriptOp.appendCustomPage("Bridge")
-    page.appendStr("Ringname", label="Output Ring Name")
-    page.appendToggle("Swaprb", label="Swap R and B (BGRA)")
+    script_top.add_bridge_page(scriptOp, "Output Ring Name")
     return
 
 
@@ -30,12 +28,9 @@ def onPulse(par):
 
 
 def onCook(scriptOp):
-    name = scriptOp.par.Ringname.eval() if hasattr(scriptOp.par, "Ringname") else ""
-    swap = bool(scriptOp.par.Swaprb.eval()) if hasattr(scriptOp.par, "Swaprb") else False
+    name, swap = script_top.ring_and_swap(scriptOp)
     frame = _receiver.receive(name)  # [H, W, 4] uint8 RGBA, bottom-up like every TOP
     if frame is not None:
         scriptOp.copyNumpyArray(_swap(frame, swap))
-    if _receiver.error:
-        scriptOp.addWarning(_receiver.error)
-    link_status.publish(scriptOp, _receiver, name)
+    script_top.report(scriptOp, _receiver, name)
     return

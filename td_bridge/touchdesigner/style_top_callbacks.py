@@ -6,7 +6,7 @@
 # which osc_in_callbacks.py fills from /stream-info/style-name. A problem is a warning on this TOP, never raised.
 import numpy as np
 
-from td_bridge.touchdesigner import link_status
+from td_bridge.touchdesigner import script_top
 from td_bridge.touchdesigner.channel_order import as_rgb_view
 from td_bridge.touchdesigner.td_frames import StyleSender
 
@@ -20,9 +20,7 @@ def request():
 
 
 def onSetupParameters(scriptOp):
-    page = scriptOp.appendCustomPage("Bridge")
-    page.appendStr("Ringname", label="Style Ring Name")
-    page.appendToggle("Swaprb", label="Swap R and B (BGRA)")
+    script_top.add_bridge_page(scriptOp, "Style Ring Name")
     return
 
 
@@ -35,14 +33,11 @@ def onPulse(par):
 
 
 def onCook(scriptOp):
-    name = scriptOp.par.Ringname.eval() if hasattr(scriptOp.par, "Ringname") else ""
-    swap = bool(scriptOp.par.Swaprb.eval()) if hasattr(scriptOp.par, "Swaprb") else False
+    name, swap = script_top.ring_and_swap(scriptOp)
     if scriptOp.inputs and _sender.wants(name):
         frame = scriptOp.inputs[0].numpyArray()  # [H, W, 4] float32 0..1, bottom row first; once per request
         if frame is not None:
             _sender.send(name, as_rgb_view(frame, swap))
     scriptOp.copyNumpyArray(_blank)
-    if _sender.error:
-        scriptOp.addWarning(_sender.error)
-    link_status.publish(scriptOp, _sender, name)
+    script_top.report(scriptOp, _sender, name)
     return
