@@ -29,7 +29,6 @@ is rewritten; both are reported (``/error``, ``/stream-info/ring-event``, the lo
 
 from __future__ import annotations
 
-import enum
 import json
 import logging
 import threading
@@ -40,25 +39,17 @@ import numpy as np
 
 from .bridge_config import BridgeConfig  # noqa: F401 - part of this module's API
 from .conditioning import Conditioning
+from .lifecycle import BridgeLifecycle, State  # noqa: F401 - State is part of this module's API
 from .osc import Action, Key, Mailbox, OscReceiver, OscSender, status_json
 from .ring import RingError, RingReader, RingTruncated, RingWriter
 from .served_rings import ServedRings
+from .stream_settings import SETTING_KEYS, apply_setting
 from .transfer import make_transfer
 
 log = logging.getLogger(__name__)
 
 RING_BEAT_S = 0.25  # ring heartbeat period; the OSC heartbeat goes out every 4th beat (once a second)
 RING_BEATS_PER_OSC_BEAT = 4
-
-
-class State(enum.Enum):
-    LOADING = "loading"
-    BUILDING = "building"
-    READY = "ready"
-    STREAMING = "streaming"
-    PAUSED = "paused"
-    ERROR = "error"
-    STOPPED = "stopped"
 
 
 class _BuildLog(logging.Handler):
@@ -75,7 +66,7 @@ class _BuildLog(logging.Handler):
             pass
 
 
-class Bridge:
+class Bridge(BridgeLifecycle):
     """Owns the OSC threads, the rings, the transfer and the frame loop. Use ``start``, ``load``, ``run``,
     ``close`` in that order (``serve`` does all four); ``close`` is safe at any point."""
 
@@ -185,21 +176,6 @@ class Bridge:
         log.info("ready: input ring %s, output ring %s (%s), %s transfer", self.reader.name, self.writer.name,
                  self.writer.layout.describe(), self.transfer.name)
 
-    def serve(self) -> int:
-        """start + load + run + close; returns a process exit code."""
-        try:
-            self.start()
-            if self.stop.is_set():
-                return 0
-            self.load()
-            if self.stop.is_set():  # stopped while loading: load() returned at the next stage boundary
-                log.info("stopped while loading")
-                return 0
-            self.run()
-            return 0
-        finally:
-            self.close()
-
     def close(self) -> None:
         self.stop.set()
         if self.transfer is not None:
@@ -296,26 +272,8 @@ class Bridge:
         e = self.engine
         for key, (address, value) in values:
             try:
-                if key is Key.PROMPT:
-                    parts = value.parts
-                    e.update(prompt=parts[0][0] if len(parts) == 1 else [list(p) for p in parts])
-                elif key is Key.NEGATIVE_PROMPT:
-                    e.update(negative_prompt=value)
-                elif key is Key.PROMPT_INTERPOLATION:
-                    e.update(prompt_method=value.value)
-                elif key is Key.SEED:
-                    parts = value.parts
-                    e.update_seed(parts[0][0] if len(parts) == 1 else [list(p) for p in parts])
-                elif key is Key.GUIDANCE_SCALE:
-                    e.update(guidance_scale=value)
-                elif key is Key.DELTA:
-                    e.update(delta=value)
-                elif key is Key.T_LIST:
-                    e.update(t_index_list=list(value))
-                elif key is Key.STRENGTH:
-                    e.update(strength=value)
-                elif key is Key.STEPS:
-                    e.update(steps=value)
+                if key in SETTING_KEYS:  # what a multi-stream group's streams have too
+                    apply_setting(e, key, value)
                 elif key is Key.SIMILAR_FILTER:
                     enabled, threshold = value
                     kw = {"similar_filter": enabled}
@@ -330,12 +288,9 @@ class Bridge:
                 self.sender.error(address, str(exc))
         steps = 0
         for action, count in actions:  # in arrival order
-            if action is Action.STOP:
-                self.stop.set()
-            elif action in (Action.PAUSE, Action.PLAY):
-                self.paused = action is Action.PAUSE
-                self._set_state(State.PAUSED if self.paused else State.STREAMING)
-            elif action is Action.IPADAPTER_UPDATE:
+            if self._run_action(action):  # /stop, /pause, /play
+                continue
+            if action is Action.IPADAPTER_UPDATE:
                 if self.rings is None or "/ring/style" not in self.rings.extras:
                     self.sender.error("/ipadapter_update", "this engine has no IP-Adapter (start it with "
                                                            "--ip-adapter MODEL), so there is no style ring to read")
@@ -346,13 +301,6 @@ class Bridge:
         return steps
 
     # ------------------------------------------------------------------------------------------ status
-    def _set_state(self, state: State) -> None:
-        with self._state_lock:
-            changed = state is not self.state
-            self.state = state
-        if self.sender is not None and (changed or state in (State.LOADING, State.STOPPED)):
-            self.sender.send("/stream-info/state", state.value)
-
     def _vram(self) -> tuple[float, float]:
         dev = getattr(self.engine, "device", None)
         if dev is None or getattr(dev, "type", "cpu") != "cuda":

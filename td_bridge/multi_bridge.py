@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .bridge import State
+from .lifecycle import BridgeLifecycle, State
 from .multi_config import MultiConfig
 from .osc import Mailbox, OscSender, status_json
 from .osc_controls import Action
@@ -112,7 +112,7 @@ class _StreamPort:
                 "rings": self.rings.status()}
 
 
-class MultiBridge:
+class MultiBridge(BridgeLifecycle):
     """One MultiStreamEngine behind N ring pairs and one OSC port. ``serve`` runs start, load, run, close."""
 
     def __init__(self, config: MultiConfig, engine_factory: Callable[[], Any] | None = None) -> None:
@@ -184,20 +184,6 @@ class MultiBridge:
         self._announce()
         self._set_state(State.READY)
         log.info("ready: %d streams, rings %s", len(self.ports), [p.names() for p in self.ports])
-
-    def serve(self) -> int:
-        try:
-            self.start()
-            if self.stop.is_set():
-                return 0
-            self.load()
-            if self.stop.is_set():
-                log.info("stopped while loading")
-                return 0
-            self.run()
-            return 0
-        finally:
-            self.close()
 
     def close(self) -> None:
         self.stop.set()
@@ -295,23 +281,13 @@ class MultiBridge:
         _, actions = self.mailbox.drain()
         steps = 0
         for action, count in actions:
-            if action is Action.STOP:
-                self.stop.set()
-            elif action in (Action.PAUSE, Action.PLAY):
-                self.paused = action is Action.PAUSE
-                self._set_state(State.PAUSED if self.paused else State.STREAMING)
-            elif action is Action.PROCESS_FRAME and self.paused:
+            if self._run_action(action):  # /stop, /pause, /play
+                continue
+            if action is Action.PROCESS_FRAME and self.paused:
                 steps += count
         return steps
 
     # ------------------------------------------------------------------------------------------ status
-    def _set_state(self, state: State) -> None:
-        with self._state_lock:
-            changed = state is not self.state
-            self.state = state
-        if self.sender is not None and (changed or state in (State.LOADING, State.STOPPED)):
-            self.sender.send("/stream-info/state", state.value)
-
     def _beat(self) -> None:
         last = [p.frames_out for p in self.ports]
         last_t, tick = time.monotonic(), 0

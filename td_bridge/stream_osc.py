@@ -30,13 +30,12 @@ from rtdiffusion.errors import ConfigError
 
 from .osc import Mailbox, OscReceiver, OscSender
 from .osc_controls import ACTIONS, CONTROLS, Action, Key, OscError, _action_fires, lookup
+from .stream_settings import SETTING_KEYS, apply_setting
 
 log = logging.getLogger(__name__)
 
 PREFIX = "/stream/"
-# what a multi-stream group's streams can change (rtdiffusion.multistream_streams.STREAM_KEYS)
-GROUP_KEYS = frozenset({Key.PROMPT, Key.NEGATIVE_PROMPT, Key.PROMPT_INTERPOLATION, Key.SEED, Key.GUIDANCE_SCALE,
-                        Key.DELTA, Key.T_LIST, Key.STRENGTH, Key.STEPS})
+GROUP_KEYS = SETTING_KEYS  # what a multi-stream group's streams can change
 STREAM_ADDRESSES = sorted(a for a, c in CONTROLS.items() if c.key in GROUP_KEYS)
 BRIDGE_ACTIONS = (Action.PAUSE, Action.PLAY, Action.PROCESS_FRAME, Action.GET_STATUS, Action.STOP)
 
@@ -58,28 +57,9 @@ def split_stream(address: str, streams: int) -> tuple[int | None, str]:
 
 def apply_control(stream: Any, key: Key, value: Any) -> None:
     """One drained OSC value into a group stream's settings (ConfigError when the stream refuses it)."""
-    if key is Key.PROMPT:
-        parts = value.parts
-        stream.update(prompt=parts[0][0] if len(parts) == 1 else [list(p) for p in parts])
-    elif key is Key.NEGATIVE_PROMPT:
-        stream.update(negative_prompt=value)
-    elif key is Key.PROMPT_INTERPOLATION:
-        stream.update(prompt_method=value.value)
-    elif key is Key.SEED:
-        parts = value.parts
-        stream.update(seed=parts[0][0] if len(parts) == 1 else [list(p) for p in parts])
-    elif key is Key.GUIDANCE_SCALE:
-        stream.update(guidance_scale=value)
-    elif key is Key.DELTA:
-        stream.update(delta=value)
-    elif key is Key.T_LIST:
-        stream.update(t_index_list=list(value))
-    elif key is Key.STRENGTH:
-        stream.update(strength=value)
-    elif key is Key.STEPS:
-        stream.update(steps=value)
-    else:  # the receiver refuses every other key; kept as a guard
+    if key not in GROUP_KEYS:  # the receiver refuses every other key; kept as a guard
         raise ConfigError(f"{key.value} is not a per-stream setting of a multi-stream group")
+    apply_setting(stream, key, value)
 
 
 class StreamSender:
