@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -93,14 +94,22 @@ _DISTRIBUTIONS = {
 }
 
 
-@functools.cache
 def package_version(name: str) -> str | None:
     """The installed version of module ``name``, or None when it is not installed.
 
     Read from the installed distribution's metadata (importlib.metadata), without importing the module: a
     version probe should not load a library the run may never use (onnx and onnxruntime: 0.12 s on a
     2-core CPU machine; tensorrt and triton load their CUDA libraries). A module found on the path that no
-    distribution's metadata names is imported as before (its ``__version__``; None if the import fails)."""
+    distribution's metadata names is imported as before (its ``__version__``; None if the import fails). A
+    module already imported answers with its own ``__version__``: that is the code that runs."""
+    loaded = sys.modules.get(name)
+    if loaded is not None:  # not remembered: a module imported later (or a test's stand-in) answers for itself
+        return str(getattr(loaded, "__version__", "unknown"))
+    return _installed_version(name)
+
+
+@functools.cache
+def _installed_version(name: str) -> str | None:
     try:
         if importlib.util.find_spec(name) is None:
             return None
