@@ -13,6 +13,7 @@ Threads and frame boundaries:
 
 Settings therefore change only between frames, never in the middle of one. The frame thread holds
 ``_frame_lock`` for a whole frame, so two threads calling the engine at once are serialised.
+
 Around it, one job per module: pretrained, host_frames, similar_filter, engine_status, graph_cache (.py).
 """
 
@@ -75,7 +76,8 @@ class StreamEngine:
                  *, ip_adapter: Any = None, graph_cache_size: int = 4, controlnets: Any = (),
                  progress: BuildProgress | None = None):
         self.config, self.components = config, components
-        self.build_progress, self._building = progress, _ = engine_progress(progress, config)  # progress.py
+        progress, self._building = engine_progress(progress, config)  # progress.py: stages, estimates
+        self.build_progress = progress
         self.device = config.device
         self._check_resolution()
         # IP-Adapter (control/ip_adapter.py): its processors go on the UNet before any backend sees it
