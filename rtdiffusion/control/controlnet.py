@@ -27,6 +27,7 @@ from ..config import ControlNetSettings
 from ..errors import ConfigError, ModelNotFoundError
 from ..models.families import family_of
 from ..models.loading import RANDOM_PREFIX, _ready, _strip, read_config, resolve_model_folder
+from ..models.random_init import seeded_rng
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +135,7 @@ def build_random_controlnet(name: str, *, seed: int = 0, device: torch.device | 
         raise ConfigError(f"unknown random ControlNet {RANDOM_PREFIX + name!r}; expected one of "
                           f"{', '.join(RANDOM_PREFIX + k for k in RANDOM_CONTROLNETS)}")
     device = torch.device(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
-        torch.manual_seed(seed)
-        if device.type == "cuda":
-            torch.cuda.manual_seed(seed)
+    with seeded_rng(seed, device), device:
         model = ControlNetModel.from_config(_strip(read_config(cfg)))
         for conv in (*model.controlnet_down_blocks, model.controlnet_mid_block,
                      model.controlnet_cond_embedding.conv_out):

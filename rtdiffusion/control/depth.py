@@ -28,7 +28,8 @@ import logging
 import torch
 
 from ..errors import ConfigError, ModelNotFoundError
-from ..models.loading import RANDOM_PREFIX, read_config
+from ..models.loading import RANDOM_PREFIX, _strip, read_config
+from ..models.random_init import seeded_rng
 from .preprocess import DepthOptions, PreprocessorKind
 
 log = logging.getLogger(__name__)
@@ -49,14 +50,9 @@ def load_depth_model(model: str, *, dtype: torch.dtype, device: torch.device, se
                               "or a local folder")
         from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation
 
-        cfg = {k: v for k, v in read_config(RANDOM_DEPTH[name]).items()
-               if not k.startswith("_") and k not in ("architectures", "torch_dtype", "transformers_version")}
+        cfg = _strip(read_config(RANDOM_DEPTH[name]))
         log.info("building %s with seeded random weights (noise-like depth, for speed and tests only)", model)
-        devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.device(device):
-            torch.manual_seed(seed)
-            if device.type == "cuda":
-                torch.cuda.manual_seed(seed)
+        with seeded_rng(seed, device), torch.device(device):
             net = DepthAnythingForDepthEstimation(DepthAnythingConfig(**cfg))
     else:
         from huggingface_hub.constants import HF_HUB_OFFLINE

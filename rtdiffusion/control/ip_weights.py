@@ -45,6 +45,8 @@ import torch
 
 from ..errors import ConfigError, ModelNotFoundError
 from ..models.families import FamilyName, ModelFamily
+from ..models.loading import _strip
+from ..models.random_init import seeded_rng
 from . import ip_attention
 
 
@@ -240,14 +242,9 @@ def random_vision(cfg: dict, seed: int, device: torch.device | str = "cpu") -> t
     632 M parameters: made on the GPU it takes a moment, on the CPU many seconds)."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    drop = ("architectures", "torch_dtype", "transformers_version", "model_type")
-    keep = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in drop}
+    keep = {k: v for k, v in _strip(cfg).items() if k != "model_type"}
     device = torch.device(device)
-    cuda = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda), torch.device(device):
-        torch.manual_seed(seed)
-        if cuda:
-            torch.cuda.manual_seed(seed)
+    with seeded_rng(seed, device), torch.device(device):
         return CLIPVisionModelWithProjection(CLIPVisionConfig(**keep))
 
 

@@ -54,16 +54,23 @@ _DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 @contextlib.contextmanager
-def seeded_build(seed: int, device: torch.device, label: str) -> Iterator[None]:
-    """Build modules inside this block with seeded random weights, the same for the same (seed, label) in
-    every process. ``device``: where the modules go (its CUDA generator is seeded and restored too)."""
+def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """torch's generators seeded with ``seed`` inside the block (the CPU's, and ``device``'s when it is a CUDA
+    device), the caller's random state restored after it."""
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         if device.type == "cuda":
             torch.cuda.manual_seed(seed)
-        with FastInit(seed, label):
-            yield
+        yield
+
+
+@contextlib.contextmanager
+def seeded_build(seed: int, device: torch.device, label: str) -> Iterator[None]:
+    """Build modules inside this block with seeded random weights, the same for the same (seed, label) in
+    every process. ``device``: where the modules go (its CUDA generator is seeded and restored too)."""
+    with seeded_rng(seed, device), FastInit(seed, label):
+        yield
 
 
 @dataclass
