@@ -28,6 +28,7 @@ from ..errors import ConfigError, ModelNotFoundError
 from ..models.families import family_of
 from ..models.loading import RANDOM_PREFIX, _ready, _strip, read_config, resolve_model_folder
 from ..models.random_init import seeded_rng
+from .preprocess import PreprocessorKind, parse_kind, parse_options
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ RANDOM_CONTROLNETS = {
 # the packaged config a single .safetensors ControlNet is read with, by the model's family (offline)
 SINGLE_FILE_CONFIGS = {"sd15": "controlnet_sd15.json", "sd21": "controlnet_sd21.json", "sdxl": "controlnet_sdxl.json"}
 
-PREPROCESSOR_KINDS = ("canny", "tile", "depth", "external")
+PREPROCESSOR_KINDS = tuple(k.value for k in PreprocessorKind)  # canny, tile, depth, external
 SPEC_KEYS = ("model", "preprocessor", "scale", "start", "end", "enabled", "preprocessor_options")
 # the parts of a config a ControlNet must share with the UNet it feeds
 FAMILY_FIELDS = ("cross_attention_dim", "addition_embed_type", "block_out_channels")
@@ -95,16 +96,18 @@ class ControlNetSpec:
         if not isinstance(model, str) or not model:
             raise ConfigError(f"{where}: model must be a random:controlnet-* name, a hub id, a folder or a "
                               f".safetensors file; got {model!r}")
-        if isinstance(pre, str):
-            pre = pre.lower()
-            if pre not in PREPROCESSOR_KINDS:
-                raise ConfigError(f"{where}: preprocessor must be one of {', '.join(PREPROCESSOR_KINDS)}; got {pre!r}")
-        elif not callable(pre):
+        if not isinstance(pre, str) and not callable(pre):
             raise ConfigError(f"{where}: preprocessor must be one of {', '.join(PREPROCESSOR_KINDS)} or a "
                               f"preprocessor object; got {pre!r}")
         options = value.get("preprocessor_options") or {}
         if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
             raise ConfigError(f"{where}: preprocessor_options must be a dict of option names; got {options!r}")
+        if isinstance(pre, str):  # kind and options checked here, before any weights load (preprocess.py)
+            try:
+                pre = parse_kind(pre).value
+                parse_options(pre, options)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
         try:
             live = ControlNetSettings(**{k: value[k] for k in ("scale", "start", "end", "enabled") if k in value})
         except ConfigError as exc:

@@ -41,6 +41,7 @@ from ..config import ControlNetSettings, EngineConfig, StreamSettings
 from ..errors import ConfigError
 from ..models.families import family_of
 from .controlnet import ControlNetSpec, load_controlnet, parse_specs
+from .preprocess import make_preprocessor
 
 log = logging.getLogger(__name__)
 
@@ -211,18 +212,13 @@ def make_control(controlnets: Any, components: Any, config: EngineConfig, *, see
                               "ControlNet made for this model")
         if dev.type == "cuda":
             module.to(memory_format=torch.channels_last)  # as the UNet (backends.prepare_cuda_modules)
-        pre = _preprocessor(spec, i, frames=F, height=H, width=W, dtype=dt, device=dev)
+        pre = _preprocessor(spec, frames=F, height=H, width=W, dtype=dt, device=dev)
         units.append(ControlUnit(spec, module, family, pre, torch.zeros(F, 3, H, W, dtype=dt, device=dev)))
         log.info("ControlNet %d: %s (%s), preprocessor %s", i, spec.model, family, spec.preprocessor_name)
     return ControlStack(units, unet_config)
 
 
-def _preprocessor(spec: ControlNetSpec, index: int, **shape: Any) -> Any:
+def _preprocessor(spec: ControlNetSpec, **shape: Any) -> Any:
     if not isinstance(spec.preprocessor, str):
         return spec.preprocessor  # a ready preprocessor object
-    try:
-        from .preprocess import make_preprocessor
-    except ImportError as exc:
-        raise ConfigError(f"controlnets[{index}]: the {spec.preprocessor!r} preprocessor is not available "
-                          f"(rtdiffusion.control.preprocess: {exc})") from exc
     return make_preprocessor(spec.preprocessor, **shape, **dict(spec.preprocessor_options))
